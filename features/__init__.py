@@ -1,0 +1,10 @@
+"""What a feature is (definitions, windows, encoders) and where its state lives.
+
+The stream worker (per event, incremental) and the offline job (vectorised over a whole
+data set) both compute features from the definitions in this package; a test proves the
+two paths give the same numbers.
+"""
+
+from features.definitions import FEATURE_NAMES, FEATURE_SPEC_VERSION
+
+__all__ = ["FEATURE_NAMES", "FEATURE_SPEC_VERSION"]

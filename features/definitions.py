@@ -1,0 +1,250 @@
+"""The feature vector of a click, and the incremental (per-event) way to compute it.
+
+Feature groups (SLIDR's four, plus two):
+
+1. user velocity: clicks per user over 10 s, 1 min, 1 h, 1 day, previous-bucket totals,
+   and the gap since the user's previous click;
+2. entity counters: distinct IPs and sessions per user, clicks, distinct users and
+   sessions per IP;
+3. time: hour of day and day of week on the unit circle (UTC, from the event time);
+4. logged-in status;
+5. user agent: declared crawler, missing agent, device, OS, browser family;
+6. ad context: hashed encoding of ad, advertiser, placement, query and ``context.*``.
+
+Counts enter the model as ``log1p(count)``. The vectorised offline path lives in
+``features/batch.py`` and must give the same numbers (tests/features/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from features.context import HASH_DIM, click_tokens, token_slot
+from features.store import GET, INCR, MAX, SADD, Op, StateStore
+from features.useragent import BROWSERS, DEVICES, OPERATING_SYSTEMS, parse_user_agent, resolve_device
+from features.windows import (
+    COUNTS,
+    DAY_S,
+    DEFAULT_ALLOWED_LATENESS_S,
+    DISTINCTS,
+    GAP_CAP_S,
+)
+
+FEATURE_SPEC_VERSION = "f1"
+
+
+def _names() -> tuple[str, ...]:
+    names: list[str] = []
+    for spec in COUNTS:
+        names.append(spec.name)
+        if spec.previous:
+            names.append(spec.previous_name)
+    names.append("u_gap_s")
+    names.extend(spec.name for spec in DISTINCTS)
+    names.extend(["hour_sin", "hour_cos", "dow_sin", "dow_cos", "logged_in"])
+    names.extend(["ua_crawler", "ua_missing"])
+    names.extend(f"device_{d}" for d in DEVICES)
+    names.extend(f"os_{o}" for o in OPERATING_SYSTEMS)
+    names.extend(f"browser_{b}" for b in BROWSERS)
+    names.extend(f"ctx_{i}" for i in range(HASH_DIM))
+    return tuple(names)
+
+
+FEATURE_NAMES: tuple[str, ...] = _names()
+N_FEATURES = len(FEATURE_NAMES)
+# Columns holding log1p(count): the velocity heuristic and the reason codes undo it.
+COUNT_FEATURES: tuple[str, ...] = tuple(
+    n for n in FEATURE_NAMES if "_clicks_" in n or "_distinct_" in n or n == "u_gap_s"
+)
+INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
+_STATE_COLUMNS = FEATURE_NAMES.index("hour_sin")  # columns before it come from the stores
+
+
+def slice_of(device: str, logged_in: bool) -> str:
+    """The traffic slice of a click, e.g. ``mobile/logged_in``."""
+    return f"{device}/{'logged_in' if logged_in else 'logged_out'}"
+
+
+def static_features(ts: float, logged_in: bool, user_agent: str, device: str) -> list[float]:
+    """Features that need no state: time, login, user agent, device (in FEATURE_NAMES order)."""
+    hour = (ts % DAY_S) / 3600.0
+    dow = (ts // DAY_S + 3) % 7  # 1970-01-01 was a Thursday; Monday is 0
+    ua = parse_user_agent(user_agent)
+    row = [
+        math.sin(2 * math.pi * hour / 24),
+        math.cos(2 * math.pi * hour / 24),
+        math.sin(2 * math.pi * dow / 7),
+        math.cos(2 * math.pi * dow / 7),
+        1.0 if logged_in else 0.0,
+        1.0 if ua.is_crawler else 0.0,
+        1.0 if ua.missing else 0.0,
+    ]
+    row.extend(1.0 if device == d else 0.0 for d in DEVICES)
+    row.extend(1.0 if ua.os == o else 0.0 for o in OPERATING_SYSTEMS)
+    row.extend(1.0 if ua.browser == b else 0.0 for b in BROWSERS)
+    return row
+
+
+def context_features(click: dict) -> list[float]:
+    vec = [0.0] * HASH_DIM
+    for field, value in click_tokens(click):
+        slot, sign = token_slot(field, value)
+        vec[slot] += sign
+    return vec
+
+
+def _entity(spec_entity: str, click: dict) -> str:
+    return ("u:" + click["user_id"]) if spec_entity == "user" else ("i:" + click["ip"])
+
+
+def _member(member: str, click: dict) -> str:
+    if member == "session":
+        return click.get("session_id") or click["user_id"]
+    if member == "user":
+        return click["user_id"]
+    return click["ip"]
+
+
+@dataclass
+class ClickFeatures:
+    """Features of a micro-batch: one row per click, in the order given."""
+
+    matrix: np.ndarray  # float32 [n, N_FEATURES]
+    slices: list[str]
+    devices: list[str]
+    late: list[bool]  # older than the watermark minus the allowed lateness
+
+
+class ClickFeaturizer:
+    """Incremental features: updates state with each click and reads the click's vector.
+
+    ``user_store`` holds state keyed by user (local to the Kafka partition in the
+    worker); ``ip_store`` holds state keyed by IP (shared between workers via Redis).
+    Clicks are folded in the order given; late clicks (event time older than the newest
+    seen minus ``allowed_lateness_s``) are still scored and counted in ``late_total``.
+    """
+
+    def __init__(
+        self,
+        user_store: StateStore,
+        ip_store: StateStore,
+        allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S,
+    ) -> None:
+        self.user_store = user_store
+        self.ip_store = ip_store
+        self.lateness = allowed_lateness_s
+        self.watermark = -math.inf  # newest event time seen
+        self.late_total = 0
+        self._expired_up_to = -math.inf
+
+    def ops_for(self, click: dict) -> tuple[list[Op], list[Op]]:
+        """State operations of one click: (user-keyed ops, ip-keyed ops)."""
+        ts = click["ts"]
+        late = self.lateness
+        user_ops: list[Op] = []
+        ip_ops: list[Op] = []
+        for spec in COUNTS:
+            w = spec.window
+            b = w.bucket(ts)
+            ent = _entity(spec.entity, click)
+            out = user_ops if spec.entity == "user" else ip_ops
+            out.append(Op(INCR, ent, f"c{w.name}:{b}", None, w.expire_at(b, late)))
+            if spec.previous:
+                out.append(Op(GET, ent, f"c{w.name}:{b - 1}", None, 0.0))
+        day = int(ts // DAY_S)
+        user = "u:" + click["user_id"]
+        user_ops.append(Op(MAX, user, f"last:{day}", ts, (day + 2) * DAY_S + late))
+        user_ops.append(Op(GET, user, f"last:{day - 1}", None, 0.0))
+        for spec in DISTINCTS:
+            w = spec.window
+            b = w.bucket(ts)
+            out = user_ops if spec.entity == "user" else ip_ops
+            out.append(
+                Op(
+                    SADD,
+                    _entity(spec.entity, click),
+                    f"d{spec.member}{w.name}:{b}",
+                    _member(spec.member, click),
+                    w.expire_at(b, late),
+                )
+            )
+        return user_ops, ip_ops
+
+    def state_features(self, click: dict, user_res: list, ip_res: list) -> list[float]:
+        """Turn one click's op results (same order as ``ops_for``) into state features."""
+        ui = ii = 0
+        counts: list[float] = []
+        for spec in COUNTS:
+            res = user_res if spec.entity == "user" else ip_res
+            j = ui if spec.entity == "user" else ii
+            counts.append(res[j])
+            j += 1
+            if spec.previous:
+                counts.append(res[j] or 0)
+                j += 1
+            if spec.entity == "user":
+                ui = j
+            else:
+                ii = j
+        last_today, last_yesterday = user_res[ui], user_res[ui + 1]
+        ui += 2
+        previous = last_today if last_today is not None else last_yesterday
+        gap = GAP_CAP_S if previous is None else min(max(click["ts"] - previous, 0.0), GAP_CAP_S)
+        counts.append(gap)
+        for spec in DISTINCTS:
+            if spec.entity == "user":
+                counts.append(user_res[ui])
+                ui += 1
+            else:
+                counts.append(ip_res[ii])
+                ii += 1
+        return [math.log1p(c) for c in counts]
+
+    def featurize(self, clicks: Sequence[dict]) -> ClickFeatures:
+        """Fold a micro-batch of parsed clicks into state and return their features."""
+        user_ops: list[Op] = []
+        ip_ops: list[Op] = []
+        spans = []
+        late_flags = []
+        for click in clicks:
+            u, i = self.ops_for(click)
+            spans.append((len(user_ops), len(u), len(ip_ops), len(i)))
+            user_ops.extend(u)
+            ip_ops.extend(i)
+            ts = click["ts"]
+            is_late = ts < self.watermark - self.lateness
+            late_flags.append(is_late)
+            if ts > self.watermark:
+                self.watermark = ts
+        self.late_total += sum(late_flags)
+        user_res = self.user_store.execute(user_ops)
+        ip_res = self.ip_store.execute(ip_ops)
+        matrix = np.empty((len(clicks), N_FEATURES), dtype=np.float32)
+        slices, devices = [], []
+        for row, (click, (uo, un, io, inn)) in enumerate(zip(clicks, spans, strict=True)):
+            ua = click.get("user_agent") or ""
+            device = resolve_device(click.get("device"), ua)
+            logged_in = bool(click.get("logged_in"))
+            values = self.state_features(click, user_res[uo : uo + un], ip_res[io : io + inn])
+            values.extend(static_features(click["ts"], logged_in, ua, device))
+            values.extend(context_features(click))
+            matrix[row] = values
+            slices.append(slice_of(device, logged_in))
+            devices.append(device)
+        self._maybe_expire()
+        return ClickFeatures(matrix, slices, devices, late_flags)
+
+    def _maybe_expire(self) -> None:
+        # Sweep once per hour of event time: cheap, and bounds memory to ~two days of keys.
+        horizon = self.watermark - self.lateness
+        if horizon - self._expired_up_to >= 3600:
+            self.user_store.expire(horizon)
+            self.ip_store.expire(horizon)
+            self._expired_up_to = horizon
+
+
+assert _STATE_COLUMNS == sum(1 + s.previous for s in COUNTS) + 1 + len(DISTINCTS)

@@ -1,0 +1,123 @@
+"""Where feature state lives: a small interface and the in-memory implementation.
+
+Features ask for state through a list of primitive operations, executed in order. One
+list per micro-batch lets a backend answer it in one round trip (Redis runs it as one
+Lua script; RocksDB reads and writes each entity's record once). Operations address a
+*field* of an *entity* (``u:<user_id>`` or ``i:<ip>``) and carry the event time after
+which the field may be forgotten.
+
+Results by kind:
+
+- ``INCR``: the field's new count (a missing field counts from 0);
+- ``GET``: the field's value, or ``None``;
+- ``SADD``: the number of distinct members in the field's set after adding ``arg``;
+- ``MAX``: the field's previous value (or ``None``), keeping the larger of it and ``arg``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+INCR, GET, SADD, MAX = 0, 1, 2, 3
+
+
+class Op(NamedTuple):
+    kind: int
+    entity: str
+    field: str
+    arg: Any  # SADD: the member; MAX: the value; unused otherwise
+    expire_at: float  # event time (epoch seconds) after which the field may go
+
+
+class StateStore(ABC):
+    """Keyed feature state. Implementations: memory (here), RocksDB and Redis (stream/)."""
+
+    @abstractmethod
+    def execute(self, ops: Sequence[Op]) -> list[Any]:
+        """Apply ``ops`` in order; return one result per op (see the module docstring)."""
+
+    @abstractmethod
+    def expire(self, before: float) -> int:
+        """Forget every field whose ``expire_at`` is before event time ``before``.
+
+        Returns the number of fields removed. Called as the event-time watermark moves,
+        so users who went quiet do not hold memory.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (files, connections)."""
+
+
+def apply_op(record: dict[str, list], op: Op) -> Any:
+    """Apply one op to an entity record ``{field: [value, expire_at]}``; return its result.
+
+    Shared by the memory and RocksDB stores so both give identical answers.
+    """
+    slot = record.get(op.field)
+    kind = op.kind
+    if kind == INCR:
+        if slot is None:
+            record[op.field] = [1, op.expire_at]
+            return 1
+        slot[0] += 1
+        return slot[0]
+    if kind == GET:
+        return None if slot is None else slot[0]
+    if kind == SADD:
+        if slot is None:
+            record[op.field] = [[op.arg], op.expire_at]
+            return 1
+        members = slot[0]
+        if op.arg not in members:
+            members.append(op.arg)
+        return len(members)
+    if kind == MAX:
+        if slot is None:
+            record[op.field] = [op.arg, op.expire_at]
+            return None
+        previous = slot[0]
+        if op.arg > previous:
+            slot[0] = op.arg
+        return previous
+    raise ValueError(f"unknown state op kind {kind}")
+
+
+def expire_record(record: dict[str, list], before: float) -> int:
+    """Drop fields of one record that expired before ``before``; return how many."""
+    stale = [name for name, (_, expire_at) in record.items() if expire_at < before]
+    for name in stale:
+        del record[name]
+    return len(stale)
+
+
+class MemoryStore(StateStore):
+    """State in a dict: the offline path, unit tests, and the worker's Redis fallback."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, dict[str, list]] = {}
+
+    def execute(self, ops: Sequence[Op]) -> list[Any]:
+        records = self._records
+        results = []
+        for op in ops:
+            record = records.get(op.entity)
+            if record is None:
+                record = records[op.entity] = {}
+            results.append(apply_op(record, op))
+        return results
+
+    def expire(self, before: float) -> int:
+        removed = 0
+        empty = []
+        for entity, record in self._records.items():
+            removed += expire_record(record, before)
+            if not record:
+                empty.append(entity)
+        for entity in empty:
+            del self._records[entity]
+        return removed
+
+    def __len__(self) -> int:
+        return len(self._records)

@@ -1,0 +1,133 @@
+"""One typed settings object per process, read from ``SLIDR_*`` environment variables.
+
+Flags given on the command line override the environment. A bad value fails fast
+with a message that names the setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting has a value slidr cannot use; the message names the setting."""
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("SLIDR_HOME", "var")).resolve()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process settings. Every field maps to ``SLIDR_<FIELD>`` in upper case."""
+
+    home: Path = field(default_factory=_default_home)  # local state: stack, tables, logs
+    kafka_bootstrap: str = ""  # empty: the embedded stack's broker (from `slidr up`)
+    kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL
+    kafka_sasl_mechanism: str = ""  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""
+    kafka_ssl_cafile: str = ""
+    redis_url: str = ""  # empty: the embedded stack's Valkey (from `slidr up`)
+    redis_password: str = ""
+    registry: Path = Path("var/registry")
+    partitions: int = 4
+    replication_factor: int = 1
+    topic_prefix: str = ""  # prepended to every topic name (isolates tests and tenants)
+    group_id: str = "slidr-worker"
+    batch_size: int = 500  # clicks scored per micro-batch
+    batch_wait_ms: int = 20  # longest wait to fill a micro-batch
+    session_timeout_ms: int = 6000  # Tansu holds joins for half of it: keep it short
+    fetch_wait_ms: int = 20  # Tansu does not wake long polls: short waits keep latency low
+    linger_ms: int = 10
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+    log_features: bool = False  # publish served features for skew checks
+    model_version: str = ""  # empty: follow the registry's active version
+
+    _SECRET = ("kafka_sasl_password", "redis_password")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``SLIDR_*`` variables, then apply non-None overrides."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name.startswith("_"):
+                continue
+            name = f"SLIDR_{f.name.upper()}"
+            if overrides.get(f.name) is not None:
+                raw: Any = overrides[f.name]
+                source = f"--{f.name.replace('_', '-')}"
+            elif name in env:
+                raw = env[name]
+                source = name
+            else:
+                continue
+            values[f.name] = _coerce(f, raw, source)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.partitions < 1:
+            raise SettingsError(f"SLIDR_PARTITIONS must be at least 1, got {self.partitions}")
+        if self.batch_size < 1:
+            raise SettingsError(f"SLIDR_BATCH_SIZE must be at least 1, got {self.batch_size}")
+        if self.session_timeout_ms < 1000:
+            raise SettingsError(
+                f"SLIDR_SESSION_TIMEOUT_MS must be at least 1000, got {self.session_timeout_ms}"
+            )
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError(
+                f"SLIDR_REDIS_URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+        protocols = {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}
+        if self.kafka_security_protocol not in protocols:
+            raise SettingsError(
+                f"SLIDR_KAFKA_SECURITY_PROTOCOL must be one of {sorted(protocols)}, "
+                f"got {self.kafka_security_protocol!r}"
+            )
+
+    def topic(self, name: str) -> str:
+        """The full topic name for a logical topic (``clicks``, ``decisions``, ...)."""
+        return f"{self.topic_prefix}{name}"
+
+    def describe(self) -> str:
+        """One line per setting, secrets masked: printed once when a process starts."""
+        lines = []
+        for f in fields(self):
+            if f.name.startswith("_"):
+                continue
+            value = getattr(self, f.name)
+            if f.name in self._SECRET and value:
+                value = "***"
+            lines.append(f"  {f.name} = {value}")
+        return "\n".join(lines)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "Path":
+            return Path(raw).resolve()
+        return str(raw)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{source} has an invalid value {raw!r} (expected {kind})") from None
