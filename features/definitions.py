@@ -25,7 +25,13 @@ import numpy as np
 
 from features.context import HASH_DIM, click_tokens, token_slot
 from features.store import GET, INCR, MAX, SADD, Op, StateStore
-from features.useragent import BROWSERS, DEVICES, OPERATING_SYSTEMS, parse_user_agent, resolve_device
+from features.useragent import (
+    BROWSERS,
+    DEVICES,
+    OPERATING_SYSTEMS,
+    parse_user_agent,
+    resolve_device,
+)
 from features.windows import (
     COUNTS,
     DAY_S,
@@ -204,15 +210,25 @@ class ClickFeaturizer:
                 ii += 1
         return [math.log1p(c) for c in counts]
 
-    def featurize(self, clicks: Sequence[dict]) -> ClickFeatures:
-        """Fold a micro-batch of parsed clicks into state and return their features."""
+    def featurize(
+        self, clicks: Sequence[dict], partitions: Sequence[int] | None = None
+    ) -> ClickFeatures:
+        """Fold a micro-batch of parsed clicks into state and return their features.
+
+        With ``partitions`` (the Kafka partition of each click), user-keyed state is
+        routed to that partition's store: ``user_store`` must then offer
+        ``execute_routed(ops, routes, now)``.
+        """
         user_ops: list[Op] = []
+        routes: list[int] = []
         ip_ops: list[Op] = []
         spans = []
         late_flags = []
         for click in clicks:
             u, i = self.ops_for(click)
             spans.append((len(user_ops), len(u), len(ip_ops), len(i)))
+            if partitions is not None:
+                routes.extend([partitions[len(spans) - 1]] * len(u))
             user_ops.extend(u)
             ip_ops.extend(i)
             ts = click["ts"]
@@ -221,8 +237,12 @@ class ClickFeaturizer:
             if ts > self.watermark:
                 self.watermark = ts
         self.late_total += sum(late_flags)
-        user_res = self.user_store.execute(user_ops)
-        ip_res = self.ip_store.execute(ip_ops)
+        now = self.watermark
+        if partitions is None:
+            user_res = self.user_store.execute(user_ops, now)
+        else:
+            user_res = self.user_store.execute_routed(user_ops, routes, now)
+        ip_res = self.ip_store.execute(ip_ops, now)
         matrix = np.empty((len(clicks), N_FEATURES), dtype=np.float32)
         slices, devices = [], []
         for row, (click, (uo, un, io, inn)) in enumerate(zip(clicks, spans, strict=True)):
@@ -247,4 +267,4 @@ class ClickFeaturizer:
             self._expired_up_to = horizon
 
 
-assert _STATE_COLUMNS == sum(1 + s.previous for s in COUNTS) + 1 + len(DISTINCTS)
+assert sum(1 + s.previous for s in COUNTS) + 1 + len(DISTINCTS) == _STATE_COLUMNS

@@ -35,8 +35,12 @@ class StateStore(ABC):
     """Keyed feature state. Implementations: memory (here), RocksDB and Redis (stream/)."""
 
     @abstractmethod
-    def execute(self, ops: Sequence[Op]) -> list[Any]:
-        """Apply ``ops`` in order; return one result per op (see the module docstring)."""
+    def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
+        """Apply ``ops`` in order; return one result per op (see the module docstring).
+
+        ``now`` is the newest event time seen, for stores that turn ``expire_at`` into a
+        time-to-live (Redis).
+        """
 
     @abstractmethod
     def expire(self, before: float) -> int:
@@ -98,7 +102,7 @@ class MemoryStore(StateStore):
     def __init__(self) -> None:
         self._records: dict[str, dict[str, list]] = {}
 
-    def execute(self, ops: Sequence[Op]) -> list[Any]:
+    def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
         records = self._records
         results = []
         for op in ops:

@@ -34,6 +34,7 @@ class Settings:
     kafka_ssl_cafile: str = ""
     redis_url: str = ""  # empty: the embedded stack's Valkey (from `slidr up`)
     redis_password: str = ""
+    redis_key_prefix: str = "slidr:"  # prepended to every Redis key (isolates tests and tenants)
     registry: Path = Path("var/registry")
     partitions: int = 4
     replication_factor: int = 1

@@ -1,0 +1,35 @@
+# slidr: `make help` lists the targets. Everything runs inside .venv, created by `make install`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   ?= var/demo
+BENCH_CLICKS ?= 1000000
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+install: $(BIN)/.installed ## create .venv with slidr and everything it needs (training, local stack, tests)
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[train,local,dev]'
+	touch $@
+
+demo: install ## the whole loop on a fresh machine: stack, simulate, train, stream, decide, report
+	$(BIN)/slidr demo --dir $(DEMO)
+
+test: install ## run the test suite (starts and stops its own broker and Redis)
+	$(BIN)/python -m pytest -q
+
+lint: install ## ruff
+	$(BIN)/ruff check .
+
+bench: install ## benchmarks: featurization and training on 1M clicks, the scoring path, the pipeline
+	$(BIN)/slidr bench --clicks $(BENCH_CLICKS)
+
+clean: ## remove local state (var/), keeps .venv
+	rm -rf var

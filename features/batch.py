@@ -1,0 +1,199 @@
+"""Vectorised features over a whole data set, equal to the per-event path.
+
+The per-event path (``ClickFeaturizer``) folds clicks one by one into keyed state; here
+the same counters come from sorting: clicks are grouped by (entity, bucket) with a
+stable sort, so within each group they keep event-time order and "so far in the bucket"
+becomes a running rank. Data must already be sorted by event time (``ClickColumns`` is).
+tests/features/test_parity.py proves both paths agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from features.columns import ClickColumns
+from features.context import HASH_DIM, token_slot
+from features.definitions import N_FEATURES, slice_of, static_features
+from features.useragent import resolve_device
+from features.windows import COUNTS, DAY_S, DISTINCTS, GAP_CAP_S, Window
+
+
+def _dictionary(values: np.ndarray) -> tuple[list, np.ndarray]:
+    """Distinct values (None kept) and each row's index into them, via Arrow (fast, C++)."""
+    encoded = pa.array(values, type=pa.string()).dictionary_encode()
+    uniques = encoded.dictionary.to_pylist()
+    indices = encoded.indices.to_numpy(zero_copy_only=False)
+    if encoded.null_count:  # nulls get their own code after the distinct values
+        indices = np.where(np.isnan(indices.astype(float)), len(uniques), indices)
+        uniques.append(None)
+    return uniques, indices.astype(np.int64)
+
+
+def _codes(values: np.ndarray) -> np.ndarray:
+    """Dense integer codes for an object array of strings."""
+    return _dictionary(values)[1]
+
+
+def _group_ids(entity: np.ndarray, bucket: np.ndarray) -> np.ndarray:
+    """One integer per (entity, bucket) pair, ordered by entity then bucket."""
+    span = int(bucket.max() - bucket.min()) + 2 if len(bucket) else 1
+    return entity * span + (bucket - bucket.min())
+
+
+def running_count(groups: np.ndarray) -> np.ndarray:
+    """1, 2, 3, ... within each group, in input order."""
+    n = len(groups)
+    order = np.argsort(groups, kind="stable")
+    g = groups[order]
+    starts = np.r_[True, g[1:] != g[:-1]] if n else np.zeros(0, bool)
+    idx = np.arange(n)
+    first = np.maximum.accumulate(np.where(starts, idx, 0))
+    out = np.empty(n, dtype=np.int64)
+    out[order] = idx - first + 1
+    return out
+
+
+def running_distinct(groups: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Distinct members seen so far within each group (including the current row)."""
+    n = len(groups)
+    _, group_rank = np.unique(groups, return_inverse=True)
+    pair = group_rank.astype(np.int64) * (int(members.max()) + 1 if n else 1) + members
+    order = np.argsort(pair, kind="stable")
+    p = pair[order]
+    new = np.empty(n, dtype=bool)
+    new[order] = np.r_[True, p[1:] != p[:-1]] if n else np.zeros(0, bool)
+    order_g = np.argsort(groups, kind="stable")
+    g = groups[order_g]
+    starts = np.r_[True, g[1:] != g[:-1]] if n else np.zeros(0, bool)
+    csum = np.cumsum(new[order_g])
+    base = np.maximum.accumulate(np.where(starts, csum - new[order_g], 0))
+    out = np.empty(n, dtype=np.int64)
+    out[order_g] = csum - base
+    return out
+
+
+def previous_bucket_total(entity: np.ndarray, bucket: np.ndarray) -> np.ndarray:
+    """Total clicks of the same entity in the previous bucket (0 when none)."""
+    groups = _group_ids(entity, bucket)
+    uniq, counts = np.unique(groups, return_counts=True)
+    prev = groups - 1  # same entity: the span leaves a gap bucket between entities
+    pos = np.searchsorted(uniq, prev)
+    pos_clipped = np.minimum(pos, len(uniq) - 1)
+    found = (pos < len(uniq)) & (uniq[pos_clipped] == prev)
+    return np.where(found, counts[pos_clipped], 0)
+
+
+def _buckets(ts: np.ndarray, window: Window) -> np.ndarray:
+    return np.floor_divide(ts, window.seconds).astype(np.int64)
+
+
+def gap_seconds(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Seconds since the user's previous click if it fell today or yesterday, else the cap."""
+    n = len(ts)
+    order = np.argsort(user, kind="stable")
+    u = user[order]
+    t = ts[order]
+    same = np.r_[False, u[1:] == u[:-1]] if n else np.zeros(0, bool)
+    prev_t = np.r_[0.0, t[:-1]] if n else np.zeros(0)
+    day = np.floor_divide(t, DAY_S)
+    prev_day = np.floor_divide(prev_t, DAY_S)
+    # The per-event path keeps the latest time per day: for time-ordered input that is
+    # the previous click, found only if it fell on this day or the one before.
+    has_prev = same & (prev_day >= day - 1)
+    gap = np.where(has_prev, np.minimum(np.maximum(t - prev_t, 0.0), GAP_CAP_S), GAP_CAP_S)
+    out = np.empty(n)
+    out[order] = gap
+    return out
+
+
+def _static_block(cols: ClickColumns, devices: np.ndarray) -> np.ndarray:
+    """Time, login, user-agent and device features; agent parsing once per distinct pair."""
+    n = len(cols)
+    out = np.empty((n, 23), dtype=np.float64)
+    hour = np.mod(cols.ts, DAY_S) / 3600.0
+    dow = np.mod(np.floor_divide(cols.ts, DAY_S) + 3, 7)
+    out[:, 0] = np.sin(2 * math.pi * hour / 24)
+    out[:, 1] = np.cos(2 * math.pi * hour / 24)
+    out[:, 2] = np.sin(2 * math.pi * dow / 7)
+    out[:, 3] = np.cos(2 * math.pi * dow / 7)
+    out[:, 4] = cols.logged_in.astype(np.float64)
+    agents, devs, inverse = _distinct_pairs(cols.user_agent, devices)
+    table = np.array(
+        [static_features(0.0, False, a, d)[5:] for a, d in zip(agents, devs, strict=True)],
+        dtype=np.float64,
+    ).reshape(len(agents), 18)
+    out[:, 5:] = table[inverse]
+    return out
+
+
+def _context_block(cols: ClickColumns) -> np.ndarray:
+    """Hashed ad-context encoding, computed once per distinct value of each field."""
+    n = len(cols)
+    out = np.zeros((n, HASH_DIM), dtype=np.float64)
+    fields = {name: cols.optional[name] for name in ("ad_id", "advertiser_id", "placement", "query")}
+    fields.update({f"context.{k}": v for k, v in cols.context.items()})
+    for field, values in fields.items():
+        present = np.array([v is not None and v != "" for v in values], dtype=bool)
+        if not present.any():
+            continue
+        uniq, inverse = _dictionary(values[present])
+        slots = np.empty(len(uniq), dtype=np.int64)
+        signs = np.empty(len(uniq))
+        for j, value in enumerate(uniq):
+            slots[j], signs[j] = token_slot(field, value)
+        rows = np.nonzero(present)[0]
+        np.add.at(out, (rows, slots[inverse]), signs[inverse])
+    return out
+
+
+def _distinct_pairs(a: np.ndarray, b: np.ndarray) -> tuple[list, list, np.ndarray]:
+    """Distinct (a, b) value pairs of two object arrays, and each row's pair index."""
+    a_uniq, a_code = _dictionary(a)
+    b_uniq, b_code = _dictionary(b)
+    pairs, inverse = np.unique(a_code * len(b_uniq) + b_code, return_inverse=True)
+    first_a = [a_uniq[i] for i in pairs // len(b_uniq)]
+    first_b = [b_uniq[i] for i in pairs % len(b_uniq)]
+    return first_a, first_b, inverse
+
+
+def resolve_devices(cols: ClickColumns) -> np.ndarray:
+    declared = cols.optional.get("device")
+    if declared is None:
+        declared = np.full(len(cols), None, dtype=object)
+    agents, declared_values, inverse = _distinct_pairs(cols.user_agent, declared)
+    resolved = [resolve_device(d, a) for a, d in zip(agents, declared_values, strict=True)]
+    return np.array(resolved, dtype=object)[inverse]
+
+
+def compute_features(cols: ClickColumns) -> tuple[np.ndarray, np.ndarray]:
+    """Feature matrix (float32 [n, N_FEATURES]) and slice names of a time-sorted data set."""
+    if len(cols) and np.any(np.diff(cols.ts) < 0):
+        raise ValueError("clicks must be sorted by event time (ClickColumns keeps them sorted)")
+    user = _codes(cols.user_id)
+    ip = _codes(cols.ip)
+    members = {"user": user, "ip": ip, "session": _codes(cols.session_id)}
+    entity = {"user": user, "ip": ip}
+    state: list[np.ndarray] = []
+    for spec in COUNTS:
+        b = _buckets(cols.ts, spec.window)
+        state.append(running_count(_group_ids(entity[spec.entity], b)))
+        if spec.previous:
+            state.append(previous_bucket_total(entity[spec.entity], b))
+    state.append(gap_seconds(user, cols.ts))
+    for spec in DISTINCTS:
+        b = _buckets(cols.ts, spec.window)
+        state.append(running_distinct(_group_ids(entity[spec.entity], b), members[spec.member]))
+    devices = resolve_devices(cols)
+    matrix = np.empty((len(cols), N_FEATURES), dtype=np.float32)
+    k = len(state)
+    matrix[:, :k] = np.log1p(np.stack(state, axis=1).astype(np.float64)) if len(cols) else 0
+    matrix[:, k : k + 23] = _static_block(cols, devices)
+    matrix[:, k + 23 :] = _context_block(cols)
+    slices = np.array(
+        [slice_of(d, li) for d, li in zip(devices, cols.logged_in, strict=True)], dtype=object
+    )
+    return matrix, slices
+

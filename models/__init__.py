@@ -1,0 +1,1 @@
+"""Labels, training, export, scoring, calibration, metrics, guardrails and the registry."""

@@ -1,0 +1,281 @@
+"""The ``slidr`` command line (SPEC §2).
+
+Every subcommand is a small function taking parsed arguments; errors slidr expects
+(bad input files, bad settings, failed guardrails) print one clear line and exit
+non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+EXIT_ERROR = 2
+EXIT_GUARDRAIL = 3
+
+
+class CliError(RuntimeError):
+    """An error to print as one line, with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _stage_printer() -> Callable[[str], None]:
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def _registry_path(args: argparse.Namespace) -> Path:
+    from slidr.settings import Settings
+
+    return args.registry or Settings.from_env().registry
+
+
+# --- offline ---------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from slidr.simulator import simulate
+
+    try:
+        summary = simulate(
+            args.out, days=args.days, seed=args.seed, clicks_per_day=args.clicks_per_day,
+            new_bot_day=args.new_bot_day, start=args.start, progress=_stage_printer(),
+        )  # fmt: skip
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(summary.to_text())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.guardrails import GuardrailFailure
+    from models.pipeline import TrainOptions, run_training
+    from models.registry import ModelRegistry
+
+    options = TrainOptions(
+        fpr_budget=args.fpr_budget, robotic_k=args.robotic_k,
+        calibration_method=args.calibration, seed=args.seed, max_epochs=args.epochs,
+    )  # fmt: skip
+    if args.min_coverage is not None:
+        options = dataclasses.replace(options, min_coverage=parse_min_coverage(args.min_coverage))
+    registry = ModelRegistry(_registry_path(args))
+    try:
+        result = run_training(args.data, registry, options, progress=_stage_printer())
+    except GuardrailFailure as exc:
+        raise CliError(f"{exc}; nothing registered, active version unchanged", EXIT_GUARDRAIL) from None
+    _print_training_summary(result, registry)
+    return 0
+
+
+def parse_min_coverage(text: str) -> float | dict[str, float]:
+    """``0.5`` (every slice) or ``desktop/logged_out=0.8,mobile/logged_out=0.7``."""
+    try:
+        if "=" not in text:
+            value = float(text)
+            if not 0 <= value <= 1:
+                raise ValueError
+            return value
+        out = {}
+        for part in text.split(","):
+            name, _, value = part.partition("=")
+            out[name.strip()] = float(value)
+            if not 0 <= out[name.strip()] <= 1:
+                raise ValueError
+        return out
+    except ValueError:
+        raise CliError(
+            f"--min-coverage: expected a share in [0, 1] or SLICE=SHARE pairs, got {text!r}"
+        ) from None
+
+
+def _print_training_summary(result: dict, registry) -> None:
+    print(f"registered {result['version']} (active: {result['active']})")
+    print(f"report: {registry.path_of(result['version']) / 'report.html'}")
+    cols = ["model", "ivr_at_equal_fpr", "ivr", "fpr", "coverage", "bot_recall", "human_fpr",
+            "bot_recall_at_1pct_human_fpr"]  # fmt: skip
+    print("held-out day, equal overall FPR:")
+    print("  " + " ".join(f"{c:>14.14}" for c in cols))
+    for row in result["baselines"]:
+        cells = [row.get(c) for c in cols]
+        print("  " + " ".join(f"{v:>14.4f}" if isinstance(v, float) else f"{v!s:>14.14}" for v in cells))
+    comp = result["global_comparison"]
+    print(
+        "slice thresholds vs one global threshold: "
+        + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in comp.items()
+                    if not isinstance(v, dict | list))  # fmt: skip
+    )
+    print(f"total training time {result['timings_s']['total']:.1f} s")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.batch_scoring import evaluate
+    from models.dataset import load_dataset
+    from models.registry import ModelRegistry
+
+    model = ModelRegistry(_registry_path(args)).load(args.model)
+    data = load_dataset(args.data)
+    result = evaluate(model, data, robotic_k=args.robotic_k)
+    if data.report.malformed:
+        result["malformed_rows"] = dict(data.report.malformed)
+    sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from models.batch_scoring import score_clicks, write_scores
+    from models.dataset import load_dataset
+    from models.registry import ModelRegistry
+
+    if args.out.suffix not in (".jsonl", ".parquet"):
+        raise CliError(f"--out must end in .jsonl or .parquet, got {args.out}")
+    progress = _stage_printer()
+    model = ModelRegistry(_registry_path(args)).load(args.model)
+    data = load_dataset(args.data)
+    progress(f"loaded {data.report.to_text()}")
+    scored = score_clicks(model, data.clicks)
+    n = write_scores(scored, args.out)
+    progress(
+        f"{n:,} clicks scored with {model.version} ({scored.invalid.sum():,} invalid, "
+        f"IVR {scored.invalid.mean() if n else 0:.4f}) -> {args.out}"
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.registry import ModelRegistry
+
+    registry = ModelRegistry(_registry_path(args))
+    active = registry.active_version()
+    stable = set(registry.stable_versions())
+    versions = registry.versions()
+    if not versions:
+        print(f"no versions in {registry.root} (train one with `slidr train`)")
+        return 0
+    print(f"{'':2}{'version':8} {'registered':20} {'test IVR':>9} {'test FPR':>9} {'data':>16}  status")
+    for m in versions:
+        overall = m["metrics"]["test"]["overall"]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["registered_at"]))
+        status = "active" if m["version"] == active else ("stable" if m["version"] in stable else "")
+        mark = "* " if m["version"] == active else "  "
+        print(
+            f"{mark}{m['version']:8} {when:20} {overall['ivr'] or 0:9.4f} {overall['fpr'] or 0:9.4f} "
+            f"{m['data']['fingerprint'][:16]:>16}  {status}"
+        )
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slidr",
+        description="Real-time detection of robotic ad clicks. Settings also come from "
+        "SLIDR_* environment variables (SLIDR_KAFKA_BOOTSTRAP, SLIDR_REDIS_URL, SLIDR_REGISTRY, ...).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def registry_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--registry", type=Path, default=None,
+                       help="model registry directory (default: $SLIDR_REGISTRY or var/registry)")  # fmt: skip
+
+    p = sub.add_parser("simulate", help="write synthetic click and purchase traffic")
+    p.add_argument("--out", type=Path, required=True, help="output directory (clicks.parquet, purchases.parquet)")
+    p.add_argument("--days", type=int, default=4, help="days of traffic (default 4)")
+    p.add_argument("--seed", type=int, default=7, help="random seed; the same seed gives the same data")
+    p.add_argument("--clicks-per-day", type=int, default=250_000, help="approximate clicks per day (default 250000)")
+    p.add_argument("--new-bot-day", type=int, default=None,
+                   help="introduce a new robot kind ('mimic') from this day index on (drift)")  # fmt: skip
+    p.add_argument("--start", default="2026-11-02", help="first day, YYYY-MM-DD, UTC (default 2026-11-02)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("train", help="label, featurize, train, calibrate and register a model version")
+    p.add_argument("--data", type=Path, required=True, help="data directory (clicks and purchases)")
+    registry_flag(p)
+    p.add_argument("--fpr-budget", type=float, default=0.02,
+                   help="overall FPR budget B on purchasing clicks (default 0.02)")  # fmt: skip
+    p.add_argument("--min-coverage", default=None, metavar="SHARE|SLICE=SHARE,...",
+                   help="minimum robotic coverage: one share for every slice, or per slice "
+                        "(default desktop/logged_out=0.8,mobile/logged_out=0.7)")  # fmt: skip
+    p.add_argument("--robotic-k", type=int, default=10,
+                   help="a session with more than k clicks in an hour is robotic (default 10)")  # fmt: skip
+    p.add_argument("--calibration", choices=["quadratic", "empirical"], default="empirical",
+                   help="slice calibration: SLIDR's concave quadratic fit, or exact on the empirical curves")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=8, help="most training epochs (default 8)")
+    p.add_argument("--seed", type=int, default=7, help="training seed (default 7)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics JSON of a model version on a data set")
+    p.add_argument("--data", type=Path, required=True, help="data directory")
+    registry_flag(p)
+    p.add_argument("--model", default=None, help="version to evaluate (default: the active one)")
+    p.add_argument("--robotic-k", type=int, default=10, help="robotic-session threshold k (default 10)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="score every click of a data set with a model version")
+    p.add_argument("--data", type=Path, required=True, help="data directory")
+    registry_flag(p)
+    p.add_argument("--model", default=None, help="version to score with (default: the active one)")
+    p.add_argument("--out", type=Path, required=True, help="output file, .jsonl or .parquet")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("models", help="list registered model versions")
+    registry_flag(p)
+    p.set_defaults(func=cmd_models)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Other modules add their subcommands here (stream, lifecycle), keeping this file small.
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from models.calibration import CalibrationError
+
+    from models.dataset import DatasetError
+    from models.pipeline import TrainingError
+    from models.registry import RegistryError
+    from models.scoring import ModelFileError
+    from slidr.settings import SettingsError
+
+    return (CalibrationError, DatasetError, TrainingError, RegistryError, ModelFileError, SettingsError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from slidr import commands  # noqa: F401 - registers the stream and lifecycle commands
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"slidr {args.command}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print(f"slidr {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _expected_errors()):
+            print(f"slidr {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Subcommands of the stream and the model lifecycle, registered into ``slidr.cli``."""
+
+from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Kafka: the Faust app, agents, topics, schemas, producers, replay."""

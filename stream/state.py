@@ -1,0 +1,283 @@
+"""Feature state for the stream worker: RocksDB per partition, Redis shared, and a fallback.
+
+- ``PartitionStores``: user-keyed state, one RocksDB directory per Kafka partition of
+  ``clicks`` (keyed by ``user_id``, so a user's state lives with the partition that
+  owns its clicks). Each entity is one record, read once and written once per batch;
+  the writes of a batch go in one ``WriteBatch`` together with the batch's decisions, so
+  after a crash a click is either fully applied (and its decision is re-emitted as it
+  was) or not at all.
+- ``RedisStore``: IP-keyed state shared by all workers, one Lua script call per batch.
+- ``ResilientStore``: Redis with an in-process fallback; while Redis is unreachable the
+  worker keeps deciding with local counters and marks those decisions degraded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from rocksdict import Options, Rdict, WriteBatch
+
+from features.store import (
+    GET,
+    INCR,
+    MAX,
+    SADD,
+    MemoryStore,
+    Op,
+    StateStore,
+    apply_op,
+    expire_record,
+)
+from features.windows import DAY_S
+
+log = logging.getLogger(__name__)
+
+_USER_PREFIX = b"e:"
+_DECIDED_PREFIX = b"d:"
+
+
+class RocksStore(StateStore):
+    """One partition's state in RocksDB: entity records and decided clicks."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        self.path = path
+        self.db = Rdict(str(path), options)
+        self._pending: dict[bytes, dict[str, list]] = {}
+        self._horizon = -math.inf  # fields that expired before this are dropped on load
+
+    def _load(self, key: bytes) -> dict[str, list]:
+        record = self._pending.get(key)
+        if record is None:
+            raw = self.db.get(key)
+            record = orjson.loads(raw) if raw is not None else {}
+            if record:
+                expire_record(record, self._horizon)
+            self._pending[key] = record
+        return record
+
+    def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
+        results = []
+        for op in ops:
+            results.append(apply_op(self._load(_USER_PREFIX + op.entity.encode()), op))
+        return results
+
+    def decided(self, click_id: str, ts: float) -> bytes | None:
+        """The decision already made for this click (after a crash or a redelivery)."""
+        return self.db.get(_decided_key(click_id, ts))
+
+    def commit(self, decisions: Sequence[tuple[str, float, bytes]] = ()) -> None:
+        """Write the batch's state changes and decisions atomically."""
+        batch = WriteBatch(raw_mode=True)
+        for key, record in self._pending.items():
+            if record:
+                batch.put(key, orjson.dumps(record))
+            else:
+                batch.delete(key)
+        for click_id, ts, decision in decisions:
+            batch.put(_decided_key(click_id, ts), decision)
+        self.db.write(batch)
+        self._pending.clear()
+
+    def expire(self, before: float) -> int:
+        """Drop expired fields, empty records and decisions of days before ``before - 1 day``."""
+        self._horizon = before
+        removed = 0
+        batch = WriteBatch(raw_mode=True)
+        for key, raw in self.db.items(from_key=_USER_PREFIX):
+            if not key.startswith(_USER_PREFIX):
+                break
+            if key in self._pending:
+                continue
+            record = orjson.loads(raw)
+            dropped = expire_record(record, before)
+            if dropped:
+                removed += dropped
+                if record:
+                    batch.put(key, orjson.dumps(record))
+                else:
+                    batch.delete(key)
+        self.db.write(batch)
+        # Decisions are kept for the click's day and the next one (redeliveries come soon).
+        last_day = int(before // DAY_S) - 1
+        self.db.delete_range(_DECIDED_PREFIX, _DECIDED_PREFIX + f"{last_day:06d}:".encode())
+        return removed
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _decided_key(click_id: str, ts: float) -> bytes:
+    return _DECIDED_PREFIX + f"{int(ts // DAY_S):06d}:{click_id}".encode()
+
+
+class PartitionStores(StateStore):
+    """A ``RocksStore`` per partition under ``root/p<N>``, opened on first use."""
+
+    def __init__(self, root: Path, open_timeout_s: float = 30.0) -> None:
+        self.root = root
+        self.open_timeout_s = open_timeout_s
+        self.stores: dict[int, RocksStore] = {}
+
+    def store(self, partition: int) -> RocksStore:
+        store = self.stores.get(partition)
+        if store is None:
+            store = self.stores[partition] = self._open(partition)
+        return store
+
+    def _open(self, partition: int) -> RocksStore:
+        # After a rebalance the previous owner on this host may still hold the lock for
+        # a moment: retry until it closes the directory.
+        deadline = time.monotonic() + self.open_timeout_s
+        while True:
+            try:
+                return RocksStore(self.root / f"p{partition}")
+            except Exception as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
+        raise TypeError("PartitionStores needs routes: use execute_routed")
+
+    def execute_routed(self, ops: Sequence[Op], routes: Sequence[int], now: float = 0.0) -> list[Any]:
+        results: list[Any] = [None] * len(ops)
+        groups: dict[int, list[int]] = {}
+        for i, partition in enumerate(routes):
+            groups.setdefault(partition, []).append(i)
+        for partition, index in groups.items():
+            out = self.store(partition).execute([ops[i] for i in index], now)
+            for i, value in zip(index, out, strict=True):
+                results[i] = value
+        return results
+
+    def expire(self, before: float) -> int:
+        return sum(store.expire(before) for store in self.stores.values())
+
+    def release(self, partitions: Sequence[int]) -> None:
+        """Close the stores of partitions this worker no longer owns."""
+        for partition in partitions:
+            store = self.stores.pop(partition, None)
+            if store is not None:
+                store.close()
+
+    def close(self) -> None:
+        self.release(list(self.stores))
+
+
+# One round trip per batch: ARGV holds (kind, key, arg, ttl) quadruples, in order.
+_LUA = """
+local out = {}
+for i = 1, #ARGV, 4 do
+  local kind, key, arg, ttl = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local r
+  if kind == '0' then
+    r = redis.call('INCR', key)
+    if r == 1 then redis.call('EXPIRE', key, ttl) end
+  elseif kind == '1' then
+    r = redis.call('GET', key)
+  elseif kind == '2' then
+    if redis.call('SADD', key, arg) == 1 then redis.call('EXPIRE', key, ttl) end
+    r = redis.call('SCARD', key)
+  else
+    r = redis.call('GET', key)
+    if (not r) or tonumber(arg) > tonumber(r) then redis.call('SET', key, arg, 'EX', ttl) end
+  end
+  out[#out + 1] = r
+end
+return out
+"""
+
+
+def redis_client(url: str, password: str = "", timeout_s: float = 1.0) -> redis.Redis:
+    """A client that fails fast (no retries) so a Redis outage degrades, not stalls."""
+    return redis.Redis.from_url(
+        url,
+        password=password or None,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+class RedisStore(StateStore):
+    """IP-keyed state in Redis, shared by every worker; keys expire by TTL."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "slidr:") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._script = client.register_script(_LUA)
+
+    def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
+        if not ops:
+            return []
+        args: list[Any] = []
+        prefix = self.prefix
+        for op in ops:
+            ttl = max(60, int(op.expire_at - now) + 1) if op.kind != GET else 0
+            arg = op.arg if op.kind in (SADD, MAX) else ""
+            args.extend((op.kind, f"{prefix}{op.entity}|{op.field}", arg, ttl))
+        raw = self._script(args=args)
+        out: list[Any] = []
+        for op, value in zip(ops, raw, strict=True):
+            if op.kind in (INCR, SADD):
+                out.append(int(value))
+            elif value is None:
+                out.append(None)
+            elif op.kind == MAX or op.field.startswith("last:"):
+                out.append(float(value))
+            else:
+                out.append(int(value))
+        return out
+
+    def expire(self, before: float) -> int:
+        return 0  # Redis expires keys by their TTL
+
+
+class ResilientStore(StateStore):
+    """Redis when it answers, local memory when it does not; ``degraded`` says which.
+
+    After a failure Redis is retried every ``retry_after_s`` seconds of wall-clock time
+    (the only wall clock here: it is about the dependency, not the events).
+    """
+
+    def __init__(self, primary: StateStore, retry_after_s: float = 2.0) -> None:
+        self.primary = primary
+        self.fallback = MemoryStore()
+        self.retry_after_s = retry_after_s
+        self.degraded = False  # the last execute used the fallback
+        self.degraded_batches = 0
+        self._failed_at = -math.inf
+
+    def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
+        if time.monotonic() - self._failed_at >= self.retry_after_s:
+            try:
+                result = self.primary.execute(ops, now)
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as exc:
+                self._failed_at = time.monotonic()
+                if not self.degraded:
+                    log.warning("Redis unreachable (%s): deciding with local counters", exc)
+            else:
+                if self.degraded:
+                    log.warning("Redis is back: shared counters restored")
+                    self.fallback = MemoryStore()
+                self.degraded = False
+                return result
+        self.degraded = True
+        self.degraded_batches += 1
+        return self.fallback.execute(ops, now)
+
+    def expire(self, before: float) -> int:
+        return self.fallback.expire(before)
