@@ -158,19 +158,19 @@ class ClickFeaturizer:
             b = w.bucket(ts)
             ent = _entity(spec.entity, click)
             out = user_ops if spec.entity == "user" else ip_ops
-            out.append(Op(INCR, ent, f"c{w.name}:{b}", None, w.expire_at(b, late)))
+            out.append((INCR, ent, f"c{w.name}:{b}", None, w.expire_at(b, late)))
             if spec.previous:
-                out.append(Op(GET, ent, f"c{w.name}:{b - 1}", None, 0.0))
+                out.append((GET, ent, f"c{w.name}:{b - 1}", None, 0.0))
         day = int(ts // DAY_S)
         user = "u:" + click["user_id"]
-        user_ops.append(Op(MAX, user, f"last:{day}", ts, (day + 2) * DAY_S + late))
-        user_ops.append(Op(GET, user, f"last:{day - 1}", None, 0.0))
+        user_ops.append((MAX, user, f"last:{day}", ts, (day + 2) * DAY_S + late))
+        user_ops.append((GET, user, f"last:{day - 1}", None, 0.0))
         for spec in DISTINCTS:
             w = spec.window
             b = w.bucket(ts)
             out = user_ops if spec.entity == "user" else ip_ops
             out.append(
-                Op(
+                (
                     SADD,
                     _entity(spec.entity, click),
                     f"d{spec.member}{w.name}:{b}",

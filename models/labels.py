@@ -161,13 +161,37 @@ def rfm_scores(
     last = np.maximum(end - 1, 0)
     has_last = (end > 0) & (p_code[last] == c_code)
     recency_days = np.where(has_last, (c_ts - p_ts[last]) / DAY_S, np.inf)
+    scores[has] = rfm_formula(recency_days, count, money[end] - money[start], policy)
+    return scores
+
+
+def rfm_formula(recency_days, count, amount, policy: RfmPolicy = RfmPolicy()):
+    """The RFM score from recency (days), purchase count and amount (arrays or scalars)."""
     r = np.clip(
         (policy.stale_days - recency_days) / (policy.stale_days - policy.recent_days), 0.0, 1.0
     )
     f = np.minimum(count / policy.frequent_purchases, 1.0)
-    m = np.minimum((money[end] - money[start]) / policy.valuable_amount, 1.0)
-    scores[has] = (r + f + m) / 3.0
-    return scores
+    m = np.minimum(amount / policy.valuable_amount, 1.0)
+    return (r + f + m) / 3.0
+
+
+def rfm_snapshot(purchases, at: float, policy: RfmPolicy = RfmPolicy()) -> dict[str, np.ndarray]:
+    """Per customer, purchases in the lookback before ``at``: last time, count, amount.
+
+    Written next to each model version for the stream worker's RFM cache.
+    """
+    known = np.array([c is not None for c in purchases.customer_id], dtype=bool)
+    window = known & (purchases.ts < at) & (purchases.ts >= at - policy.lookback_days * DAY_S)
+    customers = purchases.customer_id[window].astype(str)
+    uniq, inverse = np.unique(customers, return_inverse=True)
+    last = np.full(len(uniq), -np.inf)
+    np.maximum.at(last, inverse, purchases.ts[window])
+    return {
+        "customer_id": uniq,
+        "last_ts": last,
+        "count": np.bincount(inverse, minlength=len(uniq)).astype(np.int64),
+        "amount": np.bincount(inverse, weights=purchases.amount[window], minlength=len(uniq)),
+    }
 
 
 def make_labels(clicks: ClickColumns, purchases, policy: RfmPolicy = RfmPolicy()) -> Labels:

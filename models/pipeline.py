@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from features.batch import compute_features
 from features.definitions import FEATURE_NAMES, FEATURE_SPEC_VERSION, N_FEATURES
@@ -24,7 +26,7 @@ from features.windows import DAY_S
 from models import calibration, metrics
 from models.dataset import Dataset, load_dataset
 from models.guardrails import GuardrailReport, check_training_data
-from models.labels import Labels, balancing_weights, make_labels
+from models.labels import Labels, balancing_weights, make_labels, rfm_snapshot
 from models.registry import ModelRegistry
 
 Progress = Callable[[str], None]
@@ -255,6 +257,8 @@ def run_training(
         "method": cal.method,
     }
     (staging / "thresholds.json").write_bytes(orjson.dumps(thresholds, option=orjson.OPT_INDENT_2))
+    snapshot = rfm_snapshot(p.data.purchases, float(p.data.clicks.ts.max()) + 1.0)
+    pq.write_table(pa.table(snapshot), staging / "rfm_snapshot.parquet", compression="zstd")
     curves = {
         s: metrics.curve(
             test_scores[p.slices[te] == s], p.labels.purchasing[te][p.slices[te] == s],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def reason_codes(row: np.ndarray) -> list[str]:
     for code, name, limit in REASON_RULES:
         value = float(row[INDEX[name]])
         if name in _LOG_FEATURES:
-            value = float(np.expm1(value))
+            value = math.expm1(value)
         if value > limit:
             reasons.append(code)
     reasons.append("model_score")

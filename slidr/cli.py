@@ -236,18 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     registry_flag(p)
     p.set_defaults(func=cmd_models)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    from slidr.commands import register  # the stream and lifecycle commands
+
+    register(sub)
     return parser
-
-
-# Other modules add their subcommands here (stream, lifecycle), keeping this file small.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from models.calibration import CalibrationError
-
     from models.dataset import DatasetError
     from models.pipeline import TrainingError
     from models.registry import RegistryError
@@ -258,8 +254,6 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slidr import commands  # noqa: F401 - registers the stream and lifecycle commands
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

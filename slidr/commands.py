@@ -1,3 +1,107 @@
-"""Subcommands of the stream and the model lifecycle, registered into ``slidr.cli``."""
+"""Subcommands of the local stack, the stream and the model lifecycle (``slidr.cli``)."""
 
 from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from slidr.settings import Settings
+
+
+def _settings(args: argparse.Namespace, **overrides) -> Settings:
+    return Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
+
+
+# --- local stack -------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from stream.kafka import ensure_topics
+    from stream.local_stack import LocalStack
+
+    settings = _settings(args)
+    info = LocalStack(settings.home).up()
+    ensure_topics(settings.replace(kafka_bootstrap=info.bootstrap))
+    print(f"broker  {info.bootstrap}\nredis   {info.redis_url}\nstate   {settings.home / 'stack'}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from stream.local_stack import LocalStack
+
+    LocalStack(_settings(args).home).down()
+    print("local stack stopped")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from stream.local_stack import LocalStack
+
+    status = LocalStack(_settings(args).home).status()
+    print(status.describe())
+    return 0 if status.healthy else 1
+
+
+# --- stream ------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from stream.app import run_worker
+
+    settings = _settings(args, group_id=args.group_id, metrics_port=args.metrics_port,
+                         model_version=args.model, batch_size=args.batch_size)  # fmt: skip
+    print("slidr worker settings:\n" + settings.describe(), file=sys.stderr, flush=True)
+    run_worker(settings, loglevel=args.loglevel)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from stream.producer import produce_dataset
+
+    settings = _settings(args)
+    report = produce_dataset(settings, args.data, rate=args.rate, limit=args.limit,
+                             progress=not args.quiet)  # fmt: skip
+    print(report)
+    return 0
+
+
+def cmd_billing(args: argparse.Namespace) -> int:
+    from stream.billing import run_billing
+
+    settings = _settings(args)
+    run_billing(settings, data=args.data, idle_s=args.idle, follow=args.follow, top=args.top)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start the embedded broker (Tansu) and Redis (Valkey)")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop the embedded stack (by pid)")
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("status", help="addresses and health of the embedded stack")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("worker", help="run the stream processor (Faust worker)")
+    p.add_argument("--group-id", default=None, help="consumer group (default $SLIDR_GROUP_ID or slidr-worker)")
+    p.add_argument("--model", default=None, help="pin a model version (default: the registry's active one)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--batch-size", type=int, default=None, help="clicks per micro-batch (default 500)")
+    p.add_argument("--loglevel", default="info", help="log level (default info)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("produce", help="publish a data set's clicks and purchases in time order")
+    p.add_argument("--data", type=Path, required=True, help="data directory (clicks and purchases)")
+    p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+    p.add_argument("--limit", type=int, default=None, help="publish only the first N clicks (and purchases up to then)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("billing", help="example billing consumer: billable vs invalid clicks per advertiser")
+    p.add_argument("--data", type=Path, default=None,
+                   help="data directory to map click_id to advertiser (default: use the decision only)")  # fmt: skip
+    p.add_argument("--idle", type=float, default=5.0, help="stop after this many seconds without decisions")
+    p.add_argument("--follow", action="store_true", help="keep running (print totals every few seconds)")
+    p.add_argument("--top", type=int, default=15, help="advertisers to print (default 15)")
+    p.set_defaults(func=cmd_billing)
+

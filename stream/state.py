@@ -27,6 +27,7 @@ from redis.retry import Retry
 from rocksdict import Options, Rdict, WriteBatch
 
 from features.store import (
+    ENTITY,
     GET,
     INCR,
     MAX,
@@ -70,7 +71,7 @@ class RocksStore(StateStore):
     def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
         results = []
         for op in ops:
-            results.append(apply_op(self._load(_USER_PREFIX + op.entity.encode()), op))
+            results.append(apply_op(self._load(_USER_PREFIX + op[ENTITY].encode()), op))
         return results
 
     def decided(self, click_id: str, ts: float) -> bytes | None:
@@ -225,18 +226,17 @@ class RedisStore(StateStore):
             return []
         args: list[Any] = []
         prefix = self.prefix
-        for op in ops:
-            ttl = max(60, int(op.expire_at - now) + 1) if op.kind != GET else 0
-            arg = op.arg if op.kind in (SADD, MAX) else ""
-            args.extend((op.kind, f"{prefix}{op.entity}|{op.field}", arg, ttl))
+        for kind, entity, field, arg, expire_at in ops:
+            ttl = max(60, int(expire_at - now) + 1) if kind != GET else 0
+            args.extend((kind, f"{prefix}{entity}|{field}", arg if kind in (SADD, MAX) else "", ttl))
         raw = self._script(args=args)
         out: list[Any] = []
-        for op, value in zip(ops, raw, strict=True):
-            if op.kind in (INCR, SADD):
+        for (kind, _, field, _, _), value in zip(ops, raw, strict=True):
+            if kind in (INCR, SADD):
                 out.append(int(value))
             elif value is None:
                 out.append(None)
-            elif op.kind == MAX or op.field.startswith("last:"):
+            elif kind == MAX or field.startswith("last:"):
                 out.append(float(value))
             else:
                 out.append(int(value))

@@ -1,0 +1,257 @@
+"""The Faust application behind ``slidr worker``.
+
+Agents:
+
+- ``decide``: consumes ``clicks`` in micro-batches (``take_events``), runs the
+  ``DecisionEngine`` and publishes decisions; Faust acks (and later commits) a batch's
+  offsets only after ``publish`` returned, i.e. after the broker acknowledged every
+  decision. At least once: a crash re-delivers the uncommitted tail, and the engine
+  re-emits the stored decision for clicks it had already decided.
+- ``purchases``: consumes ``purchases`` into the live RFM cache; malformed ones go to the
+  dead-letter topic like malformed clicks.
+
+Model switches arrive on ``slidr.control`` and are followed by a ``ControlFollower``
+thread outside the consumer group, so every worker sees every switch.
+
+Tuning for the embedded broker (FINDINGS.md): a 6 s session (group joins are held for
+half of it), and a short fetch wait instead of the 1.5 s that faust-streaming hard-codes
+(the broker does not wake long polls, so latency follows the fetch wait).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import faust
+import orjson
+from confluent_kafka import Consumer, TopicPartition
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from features.windows import DAY_S
+from models.registry import ModelRegistry
+from slidr.settings import Settings
+from stream.engine import BatchResult, DecisionEngine, RawMessage, dead_letter
+from stream.kafka import CLICKS, CONTROL, PURCHASES, consumer_config, ensure_topics
+from stream.local_stack import resolve_endpoints
+from stream.metrics import WorkerMetrics
+from stream.publisher import Publisher
+from stream.rfm import RfmCache
+from stream.schemas import InvalidEvent, parse_purchase
+from stream.state import PartitionStores, RedisStore, ResilientStore, redis_client
+
+log = logging.getLogger("slidr.worker")
+
+_FETCH_WAIT_MS = 20
+
+
+def _patch_fetch_wait(fetch_wait_ms: int) -> None:
+    """Replace faust-streaming's hard-coded 1500 ms fetch wait (see module docstring)."""
+    global _FETCH_WAIT_MS
+    _FETCH_WAIT_MS = fetch_wait_ms
+    thread_cls = faust_aiokafka.AIOKafkaConsumerThread
+    if getattr(thread_cls, "_slidr_patched", False):
+        return
+    original = thread_cls._create_worker_consumer
+
+    def create(self, transport):
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = _FETCH_WAIT_MS  # read by aiokafka when it starts
+        return consumer
+
+    thread_cls._create_worker_consumer = create
+    thread_cls._slidr_patched = True
+
+
+class ControlFollower(threading.Thread):
+    """Follows ``slidr.control`` from its end and hot-swaps the engine's model."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, engine: DecisionEngine) -> None:
+        super().__init__(name="slidr-control", daemon=True)
+        self.registry = registry
+        self.engine = engine
+        self.stop_event = threading.Event()
+        config = consumer_config(settings, group_id=f"{settings.group_id}-control-{time.time_ns()}")
+        self.consumer = Consumer(config)
+        self.topic = settings.topic(CONTROL)
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        try:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=10)
+            self.consumer.assign([TopicPartition(self.topic, 0, high)])
+        except Exception as exc:  # the worker still runs on its start-up version
+            log.error("cannot follow %s: %s", self.topic, exc)
+            return
+        self.ready.set()
+        while not self.stop_event.is_set():
+            msg = self.consumer.poll(0.2)
+            if msg is None or msg.error():
+                continue
+            self.apply(msg.value())
+        self.consumer.close()
+
+    def apply(self, raw: bytes) -> None:
+        try:
+            command = orjson.loads(raw)
+            version = command["model_version"]
+            if version == self.engine.model.version:
+                return
+            model = self.registry.load(version)
+        except Exception as exc:
+            log.error("ignoring control message %r: %s", raw[:200], exc)
+            return
+        log.warning("control: %s %s (%s)", command.get("action"), version, command.get("reason", ""))
+        self.engine.swap_model(model)
+
+
+@dataclass
+class Worker:
+    """Everything a running worker holds, built by ``build_worker``."""
+
+    app: faust.App
+    engine: DecisionEngine
+    publisher: Publisher
+    control: ControlFollower
+    metrics: WorkerMetrics
+    stores: PartitionStores
+
+
+def _faust_credentials(settings: Settings):
+    protocol = settings.kafka_security_protocol
+    if protocol.startswith("SASL"):
+        import ssl
+
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None) if protocol == "SASL_SSL" else None
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username, password=settings.kafka_sasl_password,
+            mechanism=settings.kafka_sasl_mechanism, ssl_context=context,
+        )  # fmt: skip
+    if protocol == "SSL":
+        import ssl
+
+        return faust.SSLCredentials(ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None))
+    return None
+
+
+def build_worker(settings: Settings) -> Worker:
+    """Load the model, connect the stores and define the Faust app and its agents."""
+    bootstrap, redis_url = resolve_endpoints(settings)
+    ensure_topics(settings)
+    registry = ModelRegistry(settings.registry)
+    model = registry.load(settings.model_version or None)
+    metrics = WorkerMetrics()
+    stores = PartitionStores(settings.home / "state" / settings.group_id)
+    ip_state = ResilientStore(
+        RedisStore(redis_client(redis_url, settings.redis_password), prefix=settings.redis_key_prefix + settings.topic_prefix)
+    )
+    rfm = RfmCache.from_version(registry.path_of(model.version))
+    engine = DecisionEngine(
+        model, stores, ip_state, metrics, log_features=settings.log_features, rfm=rfm
+    )
+    publisher = Publisher(settings)
+    control = ControlFollower(settings, registry, engine)
+
+    _patch_fetch_wait(settings.fetch_wait_ms)
+    session_s = settings.session_timeout_ms / 1000
+    app = faust.App(
+        settings.group_id,
+        broker=f"kafka://{bootstrap}",
+        broker_credentials=_faust_credentials(settings),
+        store="memory://",
+        web_enabled=False,
+        topic_partitions=settings.partitions,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=session_s,
+        broker_heartbeat_interval=max(0.3, session_s / 6),
+        broker_commit_interval=1.0,
+        broker_max_poll_records=max(500, settings.batch_size * 2),
+        stream_buffer_maxsize=max(4096, settings.batch_size * 4),
+    )
+    clicks = app.topic(settings.topic(CLICKS), key_type=bytes, value_type=bytes,
+                       key_serializer="raw", value_serializer="raw")  # fmt: skip
+    purchases = app.topic(settings.topic(PURCHASES), key_type=bytes, value_type=bytes,
+                          key_serializer="raw", value_serializer="raw")  # fmt: skip
+    within = settings.batch_wait_ms / 1000
+    last_offsets: dict[int, int] = {}
+
+    @app.agent(clicks, name="decide")
+    async def decide(stream):
+        async for events in stream.take_events(settings.batch_size, within=within):
+            messages = [
+                RawMessage(e.message.value, e.message.topic, e.message.partition, e.message.offset,
+                           int((e.message.timestamp or 0) * 1000))  # fmt: skip
+                for e in events
+            ]
+            result = engine.process(messages)
+            await publisher.publish(result)
+            for msg in messages:
+                last_offsets[msg.partition] = msg.offset
+
+    @app.agent(purchases, name="purchases")
+    async def follow_purchases(stream):
+        async for events in stream.take_events(settings.batch_size, within=within):
+            dead = BatchResult()
+            for e in events:
+                metrics.purchases_in.inc()
+                message = RawMessage(e.message.value, e.message.topic, e.message.partition, e.message.offset)
+                try:
+                    if message.value is None:
+                        raise InvalidEvent("empty message (no value)")
+                    rfm.add(parse_purchase(message.value))
+                except InvalidEvent as exc:
+                    dead.dead_letters.append((None, dead_letter(message, str(exc))))
+                    metrics.dlq.labels(topic=message.topic).inc()
+            if dead.dead_letters:
+                await publisher.publish(dead)
+
+    @app.timer(5.0)
+    async def report_lag():
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            if tp.topic != clicks.get_topic_name():
+                continue
+            high = consumer.highwater(tp)
+            if high is not None and tp.partition in last_offsets:
+                metrics.consumer_lag.labels(partition=str(tp.partition)).set(
+                    max(0, high - last_offsets[tp.partition] - 1)
+                )
+
+    @app.timer(3600.0)
+    async def expire_rfm():
+        rfm.expire(engine.featurizer.watermark - 400 * DAY_S)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app_, revoked, **kwargs):
+        mine = {tp.partition for tp in revoked if tp.topic == clicks.get_topic_name()}
+        stores.release(sorted(mine))
+
+    return Worker(app, engine, publisher, control, metrics, stores)
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    """Run until interrupted (``slidr worker``)."""
+    import asyncio
+
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    worker = build_worker(settings)
+    if settings.metrics_port:
+        worker.metrics.serve(settings.metrics_port)
+    worker.control.start()
+    log.warning(
+        "slidr worker: model %s, group %s, topics %s*", worker.engine.model.version,
+        settings.group_id, settings.topic_prefix,
+    )  # fmt: skip
+    try:
+        faust.Worker(worker.app, loglevel=loglevel, redirect_stdouts=False, quiet=True).execute_from_commandline()
+    finally:
+        worker.control.stop_event.set()
+        worker.publisher.close()
+        worker.stores.close()
