@@ -8,6 +8,7 @@ processes and Python versions, unlike ``hash()``.
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 HASH_DIM = 16
@@ -15,6 +16,7 @@ HASH_DIM = 16
 CONTEXT_FIELDS = ("ad_id", "advertiser_id", "placement", "query")
 
 
+@functools.lru_cache(maxsize=262_144)  # ad ids and placements repeat: hash each once
 def token_slot(field: str, value: str) -> tuple[int, float]:
     """Slot and sign of one ``field=value`` pair."""
     h = zlib.crc32(f"{field}={value}".encode())

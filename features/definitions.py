@@ -103,16 +103,14 @@ def context_features(click: dict) -> list[float]:
     return vec
 
 
-def _entity(spec_entity: str, click: dict) -> str:
-    return ("u:" + click["user_id"]) if spec_entity == "user" else ("i:" + click["ip"])
-
-
-def _member(member: str, click: dict) -> str:
-    if member == "session":
-        return click.get("session_id") or click["user_id"]
-    if member == "user":
-        return click["user_id"]
-    return click["ip"]
+# The window specs flattened for the per-event hot path; field names and expiry follow
+# Window.bucket / Window.expire_at (the batch path uses those directly).
+_COUNT_PLAN = tuple(
+    (s.entity == "user", s.window.seconds, f"c{s.window.name}:", s.previous) for s in COUNTS
+)
+_DISTINCT_PLAN = tuple(
+    (s.entity == "user", s.window.seconds, f"d{s.member}{s.window.name}:", s.member) for s in DISTINCTS
+)
 
 
 @dataclass
@@ -148,36 +146,32 @@ class ClickFeaturizer:
         self._expired_up_to = -math.inf
 
     def ops_for(self, click: dict) -> tuple[list[Op], list[Op]]:
-        """State operations of one click: (user-keyed ops, ip-keyed ops)."""
+        """State operations of one click: (user-keyed ops, ip-keyed ops).
+
+        Runs for every click in the worker: the window specs are flattened into plans
+        once (``_PLANS``) so this loop does arithmetic and string joins only.
+        """
         ts = click["ts"]
         late = self.lateness
+        user_id = click["user_id"]
+        user = "u:" + user_id
+        ip = "i:" + click["ip"]
+        members = {"user": user_id, "ip": click["ip"], "session": click.get("session_id") or user_id}
         user_ops: list[Op] = []
         ip_ops: list[Op] = []
-        for spec in COUNTS:
-            w = spec.window
-            b = w.bucket(ts)
-            ent = _entity(spec.entity, click)
-            out = user_ops if spec.entity == "user" else ip_ops
-            out.append((INCR, ent, f"c{w.name}:{b}", None, w.expire_at(b, late)))
-            if spec.previous:
-                out.append((GET, ent, f"c{w.name}:{b - 1}", None, 0.0))
+        for is_user, seconds, prefix, previous in _COUNT_PLAN:
+            b = int(ts // seconds)
+            ent, out = (user, user_ops) if is_user else (ip, ip_ops)
+            out.append((INCR, ent, prefix + str(b), None, (b + 2) * seconds + late))
+            if previous:
+                out.append((GET, ent, prefix + str(b - 1), None, 0.0))
         day = int(ts // DAY_S)
-        user = "u:" + click["user_id"]
         user_ops.append((MAX, user, f"last:{day}", ts, (day + 2) * DAY_S + late))
         user_ops.append((GET, user, f"last:{day - 1}", None, 0.0))
-        for spec in DISTINCTS:
-            w = spec.window
-            b = w.bucket(ts)
-            out = user_ops if spec.entity == "user" else ip_ops
-            out.append(
-                (
-                    SADD,
-                    _entity(spec.entity, click),
-                    f"d{spec.member}{w.name}:{b}",
-                    _member(spec.member, click),
-                    w.expire_at(b, late),
-                )
-            )
+        for is_user, seconds, prefix, member in _DISTINCT_PLAN:
+            b = int(ts // seconds)
+            ent, out = (user, user_ops) if is_user else (ip, ip_ops)
+            out.append((SADD, ent, prefix + str(b), members[member], (b + 2) * seconds + late))
         return user_ops, ip_ops
 
     def state_features(self, click: dict, user_res: list, ip_res: list) -> list[float]:

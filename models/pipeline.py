@@ -169,6 +169,8 @@ def run_training(
     data or the model: nothing is registered then.
     """
     # torch is imported here so that serving-only installs can import this package.
+    import torch
+
     from models.export import export_onnx, max_export_error
     from models.report import write_report
     from models.training import TrainConfig, fit, logistic, mlp, predict, velocity_scores
@@ -193,9 +195,13 @@ def run_training(
     config = TrainConfig(seed=options.seed, max_epochs=options.max_epochs)
 
     progress("training MLP")
+    # Seed the initial weights too (fit seeds only the batch order): torch's default
+    # seed differs per process, so without this the same data gave different models.
+    torch.manual_seed(config.seed)
     model = mlp(N_FEATURES, mean, std, config)
     mlp_log = fit(model, x[tr], y[tr], weights[tr], x[va], y[va], weights[va], config, progress)
     progress("training logistic regression")
+    torch.manual_seed(config.seed)
     lr_model = logistic(N_FEATURES, mean, std)
     lr_log = fit(lr_model, x[tr], y[tr], weights[tr], x[va], y[va], weights[va], config)
 

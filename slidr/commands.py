@@ -74,6 +74,29 @@ def cmd_billing(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import orjson
+
+    from stream.bench import BenchOptions, run_bench
+
+    options = BenchOptions(
+        offline_clicks=args.clicks, stream_clicks=args.stream_clicks, rate=args.rate,
+        latency_seconds=args.seconds, offline=not args.stream_only, stream=not args.offline_only,
+    )  # fmt: skip
+    report = run_bench(_settings(args), options, progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
+    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from slidr.demo import run_demo
+
+    return run_demo(args.dir, clicks_per_day=args.clicks_per_day, rate=args.rate or None)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start the embedded broker (Tansu) and Redis (Valkey)")
     p.set_defaults(func=cmd_up)
@@ -104,4 +127,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--follow", action="store_true", help="keep running (print totals every few seconds)")
     p.add_argument("--top", type=int, default=15, help="advertisers to print (default 15)")
     p.set_defaults(func=cmd_billing)
+
+    p = sub.add_parser("demo", help="the whole loop: stack, simulate, train, stream, decide, report")
+    p.add_argument("--dir", type=Path, default=Path("var/demo"), help="working directory (default var/demo)")
+    p.add_argument("--clicks-per-day", type=int, default=60_000, help="simulated clicks a day (default 60000)")
+    p.add_argument("--rate", type=float, default=5000.0, help="clicks/s produced to the worker; 0 = as fast as possible")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="throughput and latency of the scoring path and the whole pipeline")
+    p.add_argument("--clicks", type=int, default=1_000_000, help="simulated clicks for the offline figures (default 1M)")
+    p.add_argument("--stream-clicks", type=int, default=100_000, help="clicks for the stream throughput run (default 100k)")
+    p.add_argument("--rate", type=float, default=2000.0, help="clicks/s for the latency run (default 2000)")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of the latency run (default 30)")
+    p.add_argument("--offline-only", action="store_true", help="only featurization and training")
+    p.add_argument("--stream-only", action="store_true", help="only the stream benchmarks")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    p.set_defaults(func=cmd_bench)
 

@@ -1,0 +1,158 @@
+"""``slidr demo`` (``make demo``): the whole loop on one machine, no flags needed.
+
+up -> simulate -> train -> worker -> produce the held-out day -> live view -> summary
+(decision topic vs the offline evaluation of the same clicks) -> down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from models.batch_scoring import evaluate
+from models.dataset import load_dataset
+from models.labels import make_labels
+from models.metrics import compute_metrics, robotic_sessions
+from models.pipeline import TrainOptions, run_training
+from models.registry import ModelRegistry
+from slidr.settings import Settings
+from slidr.simulator import simulate
+from stream.billing import BillingLedger, advertisers_from, read_decisions
+from stream.kafka import ensure_topics
+from stream.local_stack import LocalStack
+from stream.producer import click_payload, produce_dataset, purchase_payload
+
+DAY_S = 86_400
+
+
+def say(message: str) -> None:
+    print(f"\n== {message}", flush=True)
+
+
+def write_day(data_dir: Path, out: Path) -> Path:
+    """The last day of a data set (clicks, and purchases up to a day later) as JSON Lines."""
+    data = load_dataset(data_dir)
+    cols, purchases = data.clicks, data.purchases
+    start = np.floor(cols.ts.max() / DAY_S) * DAY_S
+    out.mkdir(parents=True, exist_ok=True)
+    idx = np.nonzero(cols.ts >= start)[0]
+    with (out / "clicks.jsonl").open("wb") as handle:
+        for i in idx:
+            row = orjson.loads(click_payload(cols, int(i)))
+            for name, values in cols.extra.items():  # ground truth, for the summary only
+                row[name] = values[i].item() if hasattr(values[i], "item") else values[i]
+            handle.write(orjson.dumps(row) + b"\n")
+    with (out / "purchases.jsonl").open("wb") as handle:
+        for j in np.nonzero(purchases.ts >= start)[0]:
+            handle.write(purchase_payload(purchases, int(j)) + b"\n")
+    return out
+
+
+def live_view(settings: Settings, expected: int, worker: subprocess.Popen, timeout_s: float) -> BillingLedger:
+    """Follow the decision topic, one status line a second, until every click is decided."""
+    ledger = BillingLedger()
+    started = time.monotonic()
+
+    def tick(led: BillingLedger) -> None:
+        s = led.summary()
+        ivr = s["invalid"] / max(1, s["clicks"])
+        rate = s["clicks"] / max(1e-9, time.monotonic() - started)
+        print(f"  decided {s['clicks']:>8,} / {expected:,}  IVR {ivr:6.2%}  {rate:8,.0f} clicks/s", flush=True)
+        if s["clicks"] >= expected or worker.poll() is not None or time.monotonic() - started > timeout_s:
+            raise _AllDecided
+
+    with contextlib.suppress(_AllDecided):
+        read_decisions(settings, ledger, follow=True, on_tick=tick, tick_s=1.0)
+    return ledger
+
+
+class _AllDecided(Exception):
+    """Ends the live view (raised from the decision reader's tick)."""
+
+
+def run_demo(directory: Path, clicks_per_day: int = 60_000, rate: float | None = 5000.0) -> int:
+    directory = directory.resolve()
+    home = directory / "home"
+    registry_path = directory / "registry"
+    settings = Settings.from_env(home=home, registry=registry_path)
+    stack = LocalStack(home)
+    worker = None
+    try:
+        say("1/7 starting the embedded stack (Tansu broker + Valkey)")
+        info = stack.up()
+        settings = settings.replace(kafka_bootstrap=info.bootstrap, redis_url=info.redis_url,
+                                    topic_prefix=f"demo{int(time.time())}-")  # fmt: skip
+        ensure_topics(settings)
+        print(f"   broker {info.bootstrap}, redis {info.redis_url}")
+
+        say(f"2/7 simulating 4 days of traffic ({clicks_per_day:,} clicks a day)")
+        summary = simulate(directory / "data", days=4, seed=7, clicks_per_day=clicks_per_day)
+        print(summary.to_text())
+
+        say("3/7 training: weak labels, MLP and baselines, slice calibration, registry")
+        registry = ModelRegistry(registry_path)
+        result = run_training(directory / "data", registry, TrainOptions(), progress=lambda m: print(f"   {m}"))
+        version = result["version"]
+        if registry.active_version() != version:
+            registry.activate(version, reason="demo: newest version")
+        print(f"   registered {version}; report: {registry.path_of(version) / 'report.html'}")
+
+        say("4/7 starting the stream worker")
+        day = write_day(directory / "data", directory / "stream-day")
+        env = {**os.environ, "SLIDR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+               "SLIDR_REDIS_URL": settings.redis_url, "SLIDR_REGISTRY": str(registry_path),
+               "SLIDR_HOME": str(home), "SLIDR_TOPIC_PREFIX": settings.topic_prefix,
+               "SLIDR_REDIS_KEY_PREFIX": f"slidr:{settings.topic_prefix}"}  # fmt: skip
+        log_path = directory / "worker.log"
+        with log_path.open("wb") as log:
+            worker = subprocess.Popen([sys.executable, "-m", "slidr", "worker"], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        print(f"   pid {worker.pid}, log {log_path}")
+
+        say(f"5/7 producing the held-out day's clicks{f' at {rate:,.0f}/s' if rate else ''}")
+        report = produce_dataset(settings, day, rate=rate, progress=True)
+        print(f"   {report}")
+
+        say("6/7 live decisions")
+        ledger = live_view(settings, report.clicks, worker, timeout_s=300)
+
+        say("7/7 summary: the decision topic against the offline evaluation of the same clicks")
+        data = load_dataset(day)
+        ledger.advertiser_of = advertisers_from(day)
+        verdict = {c: v for c, (_, v, _) in ledger.latest.items()}
+        invalid = np.array([verdict.get(c) == "invalid" for c in data.clicks.click_id])
+        decided = np.array([c in verdict for c in data.clicks.click_id])
+        labels = make_labels(data.clicks, data.purchases)
+        robotic = robotic_sessions(data.clicks.session_id, data.clicks.ts)
+        is_bot = data.clicks.extra.get("is_bot")
+        offline = evaluate(registry.load(version), data)
+        online = compute_metrics(invalid, labels.purchasing, robotic, None,
+                                 None if is_bot is None else is_bot.astype(bool))["overall"]  # fmt: skip
+        rows = [("clicks decided", f"{decided.sum():,} / {len(decided):,}", f"{offline['clicks']:,}")]
+        for key in ("ivr", "fpr", "coverage", "bot_recall", "human_fpr", "precision"):
+            a, b = online.get(key), offline["overall"].get(key)
+            if a is not None or b is not None:
+                rows.append((key, "–" if a is None else f"{a:.4f}", "–" if b is None else f"{b:.4f}"))
+        print(f"   {'':16} {'stream':>16} {'offline':>12}")
+        for name, a, b in rows:
+            print(f"   {name:16} {a:>16} {b:>12}")
+        print("\n   billing view (latest decision per click):")
+        print("   " + ledger.render(8).replace("\n", "\n   "))
+        return 0 if decided.all() else 1
+    finally:
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        say("stopping the embedded stack")
+        stack.down()

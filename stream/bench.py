@@ -1,0 +1,391 @@
+"""``slidr bench``: the scoring path in process, and the pipeline through the broker.
+
+Figures are medians and percentiles of one run, printed with the machine and the
+settings that produced them. Nothing here asserts a time: tests never time things.
+
+1. scoring path: ``DecisionEngine.process`` (parse, feature update in RocksDB and Redis,
+   ONNX inference, thresholds, decision records) on micro-batches, per click;
+2. throughput: a backlog of clicks decided by one Faust worker process, beside a plain
+   confluent-kafka loop running the same engine;
+3. latency: clicks produced at a fixed rate, produce time to decision available, beside
+   a bare produce -> consume round trip through the same broker at the same rate.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from models.dataset import load_dataset
+from models.registry import ModelRegistry
+from slidr.settings import Settings
+from stream.engine import DecisionEngine, RawMessage
+from stream.kafka import CLICKS, DECISIONS, consumer_config, ensure_topics, producer_config
+from stream.plain_loop import run_plain_loop
+from stream.producer import click_payload, produce_dataset
+from stream.publisher import Publisher
+from stream.state import PartitionStores, RedisStore, ResilientStore, redis_client
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "providers": ort.get_available_providers(),
+    }
+
+
+def percentiles(values_s: list[float] | np.ndarray) -> dict:
+    a = np.asarray(values_s, dtype=np.float64) * 1000.0
+    if a.size == 0:
+        return {}
+    return {
+        "n": int(a.size),
+        "p50_ms": round(float(np.percentile(a, 50)), 3),
+        "p99_ms": round(float(np.percentile(a, 99)), 3),
+        "p99.9_ms": round(float(np.percentile(a, 99.9)), 3),
+        "max_ms": round(float(a.max()), 3),
+    }
+
+
+def _unique(settings: Settings, label: str) -> Settings:
+    tag = f"bench{uuid.uuid4().hex[:6]}-{label}-"
+    s = settings.replace(topic_prefix=tag, redis_key_prefix=f"slidr:{tag}", group_id=f"{tag}group")
+    ensure_topics(s)
+    return s
+
+
+def _engine(settings: Settings, registry: Path, state_dir: Path) -> DecisionEngine:
+    model = ModelRegistry(registry).load()
+    ip = ResilientStore(
+        RedisStore(redis_client(settings.redis_url), prefix=settings.redis_key_prefix)
+    )
+    return DecisionEngine(model, PartitionStores(state_dir), ip)
+
+
+def bench_scoring_path(settings: Settings, registry: Path, data: Path, clicks: int) -> dict:
+    """Per-click cost of the in-process scoring path, at batch sizes 1 and 500."""
+    cols = load_dataset(data).clicks
+    n = min(clicks, len(cols))
+    payloads = [click_payload(cols, i) for i in range(n)]
+    out = {}
+    for batch in (1, 500):
+        s = _unique(settings, f"path{batch}")
+        with tempfile.TemporaryDirectory() as tmp:
+            engine = _engine(s, registry, Path(tmp))
+            count = n if batch > 1 else min(n, 5000)
+            messages = [
+                RawMessage(payloads[i], CLICKS, hash(cols.user_id[i]) % 4, i) for i in range(count)
+            ]
+            engine.process(messages[:batch])  # warm-up: ONNX session, agent parsing caches
+            per_click, started = [], time.perf_counter()
+            for start in range(batch, count, batch):
+                chunk = messages[start : start + batch]
+                t0 = time.perf_counter()
+                engine.process(chunk)
+                per_click.extend([(time.perf_counter() - t0) / len(chunk)] * len(chunk))
+            elapsed = time.perf_counter() - started
+            out[f"batch_{batch}"] = {
+                "clicks_per_s": round((count - batch) / elapsed),
+                "per_click": percentiles(per_click),
+                "provider": engine.model.scorer.provider,
+            }
+            engine.user_state.close()
+    return out
+
+
+class DecisionWatcher(threading.Thread):
+    """Reads ``decisions`` from offset 0 and notes when each click's decision arrived."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(daemon=True)
+        self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}-watch"))
+        topic = settings.topic(DECISIONS)
+        parts = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self.consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+        self.arrived: dict[str, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for msg in self.consumer.consume(1000, 0.05):
+                if msg.error() is None:
+                    self.arrived.setdefault(orjson.loads(msg.value())["click_id"], time.time())
+        self.consumer.close()
+
+    def wait_for(self, count: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if len(self.arrived) >= count:
+                return True
+            time.sleep(0.05)
+        return False
+
+
+def start_worker(
+    settings: Settings, registry: Path, home: Path, log_path: Path
+) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "SLIDR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "SLIDR_REDIS_URL": settings.redis_url,
+        "SLIDR_REGISTRY": str(registry),
+        "SLIDR_HOME": str(home),
+        "SLIDR_TOPIC_PREFIX": settings.topic_prefix,
+        "SLIDR_REDIS_KEY_PREFIX": settings.redis_key_prefix,
+        "SLIDR_GROUP_ID": settings.group_id,
+    }
+    with log_path.open("wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "slidr", "worker"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def bench_throughput(
+    settings: Settings, registry: Path, data: Path, clicks: int, workdir: Path
+) -> dict:
+    """Sustained clicks/s on a pre-produced backlog: Faust worker vs plain loop."""
+    out = {}
+    s = _unique(settings, "faust")
+    produce_dataset(s, data, limit=clicks, progress=False)
+    watcher = DecisionWatcher(s)
+    watcher.start()
+    proc = start_worker(s, registry, workdir / "faust-home", workdir / "faust-worker.log")
+    try:
+        done = watcher.wait_for(clicks, timeout_s=max(120.0, clicks / 500))
+        times = sorted(watcher.arrived.values())
+    finally:
+        stop_worker(proc)
+        watcher.stop.set()
+    # From the first decision (after the group join) to the last.
+    span = times[-1] - times[0] if len(times) > 1 else float("nan")
+    out["faust_worker"] = {"clicks": len(times), "complete": done,
+                           "clicks_per_s": round(len(times) / span) if span == span else None}  # fmt: skip
+
+    s = _unique(settings, "plain")
+    produce_dataset(s, data, limit=clicks, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = _engine(s, registry, Path(tmp))
+        publisher = Publisher(s)
+        # Wait for the assignment outside the timing: the first batch starts the clock.
+        started = [None]
+
+        def timed_process(messages, _orig=engine.process):
+            if started[0] is None:
+                started[0] = time.perf_counter()
+            return _orig(messages)
+
+        engine.process = timed_process
+        decided = run_plain_loop(s, engine, publisher, stop_after_idle_s=3.0, max_clicks=clicks)
+        elapsed = time.perf_counter() - started[0] if started[0] else float("nan")
+        engine.user_state.close()
+    out["plain_loop"] = {"clicks": decided, "clicks_per_s": round(decided / elapsed)}
+    if out["faust_worker"]["clicks_per_s"]:
+        out["faust_to_plain_ratio"] = round(
+            out["faust_worker"]["clicks_per_s"] / out["plain_loop"]["clicks_per_s"], 3
+        )
+    return out
+
+
+def _paced(rate: float, seconds: float):
+    started = time.perf_counter()
+    n = int(rate * seconds)
+    for i in range(n):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        yield i
+
+
+def bench_latency(
+    settings: Settings, registry: Path, data: Path, rate: float, seconds: float, workdir: Path
+) -> dict:
+    """End-to-end latency at ``rate`` clicks/s, and the bare broker round trip."""
+    out = {}
+    # Bare round trip: produce -> consume through the same broker, same client settings.
+    s = _unique(settings, "echo")
+    topic = s.topic("clicks")
+    consumer = Consumer(consumer_config(s, f"{s.group_id}-echo"))
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+    producer = Producer(producer_config(s))
+    sent: dict[bytes, float] = {}
+    received: dict[bytes, float] = {}
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            for msg in consumer.consume(1000, 0.05):
+                if msg.error() is None:
+                    received.setdefault(msg.key(), time.time())
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    for i in _paced(rate, seconds):
+        key = str(i).encode()
+        sent[key] = time.time()
+        producer.produce(topic, key=key, value=b"x" * 300)
+        producer.poll(0)
+    producer.flush(30)
+    deadline = time.monotonic() + 30
+    while len(received) < len(sent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    reader.join(5)
+    consumer.close()
+    echo = [received[k] - t for k, t in sent.items() if k in received]
+    out["bare_round_trip"] = {
+        "rate": rate,
+        "received": len(echo),
+        "of": len(sent),
+        **percentiles(echo),
+    }
+
+    # slidr: producer -> worker -> decisions, at the same rate.
+    s = _unique(settings, "latency")
+    cols = load_dataset(data).clicks
+    watcher = DecisionWatcher(s)
+    watcher.start()
+    proc = start_worker(s, registry, workdir / "latency-home", workdir / "latency-worker.log")
+    producer = Producer(producer_config(s))
+    produced: dict[str, float] = {}
+    try:
+        # Warm-up click: wait until the worker has joined its group and decided it.
+        producer.produce(
+            s.topic(CLICKS), key=cols.user_id[0].encode(), value=click_payload(cols, 0)
+        )
+        producer.flush(10)
+        if not watcher.wait_for(1, 120):
+            raise RuntimeError(
+                f"worker decided nothing within 120 s; see {workdir / 'latency-worker.log'}"
+            )
+        n = len(cols)
+        for i in _paced(rate, seconds):
+            j = 1 + i % (n - 1)
+            payload = orjson.loads(click_payload(cols, j))
+            payload["click_id"] = f"lat-{i}"
+            produced[payload["click_id"]] = time.time()
+            producer.produce(
+                s.topic(CLICKS), key=cols.user_id[j].encode(), value=orjson.dumps(payload)
+            )
+            producer.poll(0)
+        producer.flush(30)
+        watcher.wait_for(len(produced) + 1, 60)
+    finally:
+        stop_worker(proc)
+        watcher.stop.set()
+    lat = [watcher.arrived[c] - t for c, t in produced.items() if c in watcher.arrived]
+    out["slidr_end_to_end"] = {
+        "rate": rate,
+        "decided": len(lat),
+        "of": len(produced),
+        **percentiles(lat),
+    }
+    if out["bare_round_trip"].get("p50_ms") is not None and lat:
+        out["added_by_slidr_ms"] = {
+            k: round(out["slidr_end_to_end"][k] - out["bare_round_trip"][k], 3)
+            for k in ("p50_ms", "p99_ms", "p99.9_ms")
+        }
+    return out
+
+
+@dataclass
+class BenchOptions:
+    offline_clicks: int = 1_000_000
+    stream_clicks: int = 100_000
+    rate: float = 2000.0
+    latency_seconds: float = 30.0
+    offline: bool = True
+    stream: bool = True
+
+
+def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict:
+    """Every benchmark; starts a private embedded stack unless Kafka and Redis are given."""
+    from models.pipeline import TrainOptions, run_training
+    from slidr.simulator import simulate
+    from stream.local_stack import LocalStack
+
+    report: dict = {"machine": machine(), "settings": {
+        "batch_size": settings.batch_size, "batch_wait_ms": settings.batch_wait_ms,
+        "fetch_wait_ms": settings.fetch_wait_ms, "linger_ms": settings.linger_ms,
+        "partitions": settings.partitions, "session_timeout_ms": settings.session_timeout_ms}}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="slidr-bench-") as tmp:
+        work = Path(tmp)
+        if options.offline:
+            from models.bench import run_offline_bench
+
+            progress(
+                f"offline: features and training on {options.offline_clicks:,} simulated clicks"
+            )
+            report["offline"] = run_offline_bench(
+                options.offline_clicks, work / "offline", progress
+            )
+        if not options.stream:
+            return report
+        progress("stream: simulating and training a model for the stream benchmarks")
+        per_day = max(2000, options.stream_clicks // 3)
+        simulate(work / "data", days=3, seed=11, clicks_per_day=per_day)
+        registry = work / "registry"
+        run_training(
+            work / "data",
+            ModelRegistry(registry),
+            TrainOptions(min_coverage=0.0),
+            progress=lambda m: None,
+        )
+        stack = None
+        if not (settings.kafka_bootstrap and settings.redis_url):
+            stack = LocalStack(work / "home")
+            info = stack.up()
+            settings = settings.replace(
+                kafka_bootstrap=info.bootstrap, redis_url=info.redis_url, home=work / "home"
+            )
+        try:
+            progress("stream: scoring path in process")
+            report["scoring_path"] = bench_scoring_path(
+                settings, registry, work / "data", options.stream_clicks
+            )
+            progress(f"stream: throughput on a backlog of {options.stream_clicks:,} clicks")
+            report["throughput"] = bench_throughput(
+                settings, registry, work / "data", options.stream_clicks, work
+            )
+            progress(
+                f"stream: end-to-end latency at {options.rate:,.0f} clicks/s for {options.latency_seconds:.0f} s"
+            )
+            report["latency"] = bench_latency(
+                settings, registry, work / "data", options.rate, options.latency_seconds, work
+            )
+        finally:
+            if stack is not None:
+                stack.down()
+    return report
