@@ -142,6 +142,9 @@ class ClickFeaturizer:
         self.ip_store = ip_store
         self.lateness = allowed_lateness_s
         self.watermark = -math.inf  # newest event time seen
+        # Newest event time per source partition: state is only forgotten behind the
+        # slowest partition, which may lag the others by hours of event time in a replay.
+        self.partition_watermarks: dict[int, float] = {}
         self.late_total = 0
         self._expired_up_to = -math.inf
 
@@ -226,10 +229,15 @@ class ClickFeaturizer:
             user_ops.extend(u)
             ip_ops.extend(i)
             ts = click["ts"]
-            is_late = ts < self.watermark - self.lateness
-            late_flags.append(is_late)
+            # Late within its own partition: partitions may be consumed at different
+            # event times without any click being late.
+            p = partitions[len(spans) - 1] if partitions is not None else None
+            seen = self.partition_watermarks.get(p, -math.inf) if p is not None else self.watermark
+            late_flags.append(ts < seen - self.lateness)
             if ts > self.watermark:
                 self.watermark = ts
+            if p is not None and ts > seen:
+                self.partition_watermarks[p] = ts
         self.late_total += sum(late_flags)
         now = self.watermark
         if partitions is None:
@@ -254,7 +262,8 @@ class ClickFeaturizer:
 
     def _maybe_expire(self) -> None:
         # Sweep once per hour of event time: cheap, and bounds memory to ~two days of keys.
-        horizon = self.watermark - self.lateness
+        slowest = min(self.partition_watermarks.values(), default=self.watermark)
+        horizon = min(self.watermark, slowest) - self.lateness
         if horizon - self._expired_up_to >= 3600:
             self.user_store.expire(horizon)
             self.ip_store.expire(horizon)

@@ -97,6 +97,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, clicks_per_day=args.clicks_per_day, rate=args.rate or None)
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from stream.control import promote
+
+    message = promote(_settings(args), args.version, reason=args.reason)
+    print(f"active: {message['model_version']} (published to the control topic)")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from stream.control import rollback
+
+    message = rollback(_settings(args), to=args.to, reason=args.reason)
+    print(f"rolled back to {message['model_version']} (published to the control topic)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start the embedded broker (Tansu) and Redis (Valkey)")
     p.set_defaults(func=cmd_up)
@@ -127,6 +143,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--follow", action="store_true", help="keep running (print totals every few seconds)")
     p.add_argument("--top", type=int, default=15, help="advertisers to print (default 15)")
     p.set_defaults(func=cmd_billing)
+
+    p = sub.add_parser("promote", help="make a registered version active; running workers switch to it")
+    p.add_argument("version", help="version to activate, e.g. v0002")
+    p.add_argument("--reason", default="promoted by hand", help="why (kept in the history and on the control topic)")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="return to the last stable version (or --to VERSION)")
+    p.add_argument("--to", default=None, help="version to return to (default: the newest stable one before)")
+    p.add_argument("--reason", default="rolled back by hand", help="why (kept in the history and on the control topic)")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("demo", help="the whole loop: stack, simulate, train, stream, decide, report")
     p.add_argument("--dir", type=Path, default=Path("var/demo"), help="working directory (default var/demo)")
