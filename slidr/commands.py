@@ -114,6 +114,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from stream.archive import register_archive_commands
+    from stream.replay import register_replay_commands
+
     p = sub.add_parser("up", help="start the embedded broker (Tansu) and Redis (Valkey)")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("down", help="stop the embedded stack (by pid)")
@@ -153,6 +156,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", default=None, help="version to return to (default: the newest stable one before)")
     p.add_argument("--reason", default="rolled back by hand", help="why (kept in the history and on the control topic)")
     p.set_defaults(func=cmd_rollback)
+
+    register_archive_commands(sub)
+    register_replay_commands(sub)
 
     p = sub.add_parser("demo", help="the whole loop: stack, simulate, train, stream, decide, report")
     p.add_argument("--dir", type=Path, default=Path("var/demo"), help="working directory (default var/demo)")
