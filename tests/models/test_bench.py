@@ -1,0 +1,24 @@
+"""The offline benchmark runs end to end and reports its figures (tiny size: a smoke test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.bench import machine_info, run_offline_bench, to_text
+
+
+def test_offline_bench_reports_figures(tmp_path: Path) -> None:
+    messages: list[str] = []
+    figures = run_offline_bench(clicks=1_200, workdir=tmp_path, progress=messages.append)
+    assert 1_000 <= figures["clicks"] <= 1_400
+    assert figures["days"] == 4
+    assert len(figures["features"]["runs_s"]) == 3
+    assert figures["features"]["clicks_per_s"] > 0
+    # Too few clicks to train on: the guardrail's refusal is reported, not raised.
+    assert "min_clicks" in figures["training"]["error"]
+    assert figures["training"]["total_s"] >= 0
+    assert figures["machine"] == machine_info()
+    text = to_text(figures)
+    assert "features" in text and "clicks/s" in text and "training    failed" in text
+    assert messages, "progress is reported"
+    assert list(tmp_path.glob("registry-*")), "a fresh registry in the work directory"

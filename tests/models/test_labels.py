@@ -1,0 +1,201 @@
+"""Weak labels (SPEC §4): purchase attribution, RFM from past purchases only, balancing weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.dataset import Purchases, clicks_from_rows
+from models.labels import (
+    ATTRIBUTION_WINDOW_S,
+    RfmPolicy,
+    attribute_purchases,
+    balancing_weights,
+    make_labels,
+    rfm_scores,
+)
+from stream.schemas import parse_click
+
+T0 = 1_793_577_600.0  # 2026-11-02 00:00 UTC, a Monday
+HOUR = 3600.0
+DAY = 86_400.0
+
+
+def clicks(*specs: tuple[str, float, str] | tuple[str, float, str, str]):
+    """ClickColumns from (click_id, ts, user_id[, customer_id]) tuples."""
+    rows = []
+    for spec in specs:
+        click = {"click_id": spec[0], "ts": spec[1], "user_id": spec[2], "ip": "10.0.0.1"}
+        if len(spec) > 3:
+            click.update(customer_id=spec[3], logged_in=True)
+        rows.append(parse_click(click))
+    return clicks_from_rows(rows)
+
+
+def purchases(*specs: dict) -> Purchases:
+    """Purchases from dicts with ts and user_id, optionally click_id, customer_id, amount."""
+    specs = sorted(specs, key=lambda p: p["ts"])
+    return Purchases(
+        purchase_id=np.array([f"p{i}" for i in range(len(specs))], dtype=object),
+        ts=np.array([p["ts"] for p in specs], dtype=np.float64),
+        user_id=np.array([p["user_id"] for p in specs], dtype=object),
+        customer_id=np.array([p.get("customer_id") for p in specs], dtype=object),
+        click_id=np.array([p.get("click_id") for p in specs], dtype=object),
+        amount=np.array([p.get("amount", 0.0) for p in specs], dtype=np.float64),
+    )
+
+
+def attribute(cols, bought: Purchases):
+    return attribute_purchases(cols, bought.ts, bought.user_id, bought.click_id)
+
+
+def marked(cols, flags: np.ndarray) -> set[str]:
+    return set(cols.click_id[flags])
+
+
+# --- attribution ---------------------------------------------------------------------
+
+
+def test_purchase_naming_a_click_marks_that_click() -> None:
+    cols = clicks(("a", T0, "u1"), ("b", T0 + HOUR, "u1"), ("c", T0 + 2 * HOUR, "u2"))
+    # Bought after the user's later click "b", but naming "a": "a" is the purchasing click.
+    flags, attributed, unattributed = attribute(
+        cols, purchases({"ts": T0 + 3 * HOUR, "user_id": "u1", "click_id": "a"})
+    )
+    assert marked(cols, flags) == {"a"}
+    assert (attributed, unattributed) == (1, 0)
+
+
+def test_purchase_without_click_marks_the_users_latest_click_before_it() -> None:
+    cols = clicks(
+        ("a", T0, "u1"),
+        ("b", T0 + HOUR, "u1"),
+        ("other", T0 + 2 * HOUR, "u2"),  # later, but another user
+        ("after", T0 + 5 * HOUR, "u1"),  # same user, but after the purchase
+    )
+    flags, attributed, unattributed = attribute(
+        cols, purchases({"ts": T0 + 3 * HOUR, "user_id": "u1"})
+    )
+    assert marked(cols, flags) == {"b"}
+    assert (attributed, unattributed) == (1, 0)
+
+
+def test_purchase_within_24_hours_is_attributed_and_25_hours_later_is_not() -> None:
+    cols = clicks(("a", T0, "u1"), ("z", T0, "u2"))
+    flags, attributed, unattributed = attribute(
+        cols,
+        purchases(
+            {"ts": T0 + ATTRIBUTION_WINDOW_S - 60, "user_id": "u1"},
+            {"ts": T0 + 25 * HOUR, "user_id": "u2"},
+        ),
+    )
+    assert marked(cols, flags) == {"a"}
+    assert (attributed, unattributed) == (1, 1)
+
+
+def test_purchase_25_hours_after_the_click_marks_nothing() -> None:
+    cols = clicks(("a", T0, "u1"), ("b", T0 + HOUR, "u2"))
+    flags, attributed, unattributed = attribute(
+        cols, purchases({"ts": T0 + 25 * HOUR, "user_id": "u1"})
+    )
+    assert not flags.any()
+    assert (attributed, unattributed) == (0, 1)
+
+
+def test_purchase_naming_an_unknown_click_is_unattributed() -> None:
+    cols = clicks(("a", T0, "u1"))
+    flags, attributed, unattributed = attribute(
+        cols, purchases({"ts": T0 + HOUR, "user_id": "u1", "click_id": "not-in-data"})
+    )
+    assert not flags.any()
+    assert (attributed, unattributed) == (0, 1)
+
+
+# --- RFM -----------------------------------------------------------------------------
+
+
+def test_rfm_uses_only_purchases_strictly_before_the_click() -> None:
+    cols = clicks(("early", T0, "u1", "cust"), ("late", T0 + 10 * DAY, "u1", "cust"))
+    history = [
+        {"ts": T0 - d * DAY, "user_id": "u1", "customer_id": "cust", "amount": 80.0}
+        for d in (3, 20, 50)
+    ]
+    before = rfm_scores(cols, *_rfm_args(purchases(*history)))
+    between = {"ts": T0 + DAY, "user_id": "u1", "customer_id": "cust", "amount": 500.0}
+    at_click = {"ts": T0, "user_id": "u1", "customer_id": "cust", "amount": 500.0}
+    after = rfm_scores(cols, *_rfm_args(purchases(*history, between, at_click)))
+    assert before[0] > 0
+    # A purchase after the click, or at the same instant, does not raise its score ...
+    assert after[0] == pytest.approx(before[0])
+    # ... while the later click does see them.
+    assert after[1] > before[1]
+
+
+def test_rfm_score_components() -> None:
+    policy = RfmPolicy()
+    cols = clicks(("no-customer", T0, "u0"), ("new", T0, "u1", "c1"), ("loyal", T0, "u2", "c2"))
+    bought = purchases(
+        *[
+            {"ts": T0 - (1 + d) * DAY, "user_id": "u2", "customer_id": "c2", "amount": 100.0}
+            for d in range(int(policy.frequent_purchases))
+        ]
+    )
+    scores = rfm_scores(cols, *_rfm_args(bought), policy)
+    # No customer or no history: 0. Recent, frequent and valuable: 1.
+    np.testing.assert_allclose(scores, [0.0, 0.0, 1.0])
+
+
+def _rfm_args(bought: Purchases):
+    return bought.ts, bought.customer_id, bought.amount
+
+
+def test_make_labels_human_is_purchasing_or_high_rfm() -> None:
+    cols = clicks(("buyer", T0, "u1"), ("loyal", T0, "u2", "c2"), ("nobody", T0, "u3"))
+    bought = purchases(
+        {"ts": T0 + HOUR, "user_id": "u1"},
+        *[
+            {"ts": T0 - (1 + d) * DAY, "user_id": "u2", "customer_id": "c2", "amount": 100.0}
+            for d in range(6)
+        ],
+    )
+    labels = make_labels(cols, bought)
+    assert list(labels.purchasing) == [True, False, False]
+    assert list(labels.high_rfm) == [False, True, False]
+    assert list(labels.human) == [True, True, False]
+    assert list(labels.robot) == [0.0, 0.0, 1.0]
+    assert labels.summary()["human_labelled"] == 2
+
+
+# --- balancing weights ---------------------------------------------------------------
+
+
+def test_balancing_weights_equalise_cells_and_average_one() -> None:
+    rng = np.random.default_rng(3)
+    n = 40_000
+    # Uneven traffic: more at day, more logged out, few positives at night.
+    ts = np.sort(T0 + rng.uniform(0, 14 * DAY, n))
+    logged_in = rng.random(n) < 0.25
+    hour = (ts % DAY) // HOUR
+    label = (rng.random(n) < np.where(hour < 6, 0.8, 0.3)).astype(np.float32)
+    weights = balancing_weights(ts, logged_in, label)
+
+    assert weights.shape == (n,)
+    assert weights.mean() == pytest.approx(1.0)
+    dow = ((ts // DAY).astype(int) + 3) % 7
+    cells: dict[tuple, float] = {}
+    for key, w in zip(
+        zip(hour.astype(int), dow, logged_in, label > 0.5, strict=True), weights, strict=True
+    ):
+        cells[key] = cells.get(key, 0.0) + w
+    totals = np.array(list(cells.values()))
+    assert len(totals) == 24 * 7 * 2 * 2  # every cell is populated here
+    np.testing.assert_allclose(totals, totals[0], rtol=1e-9)
+
+
+def test_balancing_weights_day_of_week_is_utc_monday_zero() -> None:
+    # Two clicks, same hour, same login, same label, a week apart: one cell, equal weights.
+    # A Monday and a Tuesday at the same hour: two cells.
+    ts = np.array([T0 + 10 * HOUR, T0 + 7 * DAY + 10 * HOUR, T0 + DAY + 10 * HOUR])
+    w = balancing_weights(ts, np.zeros(3, bool), np.zeros(3))
+    np.testing.assert_allclose(w[0] + w[1], w[2])
+    assert w.mean() == pytest.approx(1.0)
