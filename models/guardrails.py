@@ -28,6 +28,12 @@ class GuardrailConfig:
     # robotic.
     min_relative_human_density: float = 0.1
     density_alpha: float = 1e-3
+    # The same test on sliding blocks of this many consecutive hours of the day, pooled
+    # over days (0: off). A feed that loses the same few hours every day leaves each
+    # single hour too few expected labels to be significant on a small data set; the
+    # block pools them (three empty hours over three days of ~15 purchases an hour fail
+    # at p ~ 1e-6, while the deepest natural 3-hour dip of simulated traffic is ~0.5).
+    density_block_hours: int = 3
 
 
 @dataclass
@@ -93,8 +99,15 @@ def check_training_data(prepared, split, config: GuardrailConfig = GuardrailConf
         "slice_human_labels", not thin, len(thin), 0,
         "; ".join(thin) if thin else "every slice has human labels",
     )  # fmt: skip
-    for kind, flags in (("purchase", prepared.labels.purchasing[idx]), ("human", human)):
-        report.results.append(human_density(prepared.data.clicks.ts[idx], flags, config, kind))
+    ts = prepared.data.clicks.ts[idx]
+    # Purchases count at their own event time, against the clicks of the same hours:
+    # attribution spreads a gap in the purchase feed over the 24 h of clicks before it,
+    # so by click time even hours without any purchase barely show.
+    bought = prepared.data.purchases.ts
+    bought = bought[(bought >= ts.min()) & (bought <= ts.max())] if len(ts) else bought[:0]
+    is_purchase = np.r_[np.zeros(len(ts), dtype=bool), np.ones(len(bought), dtype=bool)]
+    report.results.append(human_density(np.r_[ts, bought], is_purchase, config, "purchase"))
+    report.results.append(human_density(ts, human, config, "human"))
     finite = bool(np.isfinite(prepared.features[idx]).all())
     report.add("finite_features", finite, finite, True)
     return report
@@ -124,6 +137,20 @@ def human_density(
                            expected[p < config.density_alpha], strict=True):  # fmt: skip
             where = f"{np.datetime64(int(c) * 3600, 's')}Z" if grouping == "hour" else f"{int(c):02d}:00 UTC daily"
             holes.append(f"{where} ({int(n)} vs ~{e:.0f} expected)")
+    if config.density_block_hours > 1:
+        hours = (hour % 24).astype(np.int64)
+        by_hour = np.bincount(hours, minlength=24).astype(np.float64)
+        labelled_by_hour = np.bincount(hours, weights=labels.astype(np.float64), minlength=24)
+        k = config.density_block_hours
+        clicks = sum(np.roll(by_hour, -j) for j in range(k))  # block starting at each hour
+        labelled = sum(np.roll(labelled_by_hour, -j) for j in range(k))
+        expected = share * clicks
+        seen = clicks > 0
+        worst = min(worst, float((labelled[seen] / expected[seen]).min()))
+        p = np.where(seen, poisson.cdf(labelled, config.min_relative_human_density * expected), 1.0)
+        for h in np.nonzero(p < config.density_alpha)[0]:
+            holes.append(f"{int(h):02d}:00-{int(h + k) % 24:02d}:00 UTC daily "
+                         f"({int(labelled[h])} vs ~{expected[h]:.0f} expected)")  # fmt: skip
     if not holes:
         detail = f"no hour with too few {kind} labels (overall share {share:.4f})"
     else:
@@ -132,3 +159,216 @@ def human_density(
             f"{kind} labels expected: " + ", ".join(holes[:6]) + (" ..." if len(holes) > 6 else "")
         )
     return GuardrailResult(name, not holes, round(worst, 3), config.min_relative_human_density, detail)
+
+
+# --------------------------------------------------------------------------------------
+# Model guardrails: the new version against the active one on the same held-out clicks
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelGuardrailConfig:
+    """Limits of the model guardrails (``check_model``); every check is named after its field group.
+
+    FPR checks are one-sided binomial tests: a check fails when the realised count of
+    invalidated purchasing clicks would be unlikely (p < ``fpr_alpha``) had the true FPR
+    been at the limit, so that a held-out day with few purchases does not reject a model
+    by chance, while a real overshoot on a large day does.
+    """
+
+    # heldout_ivr_ratio: new IVR / active IVR on the held-out day within [min, max].
+    min_ivr_ratio: float = 0.5
+    max_ivr_ratio: float = 2.0
+    # heldout_fpr: new FPR <= max(fpr_budget_factor * budget, fpr_active_factor * active FPR).
+    fpr_budget_factor: float = 1.5
+    fpr_active_factor: float = 1.5
+    fpr_alpha: float = 0.05
+    min_purchasing_clicks: int = 30  # fewer on the held-out day: the FPR check is skipped
+    # slice_fpr_budget: each calibrated slice's realised FPR <= max(target * factor,
+    # target + abs_tolerance), slices with at least ``min_slice_purchasing_clicks``.
+    slice_fpr_factor: float = 1.5
+    slice_fpr_abs_tolerance: float = 0.02
+    min_slice_purchasing_clicks: int = 20
+    # slice_ivr_jump: (new + s) / (active + s) per slice within [min factor, max factor],
+    # s = ``slice_ivr_smoothing`` so that slices near 0 % do not jump from 0.1 % to 0.4 %.
+    # A jump up invalidates humans; a collapse lets robots through (looser: retraining on
+    # more days legitimately sharpens small slices).
+    max_slice_ivr_factor: float = 3.0
+    min_slice_ivr_factor: float = 0.25
+    slice_ivr_smoothing: float = 0.01
+    min_slice_clicks: int = 200
+    # score_psi: population stability index of the new scores against the active
+    # version's scores on the same clicks (deciles of the active scores). 0.1 is "some
+    # shift", 0.25 "a large shift" by the usual rule; retraining on a newer window moves
+    # scores more than a deployed model drifts, hence the looser default.
+    max_score_psi: float = 0.5
+    psi_bins: int = 10
+
+
+@dataclass
+class HeldOut:
+    """The held-out day as the new version sees it (rows in the same order everywhere)."""
+
+    features: np.ndarray  # (clicks, N_FEATURES) float32, what the active version is scored on
+    slices: np.ndarray  # slice name per click
+    purchasing: np.ndarray  # bool: an attributed purchase followed the click
+    scores: np.ndarray  # the new version's scores in [0, 1]
+    invalid: np.ndarray  # the new version's verdicts with its slice thresholds
+
+
+def population_stability_index(expected: np.ndarray, actual: np.ndarray, bins: int = 10) -> float:
+    """PSI of ``actual`` against ``expected`` over quantile bins of ``expected``.
+
+    sum_b (a_b - e_b) * ln(a_b / e_b) with bin shares floored at 1e-4 (an empty bin
+    would make it infinite). 0 for identical distributions.
+    """
+    expected = np.asarray(expected, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if len(expected) == 0 or len(actual) == 0:
+        return 0.0
+    edges = np.unique(np.quantile(expected, np.linspace(0, 1, bins + 1)[1:-1]))
+    e = np.bincount(np.searchsorted(edges, expected, side="right"), minlength=len(edges) + 1)
+    a = np.bincount(np.searchsorted(edges, actual, side="right"), minlength=len(edges) + 1)
+    e = np.maximum(e / len(expected), 1e-4)
+    a = np.maximum(a / len(actual), 1e-4)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def _exceeds(invalid_purchasing: int, purchasing: int, limit: float, alpha: float) -> tuple[bool, float]:
+    """Whether ``invalid_purchasing`` of ``purchasing`` is significantly above rate ``limit``."""
+    from scipy.stats import binom
+
+    if purchasing == 0 or invalid_purchasing <= limit * purchasing:
+        return False, 1.0
+    p = float(binom.sf(invalid_purchasing - 1, purchasing, min(1.0, limit)))
+    return p < alpha, p
+
+
+def _verdicts_of(manifest: dict, scores: np.ndarray, slices: np.ndarray) -> np.ndarray:
+    """A registered version's verdicts from its manifest's slice thresholds."""
+    cal = manifest["calibration"]
+    default = float(cal["default_threshold"])
+    thresholds = np.array([float(cal["thresholds"].get(str(s), default)) for s in slices])
+    return scores >= thresholds
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def check_model(
+    result: dict,
+    active_manifest: dict | None,
+    held_out: HeldOut,
+    active_scores: np.ndarray | None = None,
+    config: ModelGuardrailConfig = ModelGuardrailConfig(),
+) -> GuardrailReport:
+    """Model guardrails on the held-out day: ``heldout_ivr_ratio``, ``heldout_fpr``,
+    ``slice_fpr_budget``, ``slice_ivr_jump`` and ``score_psi``.
+
+    ``result`` is the training summary (``run_training``: its ``calibration`` gives the
+    FPR budget and the slices' FPR targets). The active version is judged on the same
+    held-out clicks when ``active_scores`` (its scores on ``held_out.features``) are
+    given, else by the figures of its own evaluation (manifest ``metrics.test``; no PSI
+    then). Without an active version only the absolute checks can fail.
+    """
+    from models import metrics
+
+    report = GuardrailReport()
+    n = len(held_out.scores)
+    purchasing = np.asarray(held_out.purchasing, dtype=bool)
+    zeros = np.zeros(n, dtype=bool)
+    new = metrics.compute_metrics(held_out.invalid, purchasing, zeros, held_out.slices)
+    budget = float(result["calibration"]["budget"])
+
+    active: dict | None = None
+    basis = "no active version"
+    if active_manifest is not None:
+        if active_scores is not None:
+            active_invalid = _verdicts_of(active_manifest, np.asarray(active_scores), held_out.slices)
+            active = metrics.compute_metrics(active_invalid, purchasing, zeros, held_out.slices)
+            basis = f"{active_manifest['version']} on the same held-out clicks"
+        else:
+            active = active_manifest["metrics"]["test"]
+            basis = f"{active_manifest['version']}'s own held-out day (scores not comparable)"
+
+    # heldout_ivr_ratio
+    new_ivr = new["overall"]["ivr"] or 0.0
+    if active is None:
+        report.add("heldout_ivr_ratio", True, None, [config.min_ivr_ratio, config.max_ivr_ratio],
+                   f"IVR {new_ivr:.4f}; {basis} to compare with")  # fmt: skip
+    else:
+        active_ivr = active["overall"]["ivr"] or 0.0
+        ratio = new_ivr / active_ivr if active_ivr > 0 else (1.0 if new_ivr == 0 else float("inf"))
+        ok = config.min_ivr_ratio <= ratio <= config.max_ivr_ratio
+        report.add("heldout_ivr_ratio", ok, round(ratio, 4), [config.min_ivr_ratio, config.max_ivr_ratio],
+                   f"IVR {new_ivr:.4f} vs {active_ivr:.4f} ({basis})")  # fmt: skip
+
+    # heldout_fpr
+    overall = new["overall"]
+    active_fpr = None if active is None else active["overall"]["fpr"]
+    limit = config.fpr_budget_factor * budget
+    if active_fpr is not None:
+        limit = max(limit, config.fpr_active_factor * active_fpr)
+    if overall["purchasing_clicks"] < config.min_purchasing_clicks:
+        report.add("heldout_fpr", True, overall["fpr"], round(limit, 4),
+                   f"only {overall['purchasing_clicks']} purchasing clicks on the held-out day: not judged")  # fmt: skip
+    else:
+        invalid_purchasing = int(np.count_nonzero(held_out.invalid & purchasing))
+        bad, p = _exceeds(invalid_purchasing, overall["purchasing_clicks"], limit, config.fpr_alpha)
+        report.add("heldout_fpr", not bad, round(overall["fpr"], 4), round(limit, 4),
+                   f"FPR {overall['fpr']:.4f} ({invalid_purchasing}/{overall['purchasing_clicks']}) vs limit "
+                   f"{limit:.4f} = max({config.fpr_budget_factor} x budget {budget}, {config.fpr_active_factor} x "
+                   f"active {_fmt(active_fpr)}); p = {p:.3g}")  # fmt: skip
+
+    # slice_fpr_budget
+    offenders, judged = [], 0
+    for row in result["calibration"].get("slices", []):
+        name, target = row["name"], row.get("fpr_target")
+        figures = new["slices"].get(name)
+        if figures is None or not row.get("calibrated") or target is None:
+            continue
+        if figures["purchasing_clicks"] < config.min_slice_purchasing_clicks:
+            continue
+        judged += 1
+        limit_s = max(target * config.slice_fpr_factor, target + config.slice_fpr_abs_tolerance)
+        mask = np.asarray(held_out.slices).astype(str) == name
+        k = int(np.count_nonzero(held_out.invalid[mask] & purchasing[mask]))
+        bad, p = _exceeds(k, figures["purchasing_clicks"], limit_s, config.fpr_alpha)
+        if bad:
+            offenders.append(f"{name}: FPR {figures['fpr']:.4f} ({k}/{figures['purchasing_clicks']}) "
+                             f"> {limit_s:.4f} (target {target:.4f}, p = {p:.3g})")  # fmt: skip
+    report.add("slice_fpr_budget", not offenders, len(offenders), 0,
+               "; ".join(offenders) if offenders
+               else f"{judged} slices within their FPR target (x{config.slice_fpr_factor} or "
+                    f"+{config.slice_fpr_abs_tolerance})")  # fmt: skip
+
+    # slice_ivr_jump
+    if active is None:
+        report.add("slice_ivr_jump", True, None, [config.min_slice_ivr_factor, config.max_slice_ivr_factor], basis)
+    else:
+        jumps, lowest, highest = [], 1.0, 1.0
+        s = config.slice_ivr_smoothing
+        for name, figures in new["slices"].items():
+            before = active["slices"].get(name)
+            if before is None or figures["clicks"] < config.min_slice_clicks:
+                continue
+            a, b = figures["ivr"] or 0.0, before["ivr"] or 0.0
+            factor = (a + s) / (b + s)
+            lowest, highest = min(lowest, factor), max(highest, factor)
+            if not config.min_slice_ivr_factor <= factor <= config.max_slice_ivr_factor:
+                jumps.append(f"{name}: IVR {b:.4f} -> {a:.4f} (x{factor:.2f} smoothed)")
+        limits = [config.min_slice_ivr_factor, config.max_slice_ivr_factor]
+        value = highest if highest >= 1 / lowest else lowest
+        report.add("slice_ivr_jump", not jumps, round(value, 3), limits,
+                   "; ".join(jumps) if jumps else f"every slice's IVR within x{limits} ({basis})")  # fmt: skip
+
+    # score_psi
+    if active_scores is None:
+        report.add("score_psi", True, None, config.max_score_psi,
+                   f"{basis}: no scores on the same clicks to compare")  # fmt: skip
+    else:
+        value = population_stability_index(active_scores, held_out.scores, config.psi_bins)
+        report.add("score_psi", value <= config.max_score_psi, round(value, 4), config.max_score_psi,
+                   f"PSI {value:.3f} of the new scores vs {basis}")  # fmt: skip
+    return report

@@ -25,11 +25,13 @@ from features.definitions import FEATURE_NAMES, FEATURE_SPEC_VERSION, N_FEATURES
 from features.windows import DAY_S
 from models import calibration, metrics
 from models.dataset import Dataset, load_dataset
-from models.guardrails import GuardrailReport, check_training_data
+from models.guardrails import GuardrailReport, HeldOut, check_training_data
 from models.labels import Labels, balancing_weights, make_labels, rfm_snapshot
 from models.registry import ModelRegistry
 
 Progress = Callable[[str], None]
+# Model guardrails run before registration: (training summary, held-out day) -> report.
+ModelCheck = Callable[[dict, HeldOut], GuardrailReport]
 
 
 class TrainingError(RuntimeError):
@@ -50,7 +52,7 @@ class TrainOptions:
     # "empirical" solves exactly on the empirical curves; "quadratic" is SLIDR's concave fit.
     # On simulated traffic the fit loses ~1.5 IVR points (see the report), so exact is default.
     calibration_method: str = "empirical"
-    min_slice_purchases: int = 20
+    min_slice_purchases: int = 50
     seed: int = 7
     max_epochs: int = 8
 
@@ -162,18 +164,30 @@ def run_training(
     registry: ModelRegistry,
     options: TrainOptions = TrainOptions(),
     progress: Progress = print,
+    model_check: ModelCheck | None = None,
 ) -> dict:
     """Train, calibrate, check and register a version; returns a summary dict.
 
     Raises ``GuardrailFailure`` (from models.guardrails) when a guardrail rejects the
-    data or the model: nothing is registered then.
+    data: nothing is registered then. ``model_check`` (e.g. ``models.lifecycle``'s
+    comparison with the active version) runs before registration; its results join
+    ``result["guardrails"]`` and a version it rejects is registered but never becomes
+    active by itself (``result["model_guardrails"]["passed"]`` is False).
     """
     # torch is imported here so that serving-only installs can import this package.
     import torch
 
     from models.export import export_onnx, max_export_error
     from models.report import write_report
-    from models.training import TrainConfig, fit, logistic, mlp, predict, velocity_scores
+    from models.training import (
+        TrainConfig,
+        fit,
+        logistic,
+        mlp,
+        predict,
+        unseen_weekday_mask,
+        velocity_scores,
+    )
 
     total_started = time.perf_counter()
     directory = Path(directory)
@@ -197,12 +211,16 @@ def run_training(
     progress("training MLP")
     # Seed the initial weights too (fit seeds only the batch order): torch's default
     # seed differs per process, so without this the same data gave different models.
+    mask = unseen_weekday_mask(p.data.clicks.ts[tr], FEATURE_NAMES)
+    masked = [n for n, m in zip(FEATURE_NAMES, mask, strict=True) if m == 0]
+    if masked:
+        progress(f"training covers fewer than 7 weekdays: inputs {masked} switched off")
     torch.manual_seed(config.seed)
-    model = mlp(N_FEATURES, mean, std, config)
+    model = mlp(N_FEATURES, mean, std, config, mask)
     mlp_log = fit(model, x[tr], y[tr], weights[tr], x[va], y[va], weights[va], config, progress)
     progress("training logistic regression")
     torch.manual_seed(config.seed)
-    lr_model = logistic(N_FEATURES, mean, std)
+    lr_model = logistic(N_FEATURES, mean, std, mask)
     lr_log = fit(lr_model, x[tr], y[tr], weights[tr], x[va], y[va], weights[va], config)
 
     scores = {
@@ -285,6 +303,7 @@ def run_training(
         },
         "labels": p.labels.summary(),
         "train_config": config.to_dict(),
+        "masked_features": masked,
         "options": {**options.__dict__},
         "fit": {"mlp": mlp_log.__dict__, "logistic_regression": lr_log.__dict__},
         "export_max_abs_error": export_error,
@@ -297,6 +316,14 @@ def run_training(
         "timings_s": {**p.seconds},
         "machine": f"{platform.machine()} {platform.processor() or ''} {platform.python_version()}".strip(),
     }
+    model_report = None
+    if model_check is not None:
+        progress("model guardrails")
+        model_report = model_check(
+            result, HeldOut(x[te], p.slices[te], p.labels.purchasing[te], test_scores, test_invalid)
+        )
+        result["guardrails"] = result["guardrails"] + model_report.to_dict()
+        result["model_guardrails"] = {"passed": model_report.passed, "failed": model_report.failed_names()}
     progress("writing report")
     write_report(staging, result, curves)
     result["timings_s"]["total"] = time.perf_counter() - total_started
@@ -304,7 +331,9 @@ def run_training(
     (staging / "metrics.json").write_bytes(
         orjson.dumps(metrics_doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
     )
-    version = registry.register(staging, result)
+    version = registry.register(
+        staging, result, activate_first=model_report is None or model_report.passed
+    )
     result["version"] = version
     result["active"] = registry.active_version()
     return result

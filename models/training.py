@@ -35,15 +35,23 @@ class TrainConfig:
 
 
 class Standardize(nn.Module):
-    """(x - mean) / std with fixed statistics from the training split."""
+    """(x - mean) / std with fixed statistics from the training split.
 
-    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
+    Inputs whose ``mask`` is 0 are fed to the network as 0 whatever their value: the
+    model cannot extrapolate to values training never saw (e.g. a weekday absent from
+    a few days of training data), so such inputs are switched off, inside the exported
+    graph, so serving does exactly the same.
+    """
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, mask: np.ndarray | None = None) -> None:
         super().__init__()
+        mask = np.ones_like(mean) if mask is None else mask.astype(np.float32)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(np.where(std > 1e-6, std, 1.0), dtype=torch.float32))
+        self.register_buffer("mask", torch.tensor(mask, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        return (x - self.mean) / self.std * self.mask
 
 
 class RobotClassifier(nn.Module):
@@ -61,17 +69,32 @@ class RobotClassifier(nn.Module):
         return torch.sigmoid(self.logits(x))
 
 
-def mlp(n_features: int, mean: np.ndarray, std: np.ndarray, config: TrainConfig) -> RobotClassifier:
+def mlp(
+    n_features: int, mean: np.ndarray, std: np.ndarray, config: TrainConfig,
+    mask: np.ndarray | None = None,
+) -> RobotClassifier:  # fmt: skip
     """SLIDR's model: three fully connected layers with ReLU between them."""
     h1, h2 = config.hidden
     body = nn.Sequential(
         nn.Linear(n_features, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 1)
     )
-    return RobotClassifier(Standardize(mean, std), body)
+    return RobotClassifier(Standardize(mean, std, mask), body)
 
 
-def logistic(n_features: int, mean: np.ndarray, std: np.ndarray) -> RobotClassifier:
-    return RobotClassifier(Standardize(mean, std), nn.Linear(n_features, 1))
+def logistic(
+    n_features: int, mean: np.ndarray, std: np.ndarray, mask: np.ndarray | None = None
+) -> RobotClassifier:
+    return RobotClassifier(Standardize(mean, std, mask), nn.Linear(n_features, 1))
+
+
+def unseen_weekday_mask(ts_train: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """Input mask switching day-of-week off unless training covers all seven weekdays."""
+    mask = np.ones(len(names), dtype=np.float32)
+    weekdays = np.unique(np.mod(np.floor_divide(ts_train, 86_400).astype(np.int64) + 3, 7))
+    if len(weekdays) < 7:
+        for name in ("dow_sin", "dow_cos"):
+            mask[names.index(name)] = 0.0
+    return mask
 
 
 @dataclass

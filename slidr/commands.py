@@ -114,7 +114,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from models.lifecycle import register_lifecycle_commands
     from stream.archive import register_archive_commands
+    from stream.monitor import register_monitor_commands
     from stream.replay import register_replay_commands
 
     p = sub.add_parser("up", help="start the embedded broker (Tansu) and Redis (Valkey)")
@@ -159,6 +161,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     register_archive_commands(sub)
     register_replay_commands(sub)
+    register_lifecycle_commands(sub)
+    register_monitor_commands(sub)
 
     p = sub.add_parser("demo", help="the whole loop: stack, simulate, train, stream, decide, report")
     p.add_argument("--dir", type=Path, default=Path("var/demo"), help="working directory (default var/demo)")

@@ -161,6 +161,7 @@ def build_worker(settings: Settings) -> Worker:
         broker=f"kafka://{bootstrap}",
         broker_credentials=_faust_credentials(settings),
         store="memory://",
+        datadir=str(settings.home / "faust"),  # not the working directory
         web_enabled=False,
         topic_partitions=settings.partitions,
         topic_allow_declare=False,

@@ -1,0 +1,362 @@
+"""The live monitor: the deviation detector on synthetic decision streams (no Kafka), the
+rollback policy, and end to end: a faulty version promoted while clicks flow through a
+real worker is rolled back automatically."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from stream.monitor import (
+    Deviation,
+    DeviationDetector,
+    MonitorConfig,
+    Promise,
+    RollbackPolicy,
+    Watched,
+)
+
+SLICES = ("desktop/logged_out", "mobile/logged_out", "desktop/logged_in", "app/logged_in")
+PROMISE = Promise(
+    "v0002", ivr=0.2, fpr=0.02,
+    slice_ivr={"desktop/logged_out": 0.4, "mobile/logged_out": 0.2, "desktop/logged_in": 0.05, "app/logged_in": 0.02},
+)  # fmt: skip
+SMALL = MonitorConfig(window_decisions=2_000, window_seconds=300, min_decisions=500, min_slice_decisions=200,
+                      spike_decisions=100, min_purchasing=40, min_vouched=60)  # fmt: skip
+
+
+def decisions(n: int, ivr: dict[str, float] | None = None, version: str = "v0002", start: float = 1_000.0,
+              rate: float = 100.0, seed: int = 0, rfm: float | None = None, prefix: str = "c") -> list[dict]:  # fmt: skip
+    """``n`` decisions over the four slices at each slice's IVR (default: the promise's)."""
+    rng = np.random.default_rng(seed)
+    ivr = ivr or PROMISE.slice_ivr
+    out = []
+    for i in range(n):
+        slice_ = SLICES[i % len(SLICES)]
+        d = {
+            "click_id": f"{prefix}{seed}-{i}", "ts": start + i / rate, "decided_at": start + i / rate,
+            "verdict": "invalid" if rng.random() < ivr[slice_] else "valid", "slice": slice_,
+            "model_version": version, "replay": False,
+        }  # fmt: skip
+        if rfm is not None:
+            d["customer_rfm"] = rfm
+        out.append(d)
+    return out
+
+
+def feed(detector: DeviationDetector, stream: list[dict]) -> list[tuple[int, Deviation]]:
+    found = []
+    for i, d in enumerate(stream):
+        deviation = detector.observe(d)
+        if deviation is not None:
+            found.append((i, deviation))
+    return found
+
+
+def watching(config: MonitorConfig = SMALL) -> DeviationDetector:
+    detector = DeviationDetector(config)
+    detector.watch(PROMISE)
+    return detector
+
+
+# -- the detector -------------------------------------------------------------------------
+
+
+def test_traffic_as_promised_raises_nothing() -> None:
+    detector = watching()
+    assert feed(detector, decisions(10_000)) == []
+    stats = detector.stats()
+    assert stats["decisions"] == SMALL.window_decisions  # the window slides
+    assert abs(stats["ivr"] - 0.1675) < 0.03  # the mean of the slices' promises
+
+
+def test_a_version_that_invalidates_everything_is_a_spike_within_the_spike_window() -> None:
+    detector = watching()
+    found = feed(detector, decisions(1_000, ivr=dict.fromkeys(SLICES, 1.0)))
+    assert len(found) == 1  # reported once per watched version
+    index, deviation = found[0]
+    assert deviation.check == "invalid_spike" and deviation.version == "v0002"
+    assert index == SMALL.spike_decisions - 1
+    assert "monitor: invalid_spike on v0002" in deviation.reason()
+
+
+def test_a_robot_burst_in_one_slice_is_not_a_spike() -> None:
+    detector = watching()
+    burst = [{**d, "slice": "desktop/logged_out", "verdict": "invalid"} for d in decisions(300, prefix="b")]
+    found = feed(detector, decisions(600) + burst + decisions(200, start=2_000, seed=1))
+    assert [d.check for _, d in found] != ["invalid_spike"]
+
+
+def test_overall_ivr_over_twice_the_promise_after_the_minimum_decisions() -> None:
+    detector = watching()
+    doubled = {s: min(1.0, 2.6 * v) for s, v in PROMISE.slice_ivr.items()}  # ~0.44 vs 0.2 promised
+    found = feed(detector, decisions(3_000, ivr=doubled))
+    assert [d.check for _, d in found] == ["ivr"]
+    index, deviation = found[0]
+    assert index + 1 >= SMALL.min_decisions
+    assert deviation.value > deviation.limit == pytest.approx(0.4)
+
+
+def test_one_slice_jumping_is_a_slice_deviation() -> None:
+    detector = watching()
+    found = feed(detector, decisions(3_000, ivr={**PROMISE.slice_ivr, "desktop/logged_in": 0.5}))
+    assert [d.check for _, d in found] == ["slice_ivr"]
+    assert "desktop/logged_in" in found[0][1].detail
+
+
+def test_purchased_clicks_invalidated_too_often_are_an_fpr_deviation() -> None:
+    detector = watching()
+    stream = decisions(2_000)
+    feed(detector, stream)
+    found = []
+    for i, d in enumerate(stream[-400:]):  # purchases naming their clicks, arriving later
+        deviation = detector.observe_purchase({"purchase_id": f"p{i}", "click_id": d["click_id"], "ts": 5_000.0})
+        if deviation:
+            found.append(deviation)
+    # ~17 % of the purchased clicks were invalid (the stream's IVR) vs 2 % promised.
+    assert [d.check for d in found] == ["fpr"]
+    assert found[0].decisions >= SMALL.min_purchasing
+
+
+def test_purchases_of_unknown_or_unnamed_clicks_are_ignored() -> None:
+    detector = watching()
+    feed(detector, decisions(100))
+    for i in range(200):
+        assert detector.observe_purchase({"purchase_id": f"p{i}", "click_id": f"other-{i}", "ts": 1.0}) is None
+        assert detector.observe_purchase({"purchase_id": f"q{i}", "user_id": "u", "ts": 1.0}) is None
+    assert detector.stats()["purchased"] == 0
+
+
+def test_high_rfm_customers_invalidated_are_a_vouched_fpr_deviation() -> None:
+    detector = watching()
+    human = {s: 0.0 for s in SLICES}
+    assert feed(detector, decisions(400, ivr=human, rfm=0.9)) == []
+    found = feed(detector, decisions(400, ivr={s: 0.3 for s in SLICES}, rfm=0.9, start=2_000, seed=1))
+    assert [d.check for _, d in found] == ["vouched_fpr"]
+    low = watching()
+    assert feed(low, decisions(800, rfm=0.2)) == []  # ~17 % invalid, but not vouched for
+
+
+def test_other_versions_and_replays_are_ignored() -> None:
+    detector = watching()
+    broken = dict.fromkeys(SLICES, 1.0)
+    stream = decisions(1_000, ivr=broken, version="v0001") + [
+        {**d, "replay": True} for d in decisions(1_000, ivr=broken, seed=1)
+    ]
+    assert feed(detector, stream) == []
+    assert detector.stats()["ignored"] == 2_000 and detector.stats()["decisions"] == 0
+
+
+def test_the_window_forgets_decisions_older_than_its_seconds() -> None:
+    detector = watching(MonitorConfig(window_decisions=100_000, window_seconds=60, min_decisions=10**9,
+                                      min_slice_decisions=10**9, spike_decisions=10**9))  # fmt: skip
+    feed(detector, decisions(1_000, rate=10.0))  # 100 s of decisions
+    assert detector.stats()["decisions"] == pytest.approx(600, abs=2)
+
+
+def test_watch_resets_the_windows_and_rearms() -> None:
+    detector = watching()
+    assert feed(detector, decisions(300, ivr=dict.fromkeys(SLICES, 1.0)))
+    assert feed(detector, decisions(300, ivr=dict.fromkeys(SLICES, 1.0), seed=1)) == []  # once
+    detector.watch(Promise("v0003", 0.2, 0.02, PROMISE.slice_ivr))
+    assert detector.stats()["decisions"] == 0
+    found = feed(detector, decisions(300, ivr=dict.fromkeys(SLICES, 1.0), version="v0003", seed=2))
+    assert [d.check for _, d in found] == ["invalid_spike"]
+
+
+def test_the_previous_versions_live_window_scales_the_next_versions_limits() -> None:
+    """At night every version's IVR sits above its daily promise: the new version is
+    judged against its promise times the traffic factor the old one measured."""
+    busy = {s: 1.8 * v for s, v in PROMISE.slice_ivr.items()}  # ~0.30 live vs 0.2 promised
+    busier = {s: 2.5 * v for s, v in PROMISE.slice_ivr.items()}  # ~0.42 > 2 x 0.2
+    v3 = Promise("v0003", PROMISE.ivr, PROMISE.fpr, PROMISE.slice_ivr)
+
+    fresh = DeviationDetector(SMALL)
+    fresh.watch(v3)
+    assert [d.check for _, d in feed(fresh, decisions(3_000, ivr=busier, version="v0003"))] == ["ivr"]
+
+    detector = watching()
+    assert feed(detector, decisions(3_000, ivr=busy)) == []
+    detector.watch(v3)
+    assert 1.3 < detector.traffic < 1.7
+    assert feed(detector, decisions(3_000, ivr=busier, version="v0003", seed=1)) == []
+    # A broken version's window is no baseline.
+    broken = watching()
+    feed(broken, decisions(500, ivr=dict.fromkeys(SLICES, 1.0)))
+    broken.watch(v3)
+    assert broken.traffic == 1.0
+
+
+def test_promise_from_a_manifest() -> None:
+    manifest = {"version": "v0007", "metrics": {"test": {
+        "overall": {"ivr": 0.21, "fpr": 0.018},
+        "slices": {"desktop/logged_out": {"ivr": 0.45}, "app/logged_in": {"ivr": None}},
+    }}}  # fmt: skip
+    promise = Promise.from_manifest(manifest)
+    assert promise == Promise("v0007", 0.21, 0.018, {"desktop/logged_out": 0.45, "app/logged_in": 0.0})
+
+
+# -- the rollback policy ------------------------------------------------------------------
+
+
+def _deviation(version: str = "v0002", at: float = 1_000.0) -> Deviation:
+    return Deviation("ivr", version, 0.9, 0.4, 1_000, "IVR 0.9", at)
+
+
+@pytest.mark.parametrize(
+    "policy, watched, active, expected",
+    [
+        (RollbackPolicy(), Watched("v0002", 900.0, "activate"), "v0002", (True, "rolling back")),
+        (RollbackPolicy(enabled=False), Watched("v0002", 900.0, "activate"), "v0002", (False, "disabled")),
+        (RollbackPolicy(), Watched("v0002", 900.0, "activate"), "v0003", (False, "no longer active")),
+        (RollbackPolicy(), Watched("v0002", 900.0, "rollback"), "v0002", (False, "rolled back to")),
+        (RollbackPolicy(within_s=50), Watched("v0002", 900.0, "activate"), "v0002", (False, "active for over")),
+        (RollbackPolicy(within_s=500), Watched("v0002", 900.0, "activate"), "v0002", (True, "rolling back")),
+    ],
+)  # fmt: skip
+def test_rollback_policy(policy, watched, active, expected) -> None:
+    go, why = policy.decide(_deviation(), watched, active)
+    assert go is expected[0] and expected[1] in why
+
+
+def test_command_line_flags_reach_the_detector_and_the_policy() -> None:
+    import argparse
+
+    from stream.monitor import monitor_config, register_monitor_commands
+
+    parser = argparse.ArgumentParser(prog="slidr")
+    register_monitor_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["monitor", "--window", "800", "--ivr-factor", "1.5", "--spike-share", "0.8",
+                              "--no-rollback", "--rollback-within-hours", "2"])  # fmt: skip
+    config, policy = monitor_config(args)
+    assert (config.window_decisions, config.ivr_factor, config.spike_share) == (800, 1.5, 0.8)
+    assert config.min_decisions == MonitorConfig().min_decisions
+    assert policy == RollbackPolicy(enabled=False, within_s=7200.0)
+    assert callable(args.func)
+
+
+# -- end to end: a faulty version rolled back while clicks flow -----------------------------
+
+
+def leave_no_faust_datadir(request, worker) -> None:
+    """Faust makes ``<group>-data/`` in the worker's working directory (the repository);
+    after the test, stop the worker and remove that directory if it holds no file."""
+    from tests.stream.worker_harness import REPO
+
+    def clean() -> None:
+        worker.stop()
+        root = REPO / f"{worker.group_id}-data"
+        if root.is_dir() and not any(p.is_file() for p in root.rglob("*")):
+            for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                folder.rmdir()
+            root.rmdir()
+
+    request.addfinalizer(clean)
+
+
+def register_copy(registry, version: str, thresholds: float | None = None, note: str = "") -> str:
+    """Register a copy of ``version`` through the registry (optionally every threshold
+    set to ``thresholds``); the copy keeps the original's promise (metrics)."""
+    source = registry.path_of(version)
+    staging = registry.staging_dir()
+    for path in source.iterdir():
+        if path.is_file() and path.name != "manifest.json":
+            shutil.copyfile(path, staging / path.name)
+    if thresholds is not None:
+        doc = orjson.loads((staging / "thresholds.json").read_bytes())
+        doc["slices"] = dict.fromkeys(doc["slices"], thresholds)
+        doc["default"] = thresholds
+        (staging / "thresholds.json").write_bytes(orjson.dumps(doc))
+    manifest = {k: v for k, v in registry.manifest(version).items() if k not in ("version", "registered_at")}
+    manifest["note"] = note or f"copy of {version}"
+    return registry.register(staging, manifest)
+
+
+def private_registry(trained_model, tmp_path: Path) -> Path:
+    """A copy of the session's registry: promotions here never touch other tests."""
+    target = tmp_path / "registry"
+    shutil.copytree(trained_model.registry, target)
+    return target
+
+
+def test_a_faulty_version_is_rolled_back_automatically(workers, worker_settings, trained_model, dataset,
+                                                        tmp_path: Path, request) -> None:  # fmt: skip
+    from models.registry import ModelRegistry
+    from stream.control import promote
+    from stream.monitor import Monitor
+    from tests.stream.worker_harness import (
+        DecisionReader,
+        PacedProducer,
+        click_record,
+        unique,
+        wait_until,
+    )
+
+    settings = worker_settings.replace(registry=private_registry(trained_model, tmp_path))
+    registry = ModelRegistry(settings.registry)
+    good = registry.active_version()
+    faulty = register_copy(registry, good, thresholds=0.0, note="every threshold 0: invalidates everything")
+    assert registry.active_version() == good
+
+    lines: list[str] = []
+    config = MonitorConfig(min_decisions=300, spike_decisions=100, min_slice_decisions=100)
+    monitor = Monitor(settings, config, status_every_s=0, out=lines.append)
+    thread = threading.Thread(target=monitor.run, kwargs={"duration_s": 150}, daemon=True)
+    worker = workers.new("worker", group_id=unique("monitor"), settings=settings)
+    leave_no_faust_datadir(request, worker)
+    worker.start()
+    reader = DecisionReader(settings)
+    cols = dataset.clicks
+    records = [click_record(cols.row(i)) for i in range(min(len(cols), 9_000))]
+    producer = PacedProducer(settings, records, rate=300)
+    try:
+        thread.start()
+        assert monitor.ready.wait(30), lines
+        producer.start()
+        # The worker is live once it decided a few hundred clicks with the good version.
+        assert reader.wait_for_count(300, 60, alive=lambda: worker.running) >= 300, workers.describe()
+        promoted_at = time.time()
+        promote(settings, faulty, reason="test: deliberately faulty")
+
+        rolled_back = lambda: any(e["event"] == "rollback" for e in monitor.events)  # noqa: E731
+        assert wait_until(rolled_back, 60), f"no rollback: {lines}\n{workers.describe()}"
+        event = next(e for e in monitor.events if e["event"] == "rollback")
+        rollback_at = event["rolled_back_at"]
+
+        # Decisions after the rollback carry the good version again.
+        def back(_records) -> bool:
+            return any(d["model_version"] == good and d["decided_at"] > rollback_at for d in reader.decisions)
+
+        assert reader.read_until(back, 60, alive=lambda: worker.running), workers.describe()
+    finally:
+        producer.stop_event.set()
+        monitor.stop()
+        thread.join(20)
+        reader.close()
+    assert not thread.is_alive()
+
+    faulty_decisions = [d for d in reader.decisions if d["model_version"] == faulty]
+    assert faulty_decisions and all(d["verdict"] == "invalid" for d in faulty_decisions)
+    first_faulty = min(d["decided_at"] for d in faulty_decisions)
+    first_back = min(d["decided_at"] for d in reader.decisions if d["model_version"] == good and d["decided_at"] > rollback_at)
+    # After the first good decision following the rollback, the faulty version decides nothing more.
+    assert all(d["decided_at"] <= first_back for d in faulty_decisions)
+    assert event["version"] == faulty and event["rolled_back_to"] == good
+    assert event["check"] == "invalid_spike"
+    assert registry.active_version() == good
+    history = registry.history()
+    assert history[-1]["event"] == "rollback" and history[-1]["version"] == good
+    assert history[-1]["reason"].startswith(f"monitor: invalid_spike on {faulty}")
+    logged = [orjson.loads(line) for line in (settings.registry / "monitor.jsonl").read_bytes().splitlines()]
+    assert [e["event"] for e in logged if e["version"] == faulty] == ["rollback"]
+    print(
+        f"\nmonitor rollback: promotion -> first faulty decision {first_faulty - promoted_at:.2f} s, "
+        f"-> rollback {rollback_at - promoted_at:.2f} s ({len(faulty_decisions)} faulty decisions), "
+        f"-> first good decision again {first_back - promoted_at:.2f} s"
+    )
