@@ -7,7 +7,9 @@ waits on the broker or a process has a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,7 +80,9 @@ class WorkerProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         with open(self.log_path, "ab") as log:
-            log.write(f"\n=== test: start #{self.starts} of {self.name} at {time.ctime()}\n".encode())
+            log.write(
+                f"\n=== test: start #{self.starts} of {self.name} at {time.ctime()}\n".encode()
+            )
             log.flush()
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "slidr", "worker", "--group-id", self.group_id],
@@ -129,6 +133,63 @@ class WorkerProcess:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
+    def assignment(self) -> tuple[int, frozenset[int]] | None:
+        """(generation, partitions of ``clicks``) of the worker's current assignment, from
+        its log; None before the first one or while a rebalance is in progress."""
+        return current_assignment(self.log_text(), self.settings.topic(CLICKS))
+
+    def metric(self, name: str) -> float:
+        """Sum over labels of a Prometheus metric (needs ``SLIDR_METRICS_PORT``)."""
+        return scrape_metric(int(self.extra_env["SLIDR_METRICS_PORT"]), name)
+
+
+_JOINED = re.compile(r"Joined group '[^']*' \(generation (-?\d+)\)")
+
+
+def current_assignment(log: str, topic: str) -> tuple[int, frozenset[int]] | None:
+    """Parse faust's "Joined group"/"Setting newly assigned"/"Revoking" log lines."""
+    generation: int | None = None
+    state: tuple[int, frozenset[int]] | None = None
+    table = ""
+    for line in log.splitlines():
+        joined = _JOINED.search(line)
+        if joined:
+            generation = int(joined.group(1))
+        elif "Revoking previously assigned partitions" in line:
+            table, state = "revoke", None
+        elif "Setting newly assigned partitions" in line and generation is not None:
+            table, state = "assign", (generation, frozenset())
+        elif table == "assign" and line.startswith("|") and state is not None:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 2 and cells[0] == topic:
+                state = (state[0], parse_partition_set(cells[1]))
+    return state
+
+
+def parse_partition_set(text: str) -> frozenset[int]:
+    """``{0-3}``, ``{0, 2}``, ``{0-1, 3}`` -> partitions."""
+    out: set[int] = set()
+    for part in text.strip().strip("{}").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        out.update(range(int(low), int(high or low) + 1))
+    return frozenset(out)
+
+
+def scrape_metric(port: int, name: str, timeout: float = 5.0) -> float:
+    """Sum of every sample of ``name`` at ``http://127.0.0.1:port/metrics``."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
+        text = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
 
 class WorkerPool:
     """Creates workers for one test and stops them all at teardown."""
@@ -159,10 +220,8 @@ class WorkerPool:
 
     def stop_all(self) -> None:
         for worker in self.workers:
-            try:
+            with contextlib.suppress(Exception):  # teardown must reach every worker
                 worker.stop()
-            except Exception:  # teardown must reach every worker
-                pass
 
     def describe(self) -> str:
         return "\n".join(
@@ -185,31 +244,64 @@ class Produced:
     offset: int
 
 
+class RecordProducer:
+    """Produces records and reports where each landed; one librdkafka producer, reused."""
+
+    def __init__(self, settings: Settings, topic: str = CLICKS) -> None:
+        self.producer = Producer(producer_config(settings))
+        self.topic = settings.topic(topic)
+
+    def send(
+        self,
+        records: Iterable[tuple[bytes | None, bytes | None]],
+        partitions: Iterable[int] | None = None,
+    ) -> list[Produced]:
+        """Produce ``(key, value)`` records in order, wait for every acknowledgement."""
+        out: list[Produced | None] = []
+        errors: list[str] = []
+
+        def delivered(index: int) -> Callable:
+            def callback(err, msg) -> None:
+                if err is not None:
+                    errors.append(str(err))
+                else:
+                    out[index] = Produced(msg.key(), msg.value(), msg.partition(), msg.offset())
+
+            return callback
+
+        records = list(records)
+        where = [-1] * len(records) if partitions is None else list(partitions)
+        for (key, value), partition in zip(records, where, strict=True):
+            out.append(None)
+            while True:
+                try:
+                    self.producer.produce(
+                        self.topic, key=key, value=value, partition=partition,
+                        on_delivery=delivered(len(out) - 1),
+                    )  # fmt: skip
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
+            self.producer.poll(0)
+        remaining = self.producer.flush(30)
+        assert not remaining and not errors, f"produce failed: {remaining} pending, {errors[:3]}"
+        assert all(p is not None for p in out)
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.producer.flush(10)
+        self.producer.close()
+
+
 def produce_records(
     settings: Settings, records: Iterable[tuple[bytes | None, bytes | None]], topic: str = CLICKS
 ) -> list[Produced]:
     """Produce ``(key, value)`` records in order to ``topic``; return where each landed."""
-    producer = Producer(producer_config(settings))
-    out: list[Produced | None] = []
-    errors: list[str] = []
-
-    def delivered(index: int) -> Callable:
-        def callback(err, msg) -> None:
-            if err is not None:
-                errors.append(str(err))
-            else:
-                out[index] = Produced(msg.key(), msg.value(), msg.partition(), msg.offset())
-
-        return callback
-
-    for key, value in records:
-        out.append(None)
-        producer.produce(settings.topic(topic), key=key, value=value, on_delivery=delivered(len(out) - 1))
-        producer.poll(0)
-    remaining = producer.flush(30)
-    assert not remaining and not errors, f"produce failed: {remaining} pending, errors {errors[:3]}"
-    assert all(p is not None for p in out)
-    return out  # type: ignore[return-value]
+    producer = RecordProducer(settings, topic)
+    try:
+        return producer.send(records)
+    finally:
+        producer.close()
 
 
 def click_record(click: dict) -> tuple[bytes, bytes]:
@@ -248,6 +340,7 @@ class PacedProducer(threading.Thread):
                 producer.poll(0)
                 self.sent = i + 1
             assert producer.flush(30) == 0, "paced producer could not flush"
+            producer.close()
         except BaseException as exc:  # reported by finish()
             self.error = exc
 
@@ -290,9 +383,9 @@ class TopicReader:
         self.consumer.assign([TopicPartition(self.topic, p, 0) for p in partitions])
         self.records: list[Record] = []
 
-    def poll(self, timeout: float = 0.2) -> int:
+    def poll(self, timeout: float = 0.05) -> int:
         got = 0
-        for msg in self.consumer.consume(1000, timeout):
+        for msg in self.consumer.consume(10_000, timeout):
             if msg.error():
                 continue
             self.records.append(Record(msg.partition(), msg.offset(), msg.key(), msg.value()))
@@ -331,7 +424,7 @@ class DecisionReader(TopicReader):
         self.decisions: list[dict] = []
         self.by_click: dict[str, list[dict]] = {}
 
-    def poll(self, timeout: float = 0.2) -> int:
+    def poll(self, timeout: float = 0.05) -> int:
         before = len(self.records)
         got = super().poll(timeout)
         for record in self.records[before:]:
