@@ -208,13 +208,13 @@ def run_training(
     std = x[tr].std(axis=0)
     config = TrainConfig(seed=options.seed, max_epochs=options.max_epochs)
 
-    progress("training MLP")
-    # Seed the initial weights too (fit seeds only the batch order): torch's default
-    # seed differs per process, so without this the same data gave different models.
     mask = unseen_weekday_mask(p.data.clicks.ts[tr], FEATURE_NAMES)
     masked = [n for n, m in zip(FEATURE_NAMES, mask, strict=True) if m == 0]
     if masked:
         progress(f"training covers fewer than 7 weekdays: inputs {masked} switched off")
+    progress("training MLP")
+    # Seed the initial weights too (fit seeds only the batch order): torch's default
+    # seed differs per process, so without this the same data gave different models.
     torch.manual_seed(config.seed)
     model = mlp(N_FEATURES, mean, std, config, mask)
     mlp_log = fit(model, x[tr], y[tr], weights[tr], x[va], y[va], weights[va], config, progress)

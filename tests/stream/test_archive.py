@@ -3,6 +3,7 @@ day range is a data set with the same features and metrics as the original."""
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -267,6 +268,51 @@ def test_archive_writes_each_event_once_and_exports_an_equal_dataset(
                                            for f in original.purchases.__dataclass_fields__))  # fmt: skip
     reference = replace(original, clicks=replace(cols, extra={}), purchases=purchases)
     assert evaluate(model, archived) == evaluate(model, reference)
+
+    # Retraining on the archive reproduces the offline pipeline on the same events.
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from models.pipeline import TrainOptions, run_training
+
+    same_events = tmp_path / "same-events"
+    same_events.mkdir()
+    shutil.copy(trained.data / "clicks.parquet", same_events / "clicks.parquet")
+    table = pq.read_table(trained.data / "purchases.parquet")
+    in_span = pc.and_(
+        pc.greater_equal(table["ts"], cols.ts[0]), pc.less_equal(table["ts"], cols.ts[-1])
+    )
+    pq.write_table(table.filter(in_span), same_events / "purchases.parquet")
+    options = TrainOptions(max_epochs=2, min_coverage=0.0)
+    runs = [
+        run_training(
+            source,
+            ModelRegistry(tmp_path / f"registry-{source.name}"),
+            options,
+            progress=lambda _m: None,
+        )
+        for source in (tmp_path / "export", same_events)
+    ]
+
+    def without_truth(m: dict) -> dict:
+        keep = (
+            "clicks",
+            "invalid_clicks",
+            "purchasing_clicks",
+            "robotic_clicks",
+            "ivr",
+            "fpr",
+            "coverage",
+        )
+        return {k: m[k] for k in keep}
+
+    for split in ("test", "validation"):
+        got, want = (r["metrics"][split] for r in runs)
+        assert without_truth(got["overall"]) == without_truth(want["overall"])
+        assert {k: without_truth(v) for k, v in got["slices"].items()} == {
+            k: without_truth(v) for k, v in want["slices"].items()
+        }
+    assert runs[0]["labels"] == runs[1]["labels"]
 
 
 def test_archive_command_line(
