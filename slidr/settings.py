@@ -45,6 +45,7 @@ class Settings:
     session_timeout_ms: int = 6000  # Tansu holds joins for half of it: keep it short
     fetch_wait_ms: int = 20  # Tansu does not wake long polls: short waits keep latency low
     linger_ms: int = 10
+    faust_transport: str = "aiokafka"  # Faust's Kafka driver: aiokafka or confluent
     metrics_port: int = 0  # 0: no Prometheus endpoint
     log_features: bool = False  # publish served features for skew checks
     model_version: str = ""  # empty: follow the registry's active version
@@ -85,6 +86,10 @@ class Settings:
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError(
                 f"SLIDR_REDIS_URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+        if self.faust_transport not in ("aiokafka", "confluent"):
+            raise SettingsError(
+                f"SLIDR_FAUST_TRANSPORT must be aiokafka or confluent, got {self.faust_transport!r}"
             )
         protocols = {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}
         if self.kafka_security_protocol not in protocols:

@@ -48,7 +48,8 @@ _FETCH_WAIT_MS = 20
 
 
 def _patch_fetch_wait(fetch_wait_ms: int) -> None:
-    """Replace faust-streaming's hard-coded 1500 ms fetch wait (see module docstring)."""
+    """Replace faust-streaming's fetch waits (see module docstring): 1500 ms hard-coded in
+    its aiokafka driver, librdkafka's 500 ms default in its confluent driver."""
     global _FETCH_WAIT_MS
     _FETCH_WAIT_MS = fetch_wait_ms
     thread_cls = faust_aiokafka.AIOKafkaConsumerThread
@@ -63,6 +64,16 @@ def _patch_fetch_wait(fetch_wait_ms: int) -> None:
 
     thread_cls._create_worker_consumer = create
     thread_cls._slidr_patched = True
+
+    from faust.transport.drivers import confluent as faust_confluent
+
+    original_init = faust_confluent.AsyncConsumer.__init__
+
+    def init(self, config, *args, **kwargs):
+        config = {**config, "fetch.wait.max.ms": _FETCH_WAIT_MS, "fetch.error.backoff.ms": _FETCH_WAIT_MS}
+        original_init(self, config, *args, **kwargs)
+
+    faust_confluent.AsyncConsumer.__init__ = init
 
 
 class ControlFollower(threading.Thread):
@@ -80,6 +91,9 @@ class ControlFollower(threading.Thread):
 
     def run(self) -> None:
         try:
+            # Start at the end: the registry already gave this worker the active version.
+            # Tansu reports the end as the last *batch*'s first offset + 1; exact here
+            # because publish_control sends every control message as a batch of its own.
             _, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=10)
             self.consumer.assign([TopicPartition(self.topic, 0, high)])
         except Exception as exc:  # the worker still runs on its start-up version
@@ -155,10 +169,12 @@ def build_worker(settings: Settings) -> Worker:
     control = ControlFollower(settings, registry, engine)
 
     _patch_fetch_wait(settings.fetch_wait_ms)
+    (settings.home / "faust").mkdir(parents=True, exist_ok=True)
     session_s = settings.session_timeout_ms / 1000
     app = faust.App(
         settings.group_id,
-        broker=f"kafka://{bootstrap}",
+        # "kafka://" is faust-streaming's aiokafka driver; "confluent://" its librdkafka one.
+        broker=f"{'confluent' if settings.faust_transport == 'confluent' else 'kafka'}://{bootstrap}",
         broker_credentials=_faust_credentials(settings),
         store="memory://",
         datadir=str(settings.home / "faust"),  # not the working directory

@@ -136,11 +136,13 @@ class DecisionWatcher(threading.Thread):
                     self.arrived.setdefault(orjson.loads(msg.value())["click_id"], time.time())
         self.consumer.close()
 
-    def wait_for(self, count: int, timeout_s: float) -> bool:
+    def wait_for(self, count: int, timeout_s: float, worker: subprocess.Popen | None = None) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if len(self.arrived) >= count:
                 return True
+            if worker is not None and worker.poll() is not None:
+                raise RuntimeError(f"the worker exited with code {worker.returncode}; see its log")
             time.sleep(0.05)
         return False
 
@@ -173,25 +175,36 @@ def stop_worker(proc: subprocess.Popen) -> None:
 
 
 def bench_throughput(
-    settings: Settings, registry: Path, data: Path, clicks: int, workdir: Path
-) -> dict:
-    """Sustained clicks/s on a pre-produced backlog: Faust worker vs plain loop."""
+    settings: Settings, registry: Path, data: Path, clicks: int, workdir: Path,
+    transports: tuple[str, ...] = ("aiokafka", "confluent"),
+) -> dict:  # fmt: skip
+    """Sustained clicks/s on a pre-produced backlog: Faust worker (each of faust-streaming's
+    Kafka drivers) vs the plain confluent-kafka loop running the same engine."""
     out = {}
-    s = _unique(settings, "faust")
-    produce_dataset(s, data, limit=clicks, progress=False)
-    watcher = DecisionWatcher(s)
-    watcher.start()
-    proc = start_worker(s, registry, workdir / "faust-home", workdir / "faust-worker.log")
-    try:
-        done = watcher.wait_for(clicks, timeout_s=max(120.0, clicks / 500))
-        times = sorted(watcher.arrived.values())
-    finally:
-        stop_worker(proc)
-        watcher.stop.set()
-    # From the first decision (after the group join) to the last.
-    span = times[-1] - times[0] if len(times) > 1 else float("nan")
-    out["faust_worker"] = {"clicks": len(times), "complete": done,
-                           "clicks_per_s": round(len(times) / span) if span == span else None}  # fmt: skip
+    for transport in transports:
+        s = _unique(settings, f"faust-{transport}")
+        produce_dataset(s, data, limit=clicks, progress=False)
+        watcher = DecisionWatcher(s)
+        watcher.start()
+        proc = start_worker(
+            s,
+            registry,
+            workdir / f"home-{transport}",
+            workdir / f"worker-{transport}.log",
+            transport,
+        )
+        try:
+            done = watcher.wait_for(clicks, timeout_s=max(120.0, clicks / 500), worker=proc)
+            times = sorted(watcher.arrived.values())
+        finally:
+            stop_worker(proc)
+            watcher.stop.set()
+        # From the first decision (after the group join) to the last.
+        span = times[-1] - times[0] if len(times) > 1 else 0.0
+        out[f"faust_worker_{transport}"] = {
+            "clicks": len(times), "complete": done,
+            "clicks_per_s": round(len(times) / span) if span > 0 else None,
+        }  # fmt: skip
 
     s = _unique(settings, "plain")
     produce_dataset(s, data, limit=clicks, progress=False)
@@ -286,7 +299,7 @@ def bench_latency(
             s.topic(CLICKS), key=cols.user_id[0].encode(), value=click_payload(cols, 0)
         )
         producer.flush(10)
-        if not watcher.wait_for(1, 120):
+        if not watcher.wait_for(1, 120, worker=proc):
             raise RuntimeError(
                 f"worker decided nothing within 120 s; see {workdir / 'latency-worker.log'}"
             )
