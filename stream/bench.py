@@ -184,7 +184,7 @@ def bench_throughput(
     out = {}
     for transport in transports:
         s = _unique(settings, f"faust-{transport}")
-        produce_dataset(s, data, limit=clicks, progress=False)
+        clicks = produce_dataset(s, data, limit=clicks, progress=False).clicks  # the data may hold fewer
         watcher = DecisionWatcher(s)
         watcher.start()
         proc = start_worker(
