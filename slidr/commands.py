@@ -10,7 +10,8 @@ from slidr.settings import Settings
 
 
 def _settings(args: argparse.Namespace, **overrides) -> Settings:
-    return Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from SLIDR_* variables; flags given (not None) override them."""
+    return Settings.from_env(**overrides)
 
 
 # --- local stack -------------------------------------------------------------------

@@ -152,10 +152,11 @@ def _faust_credentials(settings: Settings):
 
 def build_worker(settings: Settings) -> Worker:
     """Load the model, connect the stores and define the Faust app and its agents."""
-    bootstrap, redis_url = resolve_endpoints(settings)
-    ensure_topics(settings)
+    # The model first: a missing or unreadable model file fails fast, naming its path.
     registry = ModelRegistry(settings.registry)
     model = registry.load(settings.model_version or None)
+    bootstrap, redis_url = resolve_endpoints(settings)
+    ensure_topics(settings)
     metrics = WorkerMetrics()
     stores = PartitionStores(settings.home / "state" / settings.group_id)
     ip_state = ResilientStore(

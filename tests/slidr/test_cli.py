@@ -308,3 +308,32 @@ def test_every_subcommand_has_help(capsys) -> None:
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in names)
+
+
+def test_worker_without_a_usable_model_fails_fast_naming_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    """No broker is contacted: the model is checked first."""
+    from slidr.cli import main
+
+    monkeypatch.setenv("SLIDR_KAFKA_BOOTSTRAP", "127.0.0.1:9")
+    monkeypatch.setenv("SLIDR_REDIS_URL", "redis://127.0.0.1:9/0")
+    monkeypatch.setenv("SLIDR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SLIDR_REGISTRY", str(tmp_path / "empty"))
+    assert main(["worker"]) == 2
+    assert "no active version" in capsys.readouterr().err
+
+    from models.registry import ModelRegistry
+
+    registry = tmp_path / "registry"
+    reg = ModelRegistry(registry)
+    staging = reg.staging_dir()
+    (staging / "thresholds.json").write_text('{"slices": {}, "default": 0.5}')
+    (staging / "model.onnx").write_bytes(b"not an onnx model")
+    reg.register(staging, {"metrics": {}})
+    monkeypatch.setenv("SLIDR_REGISTRY", str(registry))
+    assert main(["worker"]) == 2
+    err = capsys.readouterr().err
+    assert "model.onnx" in err and "cannot be loaded" in err
+    (registry / "versions" / "v0001" / "model.onnx").chmod(0o600)
+    (registry / "versions" / "v0001" / "model.onnx").unlink()
+    assert main(["worker"]) == 2
+    assert "model file not found" in capsys.readouterr().err
