@@ -45,6 +45,7 @@ class Settings:
     session_timeout_ms: int = 6000  # Tansu holds joins for half of it: keep it short
     fetch_wait_ms: int = 20  # Tansu does not wake long polls: short waits keep latency low
     linger_ms: int = 10
+    producer_idempotence: bool = False  # see stream/kafka.py: costly on the embedded broker
     faust_transport: str = "aiokafka"  # Faust's Kafka driver: aiokafka or confluent
     metrics_port: int = 0  # 0: no Prometheus endpoint
     log_features: bool = False  # publish served features for skew checks

@@ -35,7 +35,9 @@ def test_producer_config_follows_settings() -> None:
     config = producer_config(LOCAL.replace(linger_ms=7))
     assert config["bootstrap.servers"] == "127.0.0.1:9092"
     assert config["linger.ms"] == 7
-    assert config["enable.idempotence"] is True
+    assert config["enable.idempotence"] is False
+    assert config["acks"] == "all"
+    assert producer_config(LOCAL.replace(producer_idempotence=True))["enable.idempotence"] is True
     assert config["allow.auto.create.topics"] is False
     assert config["security.protocol"] == "PLAINTEXT"
     assert not any(key.startswith(("sasl.", "ssl.")) for key in config)
