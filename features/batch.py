@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from features.columns import ClickColumns
 from features.context import HASH_DIM, token_slot
-from features.definitions import N_FEATURES, slice_of, static_features
+from features.definitions import N_FEATURES, agent_features, slice_of
 from features.useragent import resolve_device
 from features.windows import COUNTS, DAY_S, DISTINCTS, GAP_CAP_S, Window
 
@@ -122,7 +122,7 @@ def _static_block(cols: ClickColumns, devices: np.ndarray) -> np.ndarray:
     out[:, 4] = cols.logged_in.astype(np.float64)
     agents, devs, inverse = _distinct_pairs(cols.user_agent, devices)
     table = np.array(
-        [static_features(0.0, False, a, d)[5:] for a, d in zip(agents, devs, strict=True)],
+        [agent_features(a, d) for a, d in zip(agents, devs, strict=True)],
         dtype=np.float64,
     ).reshape(len(agents), 18)
     out[:, 5:] = table[inverse]

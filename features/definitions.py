@@ -17,6 +17,7 @@ Counts enter the model as ``log1p(count)``. The vectorised offline path lives in
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,24 +76,28 @@ def slice_of(device: str, logged_in: bool) -> str:
     return f"{device}/{'logged_in' if logged_in else 'logged_out'}"
 
 
-def static_features(ts: float, logged_in: bool, user_agent: str, device: str) -> list[float]:
-    """Features that need no state: time, login, user agent, device (in FEATURE_NAMES order)."""
+def time_features(ts: float, logged_in: bool) -> list[float]:
+    """Hour of day and day of week on the unit circle (UTC), and logged-in status."""
     hour = (ts % DAY_S) / 3600.0
     dow = (ts // DAY_S + 3) % 7  # 1970-01-01 was a Thursday; Monday is 0
-    ua = parse_user_agent(user_agent)
-    row = [
+    return [
         math.sin(2 * math.pi * hour / 24),
         math.cos(2 * math.pi * hour / 24),
         math.sin(2 * math.pi * dow / 7),
         math.cos(2 * math.pi * dow / 7),
         1.0 if logged_in else 0.0,
-        1.0 if ua.is_crawler else 0.0,
-        1.0 if ua.missing else 0.0,
     ]
+
+
+@functools.lru_cache(maxsize=65_536)  # a few thousand (agent, device) pairs repeat
+def agent_features(user_agent: str, device: str) -> tuple[float, ...]:
+    """Declared crawler, missing agent, device, OS and browser one-hots."""
+    ua = parse_user_agent(user_agent)
+    row = [1.0 if ua.is_crawler else 0.0, 1.0 if ua.missing else 0.0]
     row.extend(1.0 if device == d else 0.0 for d in DEVICES)
     row.extend(1.0 if ua.os == o else 0.0 for o in OPERATING_SYSTEMS)
     row.extend(1.0 if ua.browser == b else 0.0 for b in BROWSERS)
-    return row
+    return tuple(row)
 
 
 def context_features(click: dict) -> list[float]:
@@ -252,7 +257,8 @@ class ClickFeaturizer:
             device = resolve_device(click.get("device"), ua)
             logged_in = bool(click.get("logged_in"))
             values = self.state_features(click, user_res[uo : uo + un], ip_res[io : io + inn])
-            values.extend(static_features(click["ts"], logged_in, ua, device))
+            values.extend(time_features(click["ts"], logged_in))
+            values.extend(agent_features(ua, device))
             values.extend(context_features(click))
             matrix[row] = values
             slices.append(slice_of(device, logged_in))
