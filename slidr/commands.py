@@ -75,9 +75,17 @@ def cmd_billing(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so the servers a command started are stopped."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import orjson
 
+    _exit_on_sigterm()
     from stream.bench import BenchOptions, run_bench
 
     options = BenchOptions(
@@ -96,6 +104,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from slidr.demo import run_demo
 
+    _exit_on_sigterm()
     return run_demo(args.dir, clicks_per_day=args.clicks_per_day, rate=args.rate or None)
 
 
