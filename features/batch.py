@@ -15,10 +15,15 @@ import numpy as np
 import pyarrow as pa
 
 from features.columns import ClickColumns
-from features.context import HASH_DIM, token_slot
-from features.definitions import N_FEATURES, agent_features, slice_of
+from features.context import CONTEXT_FIELDS, HASH_DIM, token_slot
+from features.definitions import INDEX, N_FEATURES, agent_features, slice_of
 from features.useragent import resolve_device
 from features.windows import COUNTS, DAY_S, DISTINCTS, GAP_CAP_S, Window
+
+# Column blocks of the feature vector, derived from its names: time and login, then the
+# user-agent and device one-hots, then the hashed context.
+_TIME_WIDTH = INDEX["ua_crawler"] - INDEX["hour_sin"]
+_STATIC_WIDTH = INDEX["ctx_0"] - INDEX["hour_sin"]
 
 
 def _dictionary(values: np.ndarray) -> tuple[list, np.ndarray]:
@@ -112,7 +117,7 @@ def gap_seconds(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
 def _static_block(cols: ClickColumns, devices: np.ndarray) -> np.ndarray:
     """Time, login, user-agent and device features; agent parsing once per distinct pair."""
     n = len(cols)
-    out = np.empty((n, 23), dtype=np.float64)
+    out = np.empty((n, _STATIC_WIDTH), dtype=np.float64)
     hour = np.mod(cols.ts, DAY_S) / 3600.0
     dow = np.mod(np.floor_divide(cols.ts, DAY_S) + 3, 7)
     out[:, 0] = np.sin(2 * math.pi * hour / 24)
@@ -124,8 +129,8 @@ def _static_block(cols: ClickColumns, devices: np.ndarray) -> np.ndarray:
     table = np.array(
         [agent_features(a, d) for a, d in zip(agents, devs, strict=True)],
         dtype=np.float64,
-    ).reshape(len(agents), 18)
-    out[:, 5:] = table[inverse]
+    ).reshape(len(agents), _STATIC_WIDTH - _TIME_WIDTH)
+    out[:, _TIME_WIDTH:] = table[inverse]
     return out
 
 
@@ -133,7 +138,7 @@ def _context_block(cols: ClickColumns) -> np.ndarray:
     """Hashed ad-context encoding, computed once per distinct value of each field."""
     n = len(cols)
     out = np.zeros((n, HASH_DIM), dtype=np.float64)
-    fields = {name: cols.optional[name] for name in ("ad_id", "advertiser_id", "placement", "query")}
+    fields = {name: cols.optional[name] for name in CONTEXT_FIELDS}
     fields.update({f"context.{k}": v for k, v in cols.context.items()})
     for field, values in fields.items():
         present = np.array([v is not None and v != "" for v in values], dtype=bool)
@@ -190,8 +195,8 @@ def compute_features(cols: ClickColumns) -> tuple[np.ndarray, np.ndarray]:
     matrix = np.empty((len(cols), N_FEATURES), dtype=np.float32)
     k = len(state)
     matrix[:, :k] = np.log1p(np.stack(state, axis=1).astype(np.float64)) if len(cols) else 0
-    matrix[:, k : k + 23] = _static_block(cols, devices)
-    matrix[:, k + 23 :] = _context_block(cols)
+    matrix[:, k : k + _STATIC_WIDTH] = _static_block(cols, devices)
+    matrix[:, k + _STATIC_WIDTH :] = _context_block(cols)
     slices = np.array(
         [slice_of(d, li) for d, li in zip(devices, cols.logged_in, strict=True)], dtype=object
     )

@@ -63,10 +63,6 @@ def _names() -> tuple[str, ...]:
 
 FEATURE_NAMES: tuple[str, ...] = _names()
 N_FEATURES = len(FEATURE_NAMES)
-# Columns holding log1p(count): the velocity heuristic and the reason codes undo it.
-COUNT_FEATURES: tuple[str, ...] = tuple(
-    n for n in FEATURE_NAMES if "_clicks_" in n or "_distinct_" in n or n == "u_gap_s"
-)
 INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 _STATE_COLUMNS = FEATURE_NAMES.index("hour_sin")  # columns before it come from the stores
 
@@ -124,7 +120,6 @@ class ClickFeatures:
 
     matrix: np.ndarray  # float32 [n, N_FEATURES]
     slices: list[str]
-    devices: list[str]
     late: list[bool]  # older than the watermark minus the allowed lateness
 
 
@@ -134,7 +129,7 @@ class ClickFeaturizer:
     ``user_store`` holds state keyed by user (local to the Kafka partition in the
     worker); ``ip_store`` holds state keyed by IP (shared between workers via Redis).
     Clicks are folded in the order given; late clicks (event time older than the newest
-    seen minus ``allowed_lateness_s``) are still scored and counted in ``late_total``.
+    seen minus ``allowed_lateness_s``) are still scored and flagged in ``ClickFeatures.late``.
     """
 
     def __init__(
@@ -150,14 +145,14 @@ class ClickFeaturizer:
         # Newest event time per source partition: state is only forgotten behind the
         # slowest partition, which may lag the others by hours of event time in a replay.
         self.partition_watermarks: dict[int, float] = {}
-        self.late_total = 0
         self._expired_up_to = -math.inf
 
     def ops_for(self, click: dict) -> tuple[list[Op], list[Op]]:
         """State operations of one click: (user-keyed ops, ip-keyed ops).
 
         Runs for every click in the worker: the window specs are flattened into plans
-        once (``_PLANS``) so this loop does arithmetic and string joins only.
+        once (``_COUNT_PLAN``, ``_DISTINCT_PLAN``), so this loop does arithmetic and
+        string joins only.
         """
         ts = click["ts"]
         late = self.lateness
@@ -243,7 +238,6 @@ class ClickFeaturizer:
                 self.watermark = ts
             if p is not None and ts > seen:
                 self.partition_watermarks[p] = ts
-        self.late_total += sum(late_flags)
         now = self.watermark
         if partitions is None:
             user_res = self.user_store.execute(user_ops, now)
@@ -251,7 +245,7 @@ class ClickFeaturizer:
             user_res = self.user_store.execute_routed(user_ops, routes, now)
         ip_res = self.ip_store.execute(ip_ops, now)
         matrix = np.empty((len(clicks), N_FEATURES), dtype=np.float32)
-        slices, devices = [], []
+        slices = []
         for row, (click, (uo, un, io, inn)) in enumerate(zip(clicks, spans, strict=True)):
             ua = click.get("user_agent") or ""
             device = resolve_device(click.get("device"), ua)
@@ -262,14 +256,13 @@ class ClickFeaturizer:
             values.extend(context_features(click))
             matrix[row] = values
             slices.append(slice_of(device, logged_in))
-            devices.append(device)
         self._maybe_expire()
-        return ClickFeatures(matrix, slices, devices, late_flags)
+        return ClickFeatures(matrix, slices, late_flags)
 
     def _maybe_expire(self) -> None:
         # Sweep once per hour of event time: cheap, and bounds memory to ~two days of keys.
         slowest = min(self.partition_watermarks.values(), default=self.watermark)
-        horizon = min(self.watermark, slowest) - self.lateness
+        horizon = slowest - self.lateness  # never ahead of the global watermark
         if horizon - self._expired_up_to >= 3600:
             self.user_store.expire(horizon)
             self.ip_store.expire(horizon)

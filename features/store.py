@@ -28,7 +28,7 @@ INCR, GET, SADD, MAX = 0, 1, 2, 3
 #   arg: SADD the member, MAX the value, unused otherwise
 #   expire_at: event time (epoch seconds) after which the field may go
 Op = tuple  # (int, str, str, Any, float)
-KIND, ENTITY, FIELD, ARG, EXPIRE_AT = range(5)
+ENTITY = 1  # position of the entity in an op (stores group ops by it)
 
 
 class StateStore(ABC):

@@ -85,15 +85,19 @@ REASON_RULES = (
     ("ip_many_users_1h", "ip_distinct_user_1h", 20.0),
     ("user_many_ips_1d", "u_distinct_ip_1d", 5.0),
 )
-_LOG_FEATURES = {name for _, name, _ in REASON_RULES if not name.startswith(("ua_", "browser_"))}
+# The rules resolved once: (code, column, limit, whether the column holds log1p(count)).
+_RULES = tuple(
+    (code, INDEX[name], limit, not name.startswith(("ua_", "browser_")))
+    for code, name, limit in REASON_RULES
+)
 
 
 def reason_codes(row: np.ndarray) -> list[str]:
     """Short codes explaining an invalid verdict for one feature row; ``model_score`` last."""
     reasons = []
-    for code, name, limit in REASON_RULES:
-        value = float(row[INDEX[name]])
-        if name in _LOG_FEATURES:
+    for code, column, limit, logged in _RULES:
+        value = float(row[column])
+        if logged:
             value = math.expm1(value)
         if value > limit:
             reasons.append(code)

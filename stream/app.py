@@ -218,8 +218,6 @@ def build_worker(settings: Settings) -> Worker:
                 metrics.purchases_in.inc()
                 message = RawMessage(e.message.value, e.message.topic, e.message.partition, e.message.offset)
                 try:
-                    if message.value is None:
-                        raise InvalidEvent("empty message (no value)")
                     rfm.add(parse_purchase(message.value))
                 except InvalidEvent as exc:
                     dead.dead_letters.append((None, dead_letter(message, str(exc))))

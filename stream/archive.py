@@ -270,8 +270,6 @@ class ArchiveWriter:
     def add(self, kind: str, raw: bytes | str | dict | None) -> bool:
         """Parse and buffer one event; False when it is malformed or already archived."""
         try:
-            if raw is None:
-                raise InvalidEvent("empty message (no value)")
             event = _PARSERS[kind](raw)
         except InvalidEvent as exc:
             self.counts.malformed[kind] += 1

@@ -29,6 +29,7 @@ import onnxruntime as ort
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from models.bench import cpu_model
 from models.dataset import load_dataset
 from models.registry import ModelRegistry
 from slidr.settings import Settings
@@ -41,16 +42,8 @@ from stream.state import PartitionStores, RedisStore, ResilientStore, redis_clie
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -75,6 +76,30 @@ def dead_letter(message: RawMessage, error: str) -> bytes:
     )
 
 
+def decision_record(
+    click_id: str, ts: float, score: float, threshold: float, slice_name: str, version: str,
+    features: np.ndarray, decided_at: float, degraded: bool = False, replay: bool = False,
+) -> dict:  # fmt: skip
+    """One decision with every SPEC §1 field; reasons only for an invalid verdict.
+
+    The live engine and replay both build decisions here, so they cannot drift apart.
+    """
+    bad = score >= threshold
+    return {
+        "click_id": click_id,
+        "ts": ts,
+        "verdict": "invalid" if bad else "valid",
+        "score": float(score),
+        "threshold": float(threshold),
+        "slice": slice_name,
+        "model_version": version,
+        "reasons": reason_codes(features) if bad else [],
+        "decided_at": decided_at,
+        "degraded": degraded,
+        "replay": replay,
+    }
+
+
 class DecisionEngine:
     """Decides micro-batches of click messages with the current model version."""
 
@@ -117,11 +142,9 @@ class DecisionEngine:
         fresh: list[tuple[dict, int]] = []
         seen: dict[str, int] = {}  # click_id -> index in fresh (a copy within the batch)
         repeats: list[int] = []
+        m.clicks_in.inc(len(messages))
         for message in messages:
-            m.clicks_in.inc()
             try:
-                if message.value is None:
-                    raise InvalidEvent("empty message (no value)")
                 click = parse_click(message.value)
             except InvalidEvent as exc:
                 result.dead_letters.append((None, dead_letter(message, str(exc))))
@@ -161,26 +184,16 @@ class DecisionEngine:
         model = self.model
         scores = model.scorer.score(features.matrix)
         thresholds = model.thresholds_for(features.slices)
-        invalid = scores >= thresholds
         decided_at = time.time()
         by_partition: dict[int, list[tuple[str, float, bytes]]] = {}
         values: list[bytes] = []
+        verdicts: Counter = Counter()  # (verdict, slice): one metric update per pair
         for j, click in enumerate(clicks):
-            bad = bool(invalid[j])
-            decision = {
-                "click_id": click["click_id"],
-                "ts": click["ts"],
-                "verdict": "invalid" if bad else "valid",
-                "score": float(scores[j]),
-                "threshold": float(thresholds[j]),
-                "slice": features.slices[j],
-                "model_version": model.version,
-                "reasons": reason_codes(features.matrix[j]) if bad else [],
-                "decided_at": decided_at,
-                "degraded": degraded,
-                "replay": False,
-                "late": features.late[j],
-            }
+            decision = decision_record(
+                click["click_id"], click["ts"], scores[j], thresholds[j], features.slices[j],
+                model.version, features.matrix[j], decided_at, degraded,
+            )  # fmt: skip
+            decision["late"] = features.late[j]
             if self.rfm is not None and click.get("customer_id"):
                 decision["customer_rfm"] = self.rfm.score(click["customer_id"], click["ts"])
             value = orjson.dumps(decision)
@@ -190,9 +203,7 @@ class DecisionEngine:
             by_partition.setdefault(partitions[j], []).append(
                 (click["click_id"], click["ts"], value)
             )
-            m.decisions_out.labels(
-                verdict="invalid" if bad else "valid", slice=features.slices[j]
-            ).inc()
+            verdicts[decision["verdict"], features.slices[j]] += 1
             if self.log_features:
                 result.served_features.append(
                     (
@@ -206,6 +217,8 @@ class DecisionEngine:
                         ),
                     )  # fmt: skip
                 )
+        for (verdict, slice_name), n in verdicts.items():
+            m.decisions_out.labels(verdict=verdict, slice=slice_name).inc(n)
         # A click repeated within the batch gets the first copy's decision.
         position = {i: j for j, i in enumerate(order)}
         for i in repeats:
@@ -216,4 +229,3 @@ class DecisionEngine:
         m.late.inc(int(np.count_nonzero(features.late)))
         for partition, decided in by_partition.items():
             self.user_state.store(partition).commit(decided)
-        # Partitions with only redelivered clicks have nothing pending; commit is cheap.

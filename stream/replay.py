@@ -49,7 +49,7 @@ from features.batch import compute_features
 from features.definitions import N_FEATURES
 from models.dataset import clicks_from_rows
 from models.registry import ModelRegistry, ModelVersion
-from models.scoring import reason_codes
+from stream.engine import decision_record
 from stream.kafka import CLICKS, DECISIONS, FEATURES_SERVED
 from stream.schemas import InvalidEvent, parse_click, parse_ts
 
@@ -391,8 +391,6 @@ def read_clicks(
     seen: set[str] = set()
     for msg in scanner.read(ranges):
         try:
-            if msg.value() is None:
-                raise InvalidEvent("empty message")
             click = parse_click(msg.value())
         except InvalidEvent:
             out.malformed += 1
@@ -679,24 +677,14 @@ def replay_decisions(
                 used += 1
     scores = model.scorer.score(matrix)
     thresholds = model.thresholds_for(slices[index])
-    invalid = scores >= thresholds
     out = []
     for j, i in enumerate(index):
-        bad = bool(invalid[j])
-        out.append({
-            "click_id": cols.click_id[i],
-            "ts": float(cols.ts[i]),
-            "verdict": "invalid" if bad else "valid",
-            "score": float(scores[j]),
-            "threshold": float(thresholds[j]),
-            "slice": str(slices[i]),
-            "model_version": model.version,
-            "reasons": reason_codes(matrix[j]) if bad else [],
-            "decided_at": decided_at,
-            "degraded": False,
-            "replay": True,
-            "replay_id": replay_id,
-        })  # fmt: skip
+        record = decision_record(
+            cols.click_id[i], float(cols.ts[i]), scores[j], thresholds[j], str(slices[i]),
+            model.version, matrix[j], decided_at, replay=True,
+        )  # fmt: skip
+        record["replay_id"] = replay_id
+        out.append(record)
     return out, used
 
 

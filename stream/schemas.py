@@ -67,9 +67,11 @@ def _string(event: dict, name: str, required: bool) -> str | None:
     return value
 
 
-def _load(raw: bytes | str | dict) -> dict:
+def _load(raw: bytes | str | dict | None) -> dict:
     if isinstance(raw, dict):
         return raw
+    if raw is None:  # a Kafka message without a value (e.g. a tombstone)
+        raise InvalidEvent("empty message (no value)")
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent(f"event is larger than {MAX_EVENT_BYTES} bytes ({len(raw)})")
     try:
@@ -81,7 +83,7 @@ def _load(raw: bytes | str | dict) -> dict:
     return event
 
 
-def parse_click(raw: bytes | str | dict) -> dict:
+def parse_click(raw: bytes | str | dict | None) -> dict:
     """A validated click dict with defaults applied (``ts`` as epoch seconds).
 
     Unknown fields are kept; ``session_id`` defaults to ``user_id``, ``user_agent`` to "",
@@ -122,7 +124,7 @@ def parse_click(raw: bytes | str | dict) -> dict:
     return click
 
 
-def parse_purchase(raw: bytes | str | dict) -> dict:
+def parse_purchase(raw: bytes | str | dict | None) -> dict:
     """A validated purchase dict (``ts`` as epoch seconds, ``amount`` as float or 0)."""
     event = _load(raw)
     purchase = dict(event)

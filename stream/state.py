@@ -261,7 +261,6 @@ class ResilientStore(StateStore):
         self.fallback = MemoryStore()
         self.retry_after_s = retry_after_s
         self.degraded = False  # the last execute used the fallback
-        self.degraded_batches = 0
         self._failed_at = -math.inf
 
     def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
@@ -279,7 +278,6 @@ class ResilientStore(StateStore):
                 self.degraded = False
                 return result
         self.degraded = True
-        self.degraded_batches += 1
         return self.fallback.execute(ops, now)
 
     def expire(self, before: float) -> int:

@@ -18,22 +18,6 @@ CLICKS = 3_000
 RATE = 300  # clicks/s: ~10 s of traffic
 
 
-def leave_no_faust_datadir(request, worker) -> None:
-    """Faust makes ``<group>-data/`` in the worker's working directory (the repository);
-    after the test, stop the worker and remove that directory if it holds no file."""
-    from tests.stream.worker_harness import REPO
-
-    def clean() -> None:
-        worker.stop()
-        root = REPO / f"{worker.group_id}-data"
-        if root.is_dir() and not any(p.is_file() for p in root.rglob("*")):
-            for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                folder.rmdir()
-            root.rmdir()
-
-    request.addfinalizer(clean)
-
-
 def register_copy(registry: ModelRegistry, version: str, threshold_shift: float) -> str:
     """Register ``version``'s model again, every threshold moved by ``threshold_shift``."""
     staging = registry.staging_dir()
@@ -49,7 +33,7 @@ def register_copy(registry: ModelRegistry, version: str, threshold_shift: float)
 
 
 def test_promotion_while_clicks_flow_switches_between_batches(workers, worker_settings, trained_model,
-                                                              dataset, tmp_path: Path, request) -> None:  # fmt: skip
+                                                              dataset, tmp_path: Path) -> None:  # fmt: skip
     registry_path = tmp_path / "registry"  # a copy: the session's registry stays as it is
     shutil.copytree(trained_model.registry, registry_path)
     settings = worker_settings.replace(registry=registry_path)
@@ -61,7 +45,6 @@ def test_promotion_while_clicks_flow_switches_between_batches(workers, worker_se
     }
 
     worker = workers.new("worker", group_id=unique("hot-swap"), settings=settings)
-    leave_no_faust_datadir(request, worker)
     worker.start()
     reader = DecisionReader(settings)
     cols = dataset.clicks

@@ -244,22 +244,6 @@ def test_command_line_flags_reach_the_detector_and_the_policy() -> None:
 # -- end to end: a faulty version rolled back while clicks flow -----------------------------
 
 
-def leave_no_faust_datadir(request, worker) -> None:
-    """Faust makes ``<group>-data/`` in the worker's working directory (the repository);
-    after the test, stop the worker and remove that directory if it holds no file."""
-    from tests.stream.worker_harness import REPO
-
-    def clean() -> None:
-        worker.stop()
-        root = REPO / f"{worker.group_id}-data"
-        if root.is_dir() and not any(p.is_file() for p in root.rglob("*")):
-            for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                folder.rmdir()
-            root.rmdir()
-
-    request.addfinalizer(clean)
-
-
 def register_copy(registry, version: str, thresholds: float | None = None, note: str = "") -> str:
     """Register a copy of ``version`` through the registry (optionally every threshold
     set to ``thresholds``); the copy keeps the original's promise (metrics)."""
@@ -286,7 +270,7 @@ def private_registry(trained_model, tmp_path: Path) -> Path:
 
 
 def test_a_faulty_version_is_rolled_back_automatically(workers, worker_settings, trained_model, dataset,
-                                                        tmp_path: Path, request) -> None:  # fmt: skip
+                                                        tmp_path: Path) -> None:  # fmt: skip
     from models.registry import ModelRegistry
     from stream.control import promote
     from stream.monitor import Monitor
@@ -309,7 +293,6 @@ def test_a_faulty_version_is_rolled_back_automatically(workers, worker_settings,
     monitor = Monitor(settings, config, status_every_s=0, out=lines.append)
     thread = threading.Thread(target=monitor.run, kwargs={"duration_s": 150}, daemon=True)
     worker = workers.new("worker", group_id=unique("monitor"), settings=settings)
-    leave_no_faust_datadir(request, worker)
     worker.start()
     reader = DecisionReader(settings)
     cols = dataset.clicks
