@@ -9,14 +9,12 @@ tests/features/test_parity.py proves both paths agree.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pyarrow as pa
 
 from features.columns import ClickColumns
 from features.context import CONTEXT_FIELDS, HASH_DIM, token_slot
-from features.definitions import INDEX, N_FEATURES, agent_features, slice_of
+from features.definitions import INDEX, N_FEATURES, agent_features, slice_of, time_features
 from features.useragent import resolve_device
 from features.windows import COUNTS, DAY_S, DISTINCTS, GAP_CAP_S, Window
 
@@ -118,13 +116,7 @@ def _static_block(cols: ClickColumns, devices: np.ndarray) -> np.ndarray:
     """Time, login, user-agent and device features; agent parsing once per distinct pair."""
     n = len(cols)
     out = np.empty((n, _STATIC_WIDTH), dtype=np.float64)
-    hour = np.mod(cols.ts, DAY_S) / 3600.0
-    dow = np.mod(np.floor_divide(cols.ts, DAY_S) + 3, 7)
-    out[:, 0] = np.sin(2 * math.pi * hour / 24)
-    out[:, 1] = np.cos(2 * math.pi * hour / 24)
-    out[:, 2] = np.sin(2 * math.pi * dow / 7)
-    out[:, 3] = np.cos(2 * math.pi * dow / 7)
-    out[:, 4] = cols.logged_in.astype(np.float64)
+    out[:, :_TIME_WIDTH] = time_features(cols.ts, cols.logged_in.astype(np.float64))
     agents, devs, inverse = _distinct_pairs(cols.user_agent, devices)
     table = np.array(
         [agent_features(a, d) for a, d in zip(agents, devs, strict=True)],

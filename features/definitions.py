@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,8 @@ FEATURE_NAMES: tuple[str, ...] = _names()
 N_FEATURES = len(FEATURE_NAMES)
 INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 _STATE_COLUMNS = FEATURE_NAMES.index("hour_sin")  # columns before it come from the stores
+_AGENT_COLUMN = FEATURE_NAMES.index("ua_crawler")  # then time and login, then the agent
+_CONTEXT_COLUMN = FEATURE_NAMES.index("ctx_0")  # and the hashed context last
 
 
 def slice_of(device: str, logged_in: bool) -> str:
@@ -72,17 +75,20 @@ def slice_of(device: str, logged_in: bool) -> str:
     return f"{device}/{'logged_in' if logged_in else 'logged_out'}"
 
 
-def time_features(ts: float, logged_in: bool) -> list[float]:
-    """Hour of day and day of week on the unit circle (UTC), and logged-in status."""
-    hour = (ts % DAY_S) / 3600.0
-    dow = (ts // DAY_S + 3) % 7  # 1970-01-01 was a Thursday; Monday is 0
-    return [
-        math.sin(2 * math.pi * hour / 24),
-        math.cos(2 * math.pi * hour / 24),
-        math.sin(2 * math.pi * dow / 7),
-        math.cos(2 * math.pi * dow / 7),
-        1.0 if logged_in else 0.0,
-    ]
+def time_features(ts: np.ndarray, logged_in: np.ndarray) -> np.ndarray:
+    """Hour of day and day of week on the unit circle (UTC), and logged-in status.
+
+    Vectorised (float64 [n, 5]); both the worker and the offline path call it.
+    """
+    hour = np.mod(ts, DAY_S) / 3600.0
+    dow = np.mod(np.floor_divide(ts, DAY_S) + 3, 7)  # 1970-01-01 was a Thursday; Monday is 0
+    out = np.empty((len(ts), 5), dtype=np.float64)
+    out[:, 0] = np.sin(2 * math.pi * hour / 24)
+    out[:, 1] = np.cos(2 * math.pi * hour / 24)
+    out[:, 2] = np.sin(2 * math.pi * dow / 7)
+    out[:, 3] = np.cos(2 * math.pi * dow / 7)
+    out[:, 4] = logged_in
+    return out
 
 
 @functools.lru_cache(maxsize=65_536)  # a few thousand (agent, device) pairs repeat
@@ -114,6 +120,45 @@ _DISTINCT_PLAN = tuple(
 )
 
 
+
+def _result_positions() -> tuple[tuple[tuple[bool, int], ...], int, tuple[tuple[bool, int], ...]]:
+    """Where each state column's value sits among one click's op results.
+
+    ``add_ops`` emits a fixed sequence per click, so positions are known in advance:
+    (count columns as (from user ops?, position)), position of the user's "last click
+    today" (yesterday's follows it), (distinct columns likewise).
+    """
+    n = {True: 0, False: 0}
+    counts = []
+    for is_user, _, _, previous in _COUNT_PLAN:
+        for _ in range(1 + previous):
+            counts.append((is_user, n[is_user]))
+            n[is_user] += 1
+    last_at = n[True]
+    n[True] += 2
+    distincts = []
+    for is_user, *_ in _DISTINCT_PLAN:
+        distincts.append((is_user, n[is_user]))
+        n[is_user] += 1
+    return tuple(counts), last_at, tuple(distincts)
+
+
+_COUNT_AT, _LAST_AT, _DISTINCT_AT = _result_positions()
+
+
+def _state_counts(ts: float, user_res: list, uo: int, ip_res: list, io: int) -> list[float]:
+    """A click's state columns before ``log1p`` (counts, and the gap in seconds) from its
+    op results, which start at ``uo`` in ``user_res`` and ``io`` in ``ip_res``."""
+    # A missing previous bucket counts 0; current-bucket counts are at least 1.
+    values = [(user_res[uo + j] if u else ip_res[io + j]) or 0 for u, j in _COUNT_AT]
+    previous = user_res[uo + _LAST_AT]
+    if previous is None:
+        previous = user_res[uo + _LAST_AT + 1]
+    values.append(GAP_CAP_S if previous is None else min(max(ts - previous, 0.0), GAP_CAP_S))
+    values.extend(user_res[uo + j] if u else ip_res[io + j] for u, j in _DISTINCT_AT)
+    return values
+
+
 @dataclass
 class ClickFeatures:
     """Features of a micro-batch: one row per click, in the order given."""
@@ -137,22 +182,26 @@ class ClickFeaturizer:
         user_store: StateStore,
         ip_store: StateStore,
         allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S,
+        min_sweep_interval_s: float = 0.0,
     ) -> None:
         self.user_store = user_store
         self.ip_store = ip_store
         self.lateness = allowed_lateness_s
+        self.min_sweep_interval_s = min_sweep_interval_s
+        self._swept_at = -math.inf  # monotonic clock
         self.watermark = -math.inf  # newest event time seen
         # Newest event time per source partition: state is only forgotten behind the
         # slowest partition, which may lag the others by hours of event time in a replay.
         self.partition_watermarks: dict[int, float] = {}
         self._expired_up_to = -math.inf
 
-    def ops_for(self, click: dict) -> tuple[list[Op], list[Op]]:
-        """State operations of one click: (user-keyed ops, ip-keyed ops).
+    def add_ops(self, click: dict, user_ops: list[Op], ip_ops: list[Op]) -> None:
+        """Append one click's state operations to ``user_ops`` and ``ip_ops``.
 
         Runs for every click in the worker: the window specs are flattened into plans
         once (``_COUNT_PLAN``, ``_DISTINCT_PLAN``), so this loop does arithmetic and
-        string joins only.
+        string joins only. The order of the ops is fixed; ``_state_values`` reads the
+        results by position.
         """
         ts = click["ts"]
         late = self.lateness
@@ -160,8 +209,6 @@ class ClickFeaturizer:
         user = "u:" + user_id
         ip = "i:" + click["ip"]
         members = {"user": user_id, "ip": click["ip"], "session": click.get("session_id") or user_id}
-        user_ops: list[Op] = []
-        ip_ops: list[Op] = []
         for is_user, seconds, prefix, previous in _COUNT_PLAN:
             b = int(ts // seconds)
             ent, out = (user, user_ops) if is_user else (ip, ip_ops)
@@ -175,37 +222,6 @@ class ClickFeaturizer:
             b = int(ts // seconds)
             ent, out = (user, user_ops) if is_user else (ip, ip_ops)
             out.append((SADD, ent, prefix + str(b), members[member], (b + 2) * seconds + late))
-        return user_ops, ip_ops
-
-    def state_features(self, click: dict, user_res: list, ip_res: list) -> list[float]:
-        """Turn one click's op results (same order as ``ops_for``) into state features."""
-        ui = ii = 0
-        counts: list[float] = []
-        for spec in COUNTS:
-            res = user_res if spec.entity == "user" else ip_res
-            j = ui if spec.entity == "user" else ii
-            counts.append(res[j])
-            j += 1
-            if spec.previous:
-                counts.append(res[j] or 0)
-                j += 1
-            if spec.entity == "user":
-                ui = j
-            else:
-                ii = j
-        last_today, last_yesterday = user_res[ui], user_res[ui + 1]
-        ui += 2
-        previous = last_today if last_today is not None else last_yesterday
-        gap = GAP_CAP_S if previous is None else min(max(click["ts"] - previous, 0.0), GAP_CAP_S)
-        counts.append(gap)
-        for spec in DISTINCTS:
-            if spec.entity == "user":
-                counts.append(user_res[ui])
-                ui += 1
-            else:
-                counts.append(ip_res[ii])
-                ii += 1
-        return [math.log1p(c) for c in counts]
 
     def featurize(
         self, clicks: Sequence[dict], partitions: Sequence[int] | None = None
@@ -214,59 +230,76 @@ class ClickFeaturizer:
 
         With ``partitions`` (the Kafka partition of each click), user-keyed state is
         routed to that partition's store: ``user_store`` must then offer
-        ``execute_routed(ops, routes, now)``.
+        ``execute_routed({partition: ops}, now) -> {partition: results}``.
         """
-        user_ops: list[Op] = []
-        routes: list[int] = []
+        user_ops: dict[int | None, list[Op]] = {}  # by partition, in click order
         ip_ops: list[Op] = []
-        spans = []
+        where = []  # per click: (partition, offset of its user ops, offset of its ip ops)
         late_flags = []
-        for click in clicks:
-            u, i = self.ops_for(click)
-            spans.append((len(user_ops), len(u), len(ip_ops), len(i)))
-            if partitions is not None:
-                routes.extend([partitions[len(spans) - 1]] * len(u))
-            user_ops.extend(u)
-            ip_ops.extend(i)
+        marks = self.partition_watermarks
+        for k, click in enumerate(clicks):
+            p = partitions[k] if partitions is not None else None
+            ops = user_ops.get(p)
+            if ops is None:
+                ops = user_ops[p] = []
+            where.append((p, len(ops), len(ip_ops)))
+            self.add_ops(click, ops, ip_ops)
             ts = click["ts"]
             # Late within its own partition: partitions may be consumed at different
             # event times without any click being late.
-            p = partitions[len(spans) - 1] if partitions is not None else None
-            seen = self.partition_watermarks.get(p, -math.inf) if p is not None else self.watermark
+            seen = marks.get(p, -math.inf) if p is not None else self.watermark
             late_flags.append(ts < seen - self.lateness)
             if ts > self.watermark:
                 self.watermark = ts
             if p is not None and ts > seen:
-                self.partition_watermarks[p] = ts
+                marks[p] = ts
         now = self.watermark
         if partitions is None:
-            user_res = self.user_store.execute(user_ops, now)
+            user_res = {None: self.user_store.execute(user_ops.get(None, []), now)}
         else:
-            user_res = self.user_store.execute_routed(user_ops, routes, now)
+            user_res = self.user_store.execute_routed(user_ops, now)
         ip_res = self.ip_store.execute(ip_ops, now)
-        matrix = np.empty((len(clicks), N_FEATURES), dtype=np.float32)
-        slices = []
-        for row, (click, (uo, un, io, inn)) in enumerate(zip(clicks, spans, strict=True)):
+        n = len(clicks)
+        state, agents, contexts, slices = [], [], [], []
+        ts = np.empty(n, dtype=np.float64)
+        logged = np.empty(n, dtype=np.float64)
+        for row, (click, (p, uo, io)) in enumerate(zip(clicks, where, strict=True)):
             ua = click.get("user_agent") or ""
             device = resolve_device(click.get("device"), ua)
             logged_in = bool(click.get("logged_in"))
-            values = self.state_features(click, user_res[uo : uo + un], ip_res[io : io + inn])
-            values.extend(time_features(click["ts"], logged_in))
-            values.extend(agent_features(ua, device))
-            values.extend(context_features(click))
-            matrix[row] = values
+            ts[row] = click["ts"]
+            logged[row] = logged_in
+            state.append(_state_counts(click["ts"], user_res[p], uo, ip_res, io))
+            agents.append(agent_features(ua, device))
+            contexts.append(context_features(click))
             slices.append(slice_of(device, logged_in))
+        # Column blocks at once (numpy), in FEATURE_NAMES order.
+        matrix = np.empty((n, N_FEATURES), dtype=np.float32)
+        if n:
+            matrix[:, :_STATE_COLUMNS] = np.log1p(np.array(state, dtype=np.float64))
+            matrix[:, _STATE_COLUMNS:_AGENT_COLUMN] = time_features(ts, logged)
+            matrix[:, _AGENT_COLUMN:_CONTEXT_COLUMN] = agents
+            matrix[:, _CONTEXT_COLUMN:] = contexts
         self._maybe_expire()
         return ClickFeatures(matrix, slices, late_flags)
 
     def _maybe_expire(self) -> None:
-        # Sweep once per hour of event time: cheap, and bounds memory to ~two days of keys.
+        # Sweep once per hour of event time: bounds memory to ~two days of keys. A backlog
+        # runs through event hours in seconds, and a sweep reads every stored entity, so
+        # the worker also waits ``min_sweep_interval_s`` of wall time between sweeps.
+        # Features of on-time clicks do not depend on when sweeps run: they never read an
+        # expired field.
         slowest = min(self.partition_watermarks.values(), default=self.watermark)
         horizon = slowest - self.lateness  # never ahead of the global watermark
-        if horizon - self._expired_up_to >= 3600:
-            self.user_store.expire(horizon)
-            self.ip_store.expire(horizon)
-            self._expired_up_to = horizon
+        self.user_store.set_horizon(horizon)  # cheap: records shed stale fields on load
+        if horizon - self._expired_up_to < 3600:
+            return
+        if time.monotonic() - self._swept_at < self.min_sweep_interval_s:
+            return
+        self.user_store.expire(horizon)
+        self.ip_store.expire(horizon)
+        self._expired_up_to = horizon
+        self._swept_at = time.monotonic()
 
 
-assert sum(1 + s.previous for s in COUNTS) + 1 + len(DISTINCTS) == _STATE_COLUMNS
+assert len(_COUNT_AT) + 1 + len(_DISTINCT_AT) == _STATE_COLUMNS

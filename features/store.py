@@ -50,6 +50,10 @@ class StateStore(ABC):
         so users who went quiet do not hold memory.
         """
 
+    def set_horizon(self, before: float) -> None:  # noqa: B027 - optional hook
+        """Fields that expired before event time ``before`` may be dropped whenever the
+        store touches them. Called every batch (``expire`` is the full, slower sweep)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (files, connections)."""
 

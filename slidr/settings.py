@@ -45,6 +45,10 @@ class Settings:
     session_timeout_ms: int = 6000  # Tansu holds joins for half of it: keep it short
     fetch_wait_ms: int = 20  # Tansu does not wake long polls: short waits keep latency low
     linger_ms: int = 10
+    # Linger of the worker's decision producer. On the embedded broker fewer, larger
+    # batches keep fetches cheap (FINDINGS.md): 20 gave a lower end-to-end p99 than 10
+    # or 2 (`slidr bench`, README). On a real Kafka a few ms is the better choice.
+    decision_linger_ms: int = 20
     producer_idempotence: bool = False  # see stream/kafka.py: costly on the embedded broker
     faust_transport: str = "aiokafka"  # Faust's Kafka driver: aiokafka or confluent
     metrics_port: int = 0  # 0: no Prometheus endpoint
@@ -80,6 +84,9 @@ class Settings:
             raise SettingsError(f"SLIDR_PARTITIONS must be at least 1, got {self.partitions}")
         if self.batch_size < 1:
             raise SettingsError(f"SLIDR_BATCH_SIZE must be at least 1, got {self.batch_size}")
+        for name in ("batch_wait_ms", "fetch_wait_ms", "linger_ms", "decision_linger_ms"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"SLIDR_{name.upper()} must not be negative, got {getattr(self, name)}")
         if self.session_timeout_ms < 1000:
             raise SettingsError(
                 f"SLIDR_SESSION_TIMEOUT_MS must be at least 1000, got {self.session_timeout_ms}"

@@ -2,11 +2,13 @@
 
 Agents:
 
-- ``decide``: consumes ``clicks`` in micro-batches (``take_events``), runs the
-  ``DecisionEngine`` and publishes decisions; Faust acks (and later commits) a batch's
-  offsets only after ``publish`` returned, i.e. after the broker acknowledged every
-  decision. At least once: a crash re-delivers the uncommitted tail, and the engine
-  re-emits the stored decision for clicks it had already decided.
+- ``decide``: consumes ``clicks`` one fetch at a time (``stream.faust_batches``: Faust's
+  per-message path would cost more than the decision itself), runs the
+  ``DecisionEngine`` and publishes the decisions. A batch's messages are acked to Faust
+  (which commits acked offsets every second) only when the broker has acknowledged
+  every decision of the batch; meanwhile the next batch is decided (``AckPipeline``).
+  At least once: a crash re-delivers the uncommitted tail, and the engine re-emits the
+  stored decision for clicks it had already decided.
 - ``purchases``: consumes ``purchases`` into the live RFM cache; malformed ones go to the
   dead-letter topic like malformed clicks.
 
@@ -33,11 +35,18 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from features.windows import DAY_S
 from models.registry import ModelRegistry
 from slidr.settings import Settings
-from stream.engine import BatchResult, DecisionEngine, RawMessage, dead_letter
+from stream.engine import (
+    BatchResult,
+    DecisionEngine,
+    RawMessage,
+    dead_letter,
+    tune_garbage_collector,
+)
+from stream.faust_batches import BatchingApp
 from stream.kafka import CLICKS, CONTROL, PURCHASES, consumer_config, ensure_topics
 from stream.local_stack import resolve_endpoints
 from stream.metrics import WorkerMetrics
-from stream.publisher import Publisher
+from stream.publisher import AckPipeline, Publisher
 from stream.rfm import RfmCache
 from stream.schemas import InvalidEvent, parse_purchase
 from stream.state import PartitionStores, RedisStore, ResilientStore, redis_client
@@ -70,7 +79,11 @@ def _patch_fetch_wait(fetch_wait_ms: int) -> None:
     original_init = faust_confluent.AsyncConsumer.__init__
 
     def init(self, config, *args, **kwargs):
-        config = {**config, "fetch.wait.max.ms": _FETCH_WAIT_MS, "fetch.error.backoff.ms": _FETCH_WAIT_MS}
+        config = {
+            **config,
+            "fetch.wait.max.ms": _FETCH_WAIT_MS,
+            "fetch.error.backoff.ms": _FETCH_WAIT_MS,
+        }
         original_init(self, config, *args, **kwargs)
 
     faust_confluent.AsyncConsumer.__init__ = init
@@ -117,7 +130,9 @@ class ControlFollower(threading.Thread):
         except Exception as exc:
             log.error("ignoring control message %r: %s", raw[:200], exc)
             return
-        log.warning("control: %s %s (%s)", command.get("action"), version, command.get("reason", ""))
+        log.warning(
+            "control: %s %s (%s)", command.get("action"), version, command.get("reason", "")
+        )
         self.engine.swap_model(model)
 
 
@@ -138,7 +153,11 @@ def _faust_credentials(settings: Settings):
     if protocol.startswith("SASL"):
         import ssl
 
-        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None) if protocol == "SASL_SSL" else None
+        context = (
+            ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+            if protocol == "SASL_SSL"
+            else None
+        )
         return faust.SASLCredentials(
             username=settings.kafka_sasl_username, password=settings.kafka_sasl_password,
             mechanism=settings.kafka_sasl_mechanism, ssl_context=context,
@@ -146,7 +165,9 @@ def _faust_credentials(settings: Settings):
     if protocol == "SSL":
         import ssl
 
-        return faust.SSLCredentials(ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None))
+        return faust.SSLCredentials(
+            ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+        )
     return None
 
 
@@ -160,19 +181,22 @@ def build_worker(settings: Settings) -> Worker:
     metrics = WorkerMetrics()
     stores = PartitionStores(settings.home / "state" / settings.group_id)
     ip_state = ResilientStore(
-        RedisStore(redis_client(redis_url, settings.redis_password), prefix=settings.redis_key_prefix + settings.topic_prefix)
+        RedisStore(
+            redis_client(redis_url, settings.redis_password),
+            prefix=settings.redis_key_prefix + settings.topic_prefix,
+        )
     )
     rfm = RfmCache.from_version(registry.path_of(model.version))
     engine = DecisionEngine(
         model, stores, ip_state, metrics, log_features=settings.log_features, rfm=rfm
     )
-    publisher = Publisher(settings)
+    publisher = Publisher(settings, linger_ms=settings.decision_linger_ms)
     control = ControlFollower(settings, registry, engine)
 
     _patch_fetch_wait(settings.fetch_wait_ms)
     (settings.home / "faust").mkdir(parents=True, exist_ok=True)
     session_s = settings.session_timeout_ms / 1000
-    app = faust.App(
+    app = BatchingApp(
         settings.group_id,
         # "kafka://" is faust-streaming's aiokafka driver; "confluent://" its librdkafka one.
         broker=f"{'confluent' if settings.faust_transport == 'confluent' else 'kafka'}://{bootstrap}",
@@ -187,43 +211,56 @@ def build_worker(settings: Settings) -> Worker:
         broker_session_timeout=session_s,
         broker_heartbeat_interval=max(0.3, session_s / 6),
         broker_commit_interval=1.0,
-        broker_max_poll_records=max(500, settings.batch_size * 2),
+        broker_max_poll_records=settings.batch_size,  # one fetch is one micro-batch at most
         stream_buffer_maxsize=max(4096, settings.batch_size * 4),
     )
     clicks = app.topic(settings.topic(CLICKS), key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")  # fmt: skip
     purchases = app.topic(settings.topic(PURCHASES), key_type=bytes, value_type=bytes,
                           key_serializer="raw", value_serializer="raw")  # fmt: skip
-    within = settings.batch_wait_ms / 1000
+    click_batches = app.batch_channel(clicks)
+    acks = AckPipeline(publisher)
     last_offsets: dict[int, int] = {}
 
-    @app.agent(clicks, name="decide")
-    async def decide(stream):
-        async for events in stream.take_events(settings.batch_size, within=within):
+    @app.agent(click_batches, name="decide")
+    async def decide(fetches):
+        # One list of click messages per fetch (stream.faust_batches), at most
+        # batch_size long: decide, publish, and let the messages be committed only
+        # once the broker has acknowledged every decision of the batch.
+        ack = app.consumer.ack
+        async for fetched in fetches:
             messages = [
-                RawMessage(e.message.value, e.message.topic, e.message.partition, e.message.offset,
-                           int((e.message.timestamp or 0) * 1000))  # fmt: skip
-                for e in events
+                RawMessage(m.value, m.topic, m.partition, m.offset, int((m.timestamp or 0) * 1000))
+                for m in fetched
             ]
             result = engine.process(messages)
-            await publisher.publish(result)
+
+            def safe(fetched=fetched) -> None:
+                for m in fetched:
+                    ack(m)
+
+            await acks.submit(result, safe)
             for msg in messages:
                 last_offsets[msg.partition] = msg.offset
 
     @app.agent(purchases, name="purchases")
     async def follow_purchases(stream):
-        async for events in stream.take_events(settings.batch_size, within=within):
+        async for events in stream.take_events(
+            settings.batch_size, within=settings.batch_wait_ms / 1000
+        ):
             dead = BatchResult()
             for e in events:
                 metrics.purchases_in.inc()
-                message = RawMessage(e.message.value, e.message.topic, e.message.partition, e.message.offset)
+                message = RawMessage(
+                    e.message.value, e.message.topic, e.message.partition, e.message.offset
+                )
                 try:
                     rfm.add(parse_purchase(message.value))
                 except InvalidEvent as exc:
                     dead.dead_letters.append((None, dead_letter(message, str(exc))))
                     metrics.dlq.labels(topic=message.topic).inc()
             if dead.dead_letters:
-                await publisher.publish(dead)
+                await acks.publish(dead)
 
     @app.timer(5.0)
     async def report_lag():
@@ -236,6 +273,10 @@ def build_worker(settings: Settings) -> Worker:
                 metrics.consumer_lag.labels(partition=str(tp.partition)).set(
                     max(0, high - last_offsets[tp.partition] - 1)
                 )
+
+    @app.task
+    async def after_start():
+        tune_garbage_collector()  # once Faust's start-up objects exist
 
     @app.timer(3600.0)
     async def expire_rfm():
@@ -266,7 +307,9 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         settings.group_id, settings.topic_prefix,
     )  # fmt: skip
     try:
-        faust.Worker(worker.app, loglevel=loglevel, redirect_stdouts=False, quiet=True).execute_from_commandline()
+        faust.Worker(
+            worker.app, loglevel=loglevel, redirect_stdouts=False, quiet=True
+        ).execute_from_commandline()
     finally:
         worker.control.stop_event.set()
         worker.publisher.close()

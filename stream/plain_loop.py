@@ -12,7 +12,7 @@ import time
 from confluent_kafka import Consumer
 
 from slidr.settings import Settings
-from stream.engine import DecisionEngine, RawMessage
+from stream.engine import DecisionEngine, RawMessage, tune_garbage_collector
 from stream.kafka import CLICKS, consumer_config
 from stream.publisher import Publisher
 
@@ -29,6 +29,7 @@ def run_plain_loop(
 
     Idleness counts from the first click: joining the group takes seconds on Tansu.
     """
+    tune_garbage_collector()  # as the Faust worker does
     consumer = Consumer(consumer_config(settings, settings.group_id))
     consumer.subscribe([settings.topic(CLICKS)])
     decided = 0

@@ -1,16 +1,22 @@
 """Producing decisions, dead letters and served features with confluent-kafka.
 
 Faust's own producer costs ~100 µs a message (FINDINGS.md); librdkafka batches in C.
-``publish`` returns only once every message of the batch is acknowledged by the broker,
-so the caller can commit the batch's offsets afterwards (at least once).
+Two ways to know a batch is safe before its offsets are committed (at least once):
+
+- ``send`` then ``wait``: block until everything queued is acknowledged (the plain loop,
+  replay);
+- ``send_tracked``: return at once and call back when the broker has acknowledged every
+  message of *this* batch. The worker uses it so that deciding the next batch overlaps
+  the broker round trip of the previous one (``AckPipeline``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Producer
 
 from slidr.settings import Settings
 from stream.engine import BatchResult
@@ -21,6 +27,24 @@ class DeliveryError(RuntimeError):
     """The broker refused a message; the batch must not be committed."""
 
 
+class _BatchDelivery:
+    """Counts one batch's delivery reports and calls ``done(error or None)`` after the last."""
+
+    __slots__ = ("remaining", "error", "done")
+
+    def __init__(self, count: int, done: Callable[[str | None], None]) -> None:
+        self.remaining = count
+        self.error: str | None = None
+        self.done = done
+
+    def report(self, err, _msg) -> None:
+        if err is not None and self.error is None:
+            self.error = str(err)
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done(self.error)
+
+
 class Publisher:
     def __init__(self, settings: Settings, **overrides) -> None:
         self.producer = Producer(producer_config(settings, **overrides))
@@ -28,26 +52,36 @@ class Publisher:
         self.dlq_topic = settings.topic(CLICKS_DLQ)
         self.features_topic = settings.topic(FEATURES_SERVED)
         self._errors: list[str] = []
+        self._poller: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def _on_delivery(self, err, _msg) -> None:
         if err is not None:
             self._errors.append(str(err))
 
-    def _produce(self, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> None:
+    def _produce(
+        self, topic: str, records: Iterable[tuple[bytes | None, bytes]], on_delivery
+    ) -> None:
         produce = self.producer.produce
         for key, value in records:
             while True:
                 try:
-                    produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                    produce(topic, value=value, key=key, on_delivery=on_delivery)
                     break
                 except BufferError:  # local queue full: let librdkafka drain it
-                    self.producer.poll(0.05)
+                    if self._poller is None:
+                        self.producer.poll(0.05)
+                    else:  # the delivery thread polls
+                        self._stop.wait(0.005)
+
+    def _send(self, result: BatchResult, on_delivery) -> None:
+        self._produce(self.decisions_topic, result.decisions, on_delivery)
+        self._produce(self.dlq_topic, result.dead_letters, on_delivery)
+        self._produce(self.features_topic, result.served_features, on_delivery)
 
     def send(self, result: BatchResult) -> None:
-        """Queue a batch's messages (non-blocking)."""
-        self._produce(self.decisions_topic, result.decisions)
-        self._produce(self.dlq_topic, result.dead_letters)
-        self._produce(self.features_topic, result.served_features)
+        """Queue a batch's messages (non-blocking); ``wait`` reports their fate."""
+        self._send(result, self._on_delivery)
 
     def wait(self, timeout_s: float = 30.0) -> None:
         """Block until everything queued is acknowledged; raise on any failure."""
@@ -58,13 +92,91 @@ class Publisher:
             errors, self._errors = self._errors, []
             raise DeliveryError(f"{len(errors)} messages refused by the broker: {errors[0]}")
 
-    async def publish(self, result: BatchResult) -> None:
-        """``send`` then ``wait`` without blocking the event loop."""
-        self.send(result)
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self.wait)
-        except KafkaException as exc:
-            raise DeliveryError(str(exc)) from exc
+    def send_tracked(self, result: BatchResult, done: Callable[[str | None], None]) -> None:
+        """Queue a batch and call ``done(None)``, or ``done(first error)``, once the broker
+        has answered for every message of it. ``done`` runs on the delivery thread
+        (``start_polling``), or at once for a batch with nothing to send."""
+        count = len(result.decisions) + len(result.dead_letters) + len(result.served_features)
+        if count == 0:
+            done(None)
+            return
+        self._send(result, _BatchDelivery(count, done).report)
 
-    def close(self) -> None:
-        self.producer.flush(10)
+    def start_polling(self) -> None:
+        """Serve delivery reports on a thread of their own (needed by ``send_tracked``)."""
+
+        def serve() -> None:
+            while not self._stop.is_set():
+                self.producer.poll(0.05)
+
+        self._poller = threading.Thread(target=serve, name="slidr-deliveries", daemon=True)
+        self._poller.start()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.producer.flush(timeout_s)
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(5)
+
+
+class AckPipeline:
+    """Publishes the worker's batches without waiting, and runs each batch's ``on_safe``
+    on the event loop once the broker acknowledged all of its messages.
+
+    The worker decides batch N+1 while batch N's decisions travel; at most
+    ``max_in_flight`` batches are unacknowledged at a time. A refused message stops
+    the pipeline: ``submit`` raises ``DeliveryError`` and that batch is never marked
+    safe, so its offsets are never committed and it is decided again after a restart.
+    """
+
+    def __init__(self, publisher: Publisher, max_in_flight: int = 8) -> None:
+        self.publisher = publisher
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.failure: str | None = None
+        self._room = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def submit(
+        self, result: BatchResult, on_safe: Callable[[], None],
+        on_failed: Callable[[str], None] | None = None,
+    ) -> None:  # fmt: skip
+        """Queue ``result``; ``on_safe()`` (or ``on_failed(reason)``) runs on this loop later."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self.publisher.start_polling()
+        while self.in_flight >= self.max_in_flight and self.failure is None:
+            self._room.clear()
+            await self._room.wait()
+        if self.failure is not None:
+            raise DeliveryError(self.failure)
+        self.in_flight += 1
+        loop = self._loop
+
+        def done(error: str | None) -> None:  # on the delivery thread
+            loop.call_soon_threadsafe(self._settle, error, on_safe, on_failed)
+
+        self.publisher.send_tracked(result, done)
+
+    async def publish(self, result: BatchResult) -> None:
+        """Queue ``result`` and wait until the broker acknowledged all of it."""
+        settled = asyncio.get_running_loop().create_future()
+        await self.submit(
+            result, lambda: settled.set_result(None),
+            lambda reason: settled.set_exception(DeliveryError(reason)),
+        )  # fmt: skip
+        await settled
+
+    def _settle(
+        self, error: str | None, on_safe: Callable[[], None],
+        on_failed: Callable[[str], None] | None,
+    ) -> None:  # fmt: skip
+        self.in_flight -= 1
+        if error is None:
+            on_safe()
+        else:
+            reason = f"the broker refused a message: {error}"
+            self.failure = self.failure or reason
+            if on_failed is not None:
+                on_failed(reason)
+        self._room.set()

@@ -22,6 +22,7 @@ CLICK_STRINGS = (
     "ad_id", "advertiser_id", "placement", "query",
 )  # fmt: skip
 PURCHASE_REQUIRED = ("purchase_id", "ts", "user_id")
+_CLICK_ID_FIELDS = ("click_id", "user_id", "ip")
 
 
 class InvalidEvent(ValueError):
@@ -95,14 +96,18 @@ def parse_click(raw: bytes | str | dict | None) -> dict:
             raise InvalidEvent(f"missing required field {name!r}")
     click = dict(event)
     click["ts"] = parse_ts(event["ts"])
-    for name in ("click_id", "user_id", "ip"):
-        click[name] = _string(event, name, required=True)
+    # Every click passes here: check the common case inline, and let ``_string`` find
+    # and word the error when a value is not a short non-empty string.
+    for name in _CLICK_ID_FIELDS:
+        value = event[name]
+        if type(value) is not str or not value or len(value) > MAX_FIELD_CHARS:
+            _string(event, name, required=True)
     for name in CLICK_STRINGS:
-        value = _string(event, name, required=False)
+        value = event.get(name)
         if value is None:
             click.pop(name, None)
-        else:
-            click[name] = value
+        elif type(value) is not str or len(value) > MAX_FIELD_CHARS:
+            _string(event, name, required=False)
     click["session_id"] = click.get("session_id") or click["user_id"]
     click["user_agent"] = click.get("user_agent") or ""
     logged_in = event.get("logged_in", False)

@@ -29,7 +29,6 @@ from rocksdict import Options, Rdict, WriteBatch
 from features.store import (
     ENTITY,
     GET,
-    INCR,
     MAX,
     SADD,
     MemoryStore,
@@ -70,9 +69,16 @@ class RocksStore(StateStore):
 
     def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
         results = []
+        entity = record = None
         for op in ops:
-            results.append(apply_op(self._load(_USER_PREFIX + op[ENTITY].encode()), op))
+            if op[ENTITY] != entity:  # a click's ops come grouped by entity
+                entity = op[ENTITY]
+                record = self._load(_USER_PREFIX + entity.encode())
+            results.append(apply_op(record, op))
         return results
+
+    def set_horizon(self, before: float) -> None:
+        self._horizon = max(self._horizon, before)
 
     def decided(self, click_id: str, ts: float) -> bytes | None:
         """The decision already made for this click (after a crash or a redelivery)."""
@@ -93,7 +99,7 @@ class RocksStore(StateStore):
 
     def expire(self, before: float) -> int:
         """Drop expired fields, empty records and decisions of days before ``before - 1 day``."""
-        self._horizon = before
+        self._horizon = max(self._horizon, before)
         removed = 0
         batch = WriteBatch(raw_mode=True)
         for key, raw in self.db.items(from_key=_USER_PREFIX):
@@ -152,16 +158,13 @@ class PartitionStores(StateStore):
     def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
         raise TypeError("PartitionStores needs routes: use execute_routed")
 
-    def execute_routed(self, ops: Sequence[Op], routes: Sequence[int], now: float = 0.0) -> list[Any]:
-        results: list[Any] = [None] * len(ops)
-        groups: dict[int, list[int]] = {}
-        for i, partition in enumerate(routes):
-            groups.setdefault(partition, []).append(i)
-        for partition, index in groups.items():
-            out = self.store(partition).execute([ops[i] for i in index], now)
-            for i, value in zip(index, out, strict=True):
-                results[i] = value
-        return results
+    def execute_routed(self, ops: dict[int, list[Op]], now: float = 0.0) -> dict[int, list[Any]]:
+        """Run each partition's ops on that partition's store; results by partition."""
+        return {partition: self.store(partition).execute(p_ops, now) for partition, p_ops in ops.items()}
+
+    def set_horizon(self, before: float) -> None:
+        for store in self.stores.values():
+            store.set_horizon(before)
 
     def expire(self, before: float) -> int:
         return sum(store.expire(before) for store in self.stores.values())
@@ -181,23 +184,29 @@ class PartitionStores(StateStore):
 # (redis-py encodes every argument separately, so one per op costs a quarter of four).
 _LUA = r"""
 local out = {}
+local find, sub, byte, call = string.find, string.sub, string.byte, redis.call
 for i = 1, #ARGV do
-  local kind, ttl, key, arg = string.match(ARGV[i], '^(%d)\31(%d+)\31([^\31]*)\31(.*)$')
-  ttl = tonumber(ttl)
+  local op = ARGV[i]
+  -- plain finds of the separators: much cheaper than one pattern match with captures
+  local a = find(op, '\31', 3, true)
+  local b = find(op, '\31', a + 1, true)
+  local kind = byte(op, 1)
+  local key = sub(op, a + 1, b - 1)
   local r
-  if kind == '0' then
-    r = redis.call('INCR', key)
-    if r == 1 then redis.call('EXPIRE', key, ttl) end
-  elseif kind == '1' then
-    r = redis.call('GET', key)
-  elseif kind == '2' then
-    if redis.call('SADD', key, arg) == 1 then redis.call('EXPIRE', key, ttl) end
-    r = redis.call('SCARD', key)
-  else
-    r = redis.call('GET', key)
-    if (not r) or tonumber(arg) > tonumber(r) then redis.call('SET', key, arg, 'EX', ttl) end
+  if kind == 48 then -- '0' INCR
+    r = call('INCR', key)
+    if r == 1 then call('EXPIRE', key, tonumber(sub(op, 3, a - 1))) end
+  elseif kind == 49 then -- '1' GET
+    r = call('GET', key)
+  elseif kind == 50 then -- '2' SADD, then the set's size
+    if call('SADD', key, sub(op, b + 1)) == 1 then call('EXPIRE', key, tonumber(sub(op, 3, a - 1))) end
+    r = call('SCARD', key)
+  else -- '3' MAX: keep the larger value, return the previous one
+    r = call('GET', key)
+    local arg = sub(op, b + 1)
+    if (not r) or tonumber(arg) > tonumber(r) then call('SET', key, arg, 'EX', tonumber(sub(op, 3, a - 1))) end
   end
-  out[#out + 1] = r
+  out[i] = r
 end
 return out
 """
@@ -226,23 +235,18 @@ class RedisStore(StateStore):
     def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
         if not ops:
             return []
-        args: list[str] = []
         prefix = self.prefix
-        for kind, entity, field, arg, expire_at in ops:
-            ttl = max(60, int(expire_at - now) + 1) if kind != GET else 0
-            value = arg if kind in (SADD, MAX) else ""
-            args.append(f"{kind}\x1f{ttl}\x1f{prefix}{entity}|{field}\x1f{value}")
-        raw = self._script(args=args)
-        out: list[Any] = []
-        for (kind, _, field, _, _), value in zip(ops, raw, strict=True):
-            if kind in (INCR, SADD):
-                out.append(int(value))
-            elif value is None:
-                out.append(None)
-            elif kind == MAX or field.startswith("last:"):
-                out.append(float(value))
-            else:
-                out.append(int(value))
+        args = [
+            f"{kind}\x1f{0 if kind == GET else max(60, int(expire_at - now) + 1)}\x1f"
+            f"{prefix}{entity}|{field}\x1f{arg if kind in (SADD, MAX) else ''}"
+            for kind, entity, field, arg, expire_at in ops
+        ]
+        out = self._script(args=args)
+        # INCR and SADD come back as integers; GET and MAX as stored strings (or None).
+        for i, value in enumerate(out):
+            if value is not None and type(value) is not int:
+                kind, _, field, _, _ = ops[i]
+                out[i] = float(value) if kind == MAX or field.startswith("last:") else int(value)
         return out
 
     def expire(self, before: float) -> int:

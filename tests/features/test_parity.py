@@ -79,3 +79,30 @@ def test_counters_see_what_they_claim() -> None:
     np.testing.assert_allclose(col["u_clicks_1m"], [1, 2, 3, 4, 5], rtol=1e-5)
     np.testing.assert_allclose(col["u_distinct_ip_1d"], [1, 2, 2, 2, 2], rtol=1e-5)
     np.testing.assert_allclose(col["u_gap_s"][1:], [1, 1, 1, 1], rtol=1e-5)
+
+
+class _RoutedMemory(MemoryStore):
+    """Per-partition memory stores behind the worker's ``execute_routed`` interface."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.partitions: dict[int, MemoryStore] = {}
+
+    def execute_routed(self, ops: dict, now: float = 0.0) -> dict:
+        return {p: self.partitions.setdefault(p, MemoryStore()).execute(o, now) for p, o in ops.items()}
+
+
+def test_routing_user_state_by_partition_changes_no_feature() -> None:
+    # The worker keeps each user's state in the partition that owns the user's clicks.
+    rows = random_clicks(400, seed=3)
+    partitions = [int(row["user_id"][1:]) % 4 for row in rows]
+    plain = ClickFeaturizer(MemoryStore(), MemoryStore())
+    routed_store = _RoutedMemory()
+    routed = ClickFeaturizer(routed_store, MemoryStore())
+    for start in range(0, len(rows), 64):
+        chunk = rows[start : start + 64]
+        a = plain.featurize(chunk)
+        b = routed.featurize(chunk, partitions[start : start + 64])
+        np.testing.assert_array_equal(a.matrix, b.matrix)
+    assert len(routed_store.partitions) == 4
+    assert sum(len(s) for s in routed_store.partitions.values()) == len({r["user_id"] for r in rows})

@@ -289,7 +289,9 @@ def test_a_faulty_version_is_rolled_back_automatically(workers, worker_settings,
     assert registry.active_version() == good
 
     lines: list[str] = []
-    config = MonitorConfig(min_decisions=300, spike_decisions=100, min_slice_decisions=100)
+    # slice_ivr would catch this version too, after 400 decisions of one slice; the spike
+    # check needs 100 across two slices and is the one this test expects to fire.
+    config = MonitorConfig(min_decisions=300, spike_decisions=100, min_slice_decisions=400)
     monitor = Monitor(settings, config, status_every_s=0, out=lines.append)
     thread = threading.Thread(target=monitor.run, kwargs={"duration_s": 150}, daemon=True)
     worker = workers.new("worker", group_id=unique("monitor"), settings=settings)

@@ -19,9 +19,11 @@ import numpy as np
 import orjson
 import pytest
 import redis
+from confluent_kafka import Consumer, TopicPartition
 
 from models.batch_scoring import score_clicks
 from models.registry import ModelRegistry
+from stream.kafka import consumer_config
 from stream.local_stack import free_port
 from tests.stream.worker_harness import (
     DECISION_FIELDS,
@@ -44,6 +46,16 @@ DECIDE_S = 90  # a few thousand clicks through a worker
 def clicks_of(dataset, start: int, stop: int) -> list[dict]:
     cols = dataset.clicks
     return [cols.row(i) for i in range(start, min(stop, len(cols)))]
+
+
+def committed_offsets(settings, group: str, topic: str, partitions) -> dict[int, int]:
+    """The consumer group's committed offset of each partition (read without joining)."""
+    consumer = Consumer(consumer_config(settings, group))
+    try:
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+    finally:
+        consumer.close()
+    return {tp.partition: tp.offset for tp in committed}
 
 
 def check_decision(decision: dict, click: dict, version: str, started: float) -> None:
@@ -132,18 +144,20 @@ def test_every_click_gets_a_decision_and_malformed_ones_go_to_the_dlq(
     valid = [*before, *after, as_text]
     bad = _malformed(before[0])
 
-    worker = workers.new("worker", unique("g")).start()
+    group = unique("g")
+    worker = workers.new("worker", group).start()
     decisions, dlq = DecisionReader(worker_settings), dlq_reader(worker_settings)
     producer = RecordProducer(worker_settings)
+    landed = []
     try:
-        producer.send([click_record(c) for c in before])
+        landed += producer.send([click_record(c) for c in before])
         missing = decisions.wait_for(
             [c["click_id"] for c in before], DECIDE_S, lambda: worker.running
         )
         assert not missing, f"{len(missing)} clicks undecided:\n{workers.describe()}"
         # Garbage, then valid clicks again, into the running worker.
         landed_bad = producer.send([(key, value) for _, key, value, _ in bad])
-        producer.send([click_record(c) for c in [*after, as_text]])
+        landed += landed_bad + producer.send([click_record(c) for c in [*after, as_text]])
         missing = decisions.wait_for(
             [c["click_id"] for c in valid], DECIDE_S, lambda: worker.running
         )
@@ -151,6 +165,15 @@ def test_every_click_gets_a_decision_and_malformed_ones_go_to_the_dlq(
         time.sleep(0.5)  # anything extra (a second dead letter, a decision for garbage)
         decisions.poll()
         dlq.poll()
+        # Clicks reach the agent a fetch at a time, around Faust's per-message path: the
+        # offsets the agent acknowledged must still be committed (every second).
+        end = {}
+        for record in landed:
+            end[record.partition] = max(end.get(record.partition, 0), record.offset + 1)
+        topic = worker_settings.topic("clicks")
+        assert wait_until(lambda: committed_offsets(worker_settings, group, topic, end) == end, 20), (
+            f"committed {committed_offsets(worker_settings, group, topic, end)}, end {end}"
+        )
     finally:
         producer.close()
         decisions.close()
