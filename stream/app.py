@@ -22,6 +22,7 @@ half of it), and a short fetch wait instead of the 1.5 s that faust-streaming ha
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -46,7 +47,7 @@ from stream.faust_batches import BatchingApp
 from stream.kafka import CLICKS, CONTROL, PURCHASES, consumer_config, ensure_topics
 from stream.local_stack import resolve_endpoints
 from stream.metrics import WorkerMetrics
-from stream.publisher import AckPipeline, Publisher
+from stream.publisher import AckPipeline, DeliveryError, Publisher
 from stream.rfm import RfmCache
 from stream.schemas import InvalidEvent, parse_purchase
 from stream.state import PartitionStores, RedisStore, ResilientStore, redis_client
@@ -146,6 +147,7 @@ class Worker:
     control: ControlFollower
     metrics: WorkerMetrics
     stores: PartitionStores
+    failures: list[BaseException]  # why the worker stopped itself, if it did
 
 
 def _faust_credentials(settings: Settings):
@@ -219,8 +221,18 @@ def build_worker(settings: Settings) -> Worker:
     purchases = app.topic(settings.topic(PURCHASES), key_type=bytes, value_type=bytes,
                           key_serializer="raw", value_serializer="raw")  # fmt: skip
     click_batches = app.batch_channel(clicks)
-    acks = AckPipeline(publisher)
     last_offsets: dict[int, int] = {}
+    failures: list[BaseException] = []
+
+    def stop_on_refused_decisions(exc: DeliveryError) -> None:
+        # librdkafka gave up on a decision after its own retries. Stop the worker rather
+        # than decide on: the batch's offsets are never committed, so a restarted worker
+        # decides (or re-emits) those clicks again.
+        log.critical("stopping: %s", exc)
+        failures.append(exc)
+        asyncio.ensure_future(app.crash(exc))
+
+    acks = AckPipeline(publisher, on_failure=stop_on_refused_decisions)
 
     @app.agent(click_batches, name="decide")
     async def decide(fetches):
@@ -229,6 +241,13 @@ def build_worker(settings: Settings) -> Worker:
         # once the broker has acknowledged every decision of the batch.
         ack = app.consumer.ack
         async for fetched in fetches:
+            # As Faust's own streams do: a batch fetched before a rebalance is dropped
+            # (not acked), and its clicks are fetched again by their new owner from the
+            # committed offsets. Deciding it here would reopen the state of partitions
+            # this worker just gave away.
+            if not app.flow_control.is_active() or fetched[0].generation_id != app.consumer_generation_id:
+                metrics.stale_batches.inc()
+                continue
             messages = [
                 RawMessage(m.value, m.topic, m.partition, m.offset, int((m.timestamp or 0) * 1000))
                 for m in fetched
@@ -287,12 +306,11 @@ def build_worker(settings: Settings) -> Worker:
         mine = {tp.partition for tp in revoked if tp.topic == clicks.get_topic_name()}
         stores.release(sorted(mine))
 
-    return Worker(app, engine, publisher, control, metrics, stores)
+    return Worker(app, engine, publisher, control, metrics, stores, failures)
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Run until interrupted (``slidr worker``)."""
-    import asyncio
 
     import uvloop
 
@@ -310,7 +328,11 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         faust.Worker(
             worker.app, loglevel=loglevel, redirect_stdouts=False, quiet=True
         ).execute_from_commandline()
+    except SystemExit as exit_:
+        if worker.failures and not exit_.code:
+            raise SystemExit(1) from worker.failures[0]
+        raise
     finally:
         worker.control.stop_event.set()
-        worker.publisher.close()
+        worker.publisher.close(timeout_s=0 if worker.failures else 10)
         worker.stores.close()

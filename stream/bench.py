@@ -35,9 +35,7 @@ from models.registry import ModelRegistry
 from slidr.settings import Settings
 from stream.engine import DecisionEngine, RawMessage
 from stream.kafka import CLICKS, DECISIONS, consumer_config, ensure_topics, producer_config
-from stream.plain_loop import run_plain_loop
 from stream.producer import click_payload, produce_dataset
-from stream.publisher import Publisher
 from stream.state import PartitionStores, RedisStore, ResilientStore, redis_client
 
 
@@ -131,21 +129,28 @@ class DecisionWatcher(threading.Thread):
                     self.arrived.setdefault(msg.key().decode(), now)
         self.consumer.close()
 
-    def wait_for(self, count: int, timeout_s: float, worker: subprocess.Popen | None = None) -> bool:
+    def wait_for(
+        self, count: int, timeout_s: float,
+        worker: subprocess.Popen | None = None,
+    ) -> bool:  # fmt: skip
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if len(self.arrived) >= count:
                 return True
-            if worker is not None and worker.poll() is not None:
+            if worker is not None and worker.poll() not in (None, 0):
                 raise RuntimeError(f"the worker exited with code {worker.returncode}; see its log")
             time.sleep(0.05)
         return False
 
 
-def start_worker(
-    settings: Settings, registry: Path, home: Path, log_path: Path, transport: str = "aiokafka"
-) -> subprocess.Popen:
-    env = {
+_TUNING = (
+    "batch_size", "batch_wait_ms", "fetch_wait_ms", "linger_ms", "decision_linger_ms",
+    "session_timeout_ms", "partitions",
+)  # fmt: skip
+
+
+def _child_env(settings: Settings, registry: Path, home: Path, transport: str = "aiokafka") -> dict:
+    return {
         **os.environ,
         "SLIDR_FAUST_TRANSPORT": transport,
         "SLIDR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
@@ -155,9 +160,18 @@ def start_worker(
         "SLIDR_TOPIC_PREFIX": settings.topic_prefix,
         "SLIDR_REDIS_KEY_PREFIX": settings.redis_key_prefix,
         "SLIDR_GROUP_ID": settings.group_id,
+        # the tuning the report prints, whether it came from the environment or not
+        **{f"SLIDR_{name.upper()}": str(getattr(settings, name)) for name in _TUNING},
     }
+
+
+def start_worker(
+    settings: Settings, registry: Path, home: Path, log_path: Path, transport: str = "aiokafka",
+    command: tuple[str, ...] = ("-m", "slidr", "worker"),
+) -> subprocess.Popen:  # fmt: skip
+    """``slidr worker`` (or ``command``) in a process of its own, logging to ``log_path``."""
     with log_path.open("wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "slidr", "worker"], env=env,
+        return subprocess.Popen([sys.executable, *command], env=_child_env(settings, registry, home, transport),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
 
@@ -202,27 +216,29 @@ def bench_throughput(
             "clicks_per_s": round(len(times) / span) if span > 0 else None,
         }  # fmt: skip
 
+    # The plain loop runs in a process of its own too, and is timed the same way: from
+    # the first decision the watcher sees to the last.
     s = _unique(settings, "plain")
     produce_dataset(s, data, limit=clicks, progress=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        engine = _engine(s, registry, Path(tmp))
-        publisher = Publisher(s)
-        # Wait for the assignment outside the timing: the first batch starts the clock.
-        started = [None]
+    watcher = DecisionWatcher(s)
+    watcher.start()
+    proc = start_worker(s, registry, workdir / "home-plain", workdir / "plain-loop.log",
+                        command=("-m", "stream.plain_loop", "--max-clicks", str(clicks)))  # fmt: skip
+    try:
+        done = watcher.wait_for(clicks, timeout_s=max(120.0, clicks / 500), worker=proc)
+        times = sorted(watcher.arrived.values())
+    finally:
+        stop_worker(proc)
+        watcher.stop.set()
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    out["plain_loop"] = {
+        "clicks": len(times), "complete": done,
+        "clicks_per_s": round(len(times) / span) if span > 0 else None,
+    }  # fmt: skip
 
-        def timed_process(messages, _orig=engine.process):
-            if started[0] is None:
-                started[0] = time.perf_counter()
-            return _orig(messages)
-
-        engine.process = timed_process
-        decided = run_plain_loop(s, engine, publisher, stop_after_idle_s=3.0, max_clicks=clicks)
-        elapsed = time.perf_counter() - started[0] if started[0] else float("nan")
-        engine.user_state.close()
-    out["plain_loop"] = {"clicks": decided, "clicks_per_s": round(decided / elapsed)}
     for transport in transports:
         rate = out[f"faust_worker_{transport}"]["clicks_per_s"]
-        if rate:
+        if rate and out["plain_loop"]["clicks_per_s"]:
             ratio = rate / out["plain_loop"]["clicks_per_s"]
             out[f"faust_{transport}_to_plain_ratio"] = round(ratio, 3)
     return out
@@ -348,11 +364,7 @@ def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict
     from slidr.simulator import simulate
     from stream.local_stack import LocalStack
 
-    report: dict = {"machine": machine(), "settings": {
-        "batch_size": settings.batch_size, "batch_wait_ms": settings.batch_wait_ms,
-        "fetch_wait_ms": settings.fetch_wait_ms, "linger_ms": settings.linger_ms,
-        "decision_linger_ms": settings.decision_linger_ms,
-        "partitions": settings.partitions, "session_timeout_ms": settings.session_timeout_ms}}  # fmt: skip
+    report: dict = {"machine": machine(), "settings": {name: getattr(settings, name) for name in _TUNING}}
     with tempfile.TemporaryDirectory(prefix="slidr-bench-") as tmp:
         work = Path(tmp)
         if options.offline:

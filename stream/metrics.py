@@ -23,6 +23,10 @@ class WorkerMetrics:
             "slidr_degraded_decisions", "Decisions made with a fallback (Redis down)", registry=r
         )
         self.late = Counter("slidr_late_clicks", "Clicks older than the allowed lateness", registry=r)
+        self.stale_batches = Counter(
+            "slidr_stale_batches", "Click batches fetched before a rebalance, left to the new owner",
+            registry=r,
+        )  # fmt: skip
         self.purchases_in = Counter("slidr_purchases_in", "Purchase messages consumed", registry=r)
         self.batch_size = Histogram(
             "slidr_batch_size", "Clicks per micro-batch",

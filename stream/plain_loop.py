@@ -1,8 +1,9 @@
 """A plain confluent-kafka consumer loop around the same ``DecisionEngine``.
 
-The benchmark runs it beside the Faust worker to show what the framework costs; it is
-also a complete at-least-once runtime (consume a batch, decide, publish, wait for the
-acks, commit) for deployments that prefer fewer moving parts.
+The benchmark runs it beside the Faust worker to show what the framework costs
+(``python -m stream.plain_loop --max-clicks N``, settings from ``SLIDR_*``). It is an
+at-least-once loop (consume a batch, decide, publish, wait for the acks, commit) but
+not a product runtime: no hot swap, live RFM, metrics or dead letters for purchases.
 """
 
 from __future__ import annotations
@@ -56,3 +57,37 @@ def run_plain_loop(
                 return decided
     finally:
         consumer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from models.registry import ModelRegistry
+    from stream.local_stack import resolve_endpoints
+    from stream.state import PartitionStores, RedisStore, ResilientStore, redis_client
+
+    parser = argparse.ArgumentParser(prog="python -m stream.plain_loop", description=__doc__)
+    parser.add_argument("--max-clicks", type=int, default=None, help="stop after this many")
+    parser.add_argument("--idle-s", type=float, default=3.0, help="stop after this long idle")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    bootstrap, redis_url = resolve_endpoints(settings)
+    settings = settings.replace(kafka_bootstrap=bootstrap, redis_url=redis_url)
+    model = ModelRegistry(settings.registry).load(settings.model_version or None)
+    ip_state = ResilientStore(RedisStore(
+        redis_client(redis_url, settings.redis_password),
+        prefix=settings.redis_key_prefix + settings.topic_prefix,
+    ))  # fmt: skip
+    engine = DecisionEngine(model, PartitionStores(settings.home / "plain-state"), ip_state)
+    publisher = Publisher(settings, linger_ms=settings.decision_linger_ms)  # as the worker's
+    try:
+        decided = run_plain_loop(settings, engine, publisher, args.idle_s, args.max_clicks)
+    finally:
+        publisher.close()
+        engine.user_state.close()
+    print(f"decided {decided} clicks")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

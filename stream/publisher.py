@@ -125,13 +125,18 @@ class AckPipeline:
 
     The worker decides batch N+1 while batch N's decisions travel; at most
     ``max_in_flight`` batches are unacknowledged at a time. A refused message stops
-    the pipeline: ``submit`` raises ``DeliveryError`` and that batch is never marked
-    safe, so its offsets are never committed and it is decided again after a restart.
+    the pipeline: ``on_failure`` is called, later ``submit`` calls raise
+    ``DeliveryError``, and that batch is never marked safe, so its offsets are never
+    committed and it is decided again after a restart.
     """
 
-    def __init__(self, publisher: Publisher, max_in_flight: int = 8) -> None:
+    def __init__(
+        self, publisher: Publisher, max_in_flight: int = 8,
+        on_failure: Callable[[DeliveryError], None] | None = None,
+    ) -> None:  # fmt: skip
         self.publisher = publisher
         self.max_in_flight = max_in_flight
+        self.on_failure = on_failure  # runs on the loop at the first refused batch
         self.in_flight = 0
         self.failure: str | None = None
         self._room = asyncio.Event()
@@ -176,7 +181,10 @@ class AckPipeline:
             on_safe()
         else:
             reason = f"the broker refused a message: {error}"
+            first = self.failure is None
             self.failure = self.failure or reason
             if on_failed is not None:
                 on_failed(reason)
+            if first and self.on_failure is not None:
+                self.on_failure(DeliveryError(reason))
         self._room.set()
