@@ -184,6 +184,31 @@ def stop_worker(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
+def _decide_backlog(
+    settings: Settings, registry: Path, data: Path, clicks: int, workdir: Path, label: str,
+    transport: str = "aiokafka", command: tuple[str, ...] = ("-m", "slidr", "worker"),
+) -> dict:  # fmt: skip
+    """Produce a backlog, start ``command`` on it, and time the decisions a watcher reads:
+    clicks/s from the first decision (after the group join) to the last."""
+    s = _unique(settings, label)
+    clicks = produce_dataset(s, data, limit=clicks, progress=False).clicks  # the data may hold fewer
+    watcher = DecisionWatcher(s)
+    watcher.start()
+    proc = start_worker(s, registry, workdir / f"home-{label}", workdir / f"worker-{label}.log",
+                        transport, command)  # fmt: skip
+    try:
+        done = watcher.wait_for(clicks, timeout_s=max(120.0, clicks / 500), worker=proc)
+        times = sorted(watcher.arrived.values())
+    finally:
+        stop_worker(proc)
+        watcher.stop.set()
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    return {
+        "clicks": len(times), "complete": done,
+        "clicks_per_s": round(len(times) / span) if span > 0 else None,
+    }  # fmt: skip
+
+
 def bench_throughput(
     settings: Settings, registry: Path, data: Path, clicks: int, workdir: Path,
     transports: tuple[str, ...] = ("aiokafka", "confluent"),
@@ -192,50 +217,14 @@ def bench_throughput(
     Kafka drivers) vs the plain confluent-kafka loop running the same engine."""
     out = {}
     for transport in transports:
-        s = _unique(settings, f"faust-{transport}")
-        clicks = produce_dataset(s, data, limit=clicks, progress=False).clicks  # the data may hold fewer
-        watcher = DecisionWatcher(s)
-        watcher.start()
-        proc = start_worker(
-            s,
-            registry,
-            workdir / f"home-{transport}",
-            workdir / f"worker-{transport}.log",
-            transport,
+        out[f"faust_worker_{transport}"] = _decide_backlog(
+            settings, registry, data, clicks, workdir, f"faust-{transport}", transport=transport
         )
-        try:
-            done = watcher.wait_for(clicks, timeout_s=max(120.0, clicks / 500), worker=proc)
-            times = sorted(watcher.arrived.values())
-        finally:
-            stop_worker(proc)
-            watcher.stop.set()
-        # From the first decision (after the group join) to the last.
-        span = times[-1] - times[0] if len(times) > 1 else 0.0
-        out[f"faust_worker_{transport}"] = {
-            "clicks": len(times), "complete": done,
-            "clicks_per_s": round(len(times) / span) if span > 0 else None,
-        }  # fmt: skip
-
-    # The plain loop runs in a process of its own too, and is timed the same way: from
-    # the first decision the watcher sees to the last.
-    s = _unique(settings, "plain")
-    produce_dataset(s, data, limit=clicks, progress=False)
-    watcher = DecisionWatcher(s)
-    watcher.start()
-    proc = start_worker(s, registry, workdir / "home-plain", workdir / "plain-loop.log",
-                        command=("-m", "stream.plain_loop", "--max-clicks", str(clicks)))  # fmt: skip
-    try:
-        done = watcher.wait_for(clicks, timeout_s=max(120.0, clicks / 500), worker=proc)
-        times = sorted(watcher.arrived.values())
-    finally:
-        stop_worker(proc)
-        watcher.stop.set()
-    span = times[-1] - times[0] if len(times) > 1 else 0.0
-    out["plain_loop"] = {
-        "clicks": len(times), "complete": done,
-        "clicks_per_s": round(len(times) / span) if span > 0 else None,
-    }  # fmt: skip
-
+    # The plain loop runs in a process of its own too, and is timed the same way.
+    out["plain_loop"] = _decide_backlog(
+        settings, registry, data, clicks, workdir, "plain",
+        command=("-m", "stream.plain_loop", "--max-clicks", str(clicks)),
+    )  # fmt: skip
     for transport in transports:
         rate = out[f"faust_worker_{transport}"]["clicks_per_s"]
         if rate and out["plain_loop"]["clicks_per_s"]:
