@@ -247,6 +247,7 @@ def build_worker(settings: Settings) -> Worker:
             # this worker just gave away.
             if not app.flow_control.is_active() or fetched[0].generation_id != app.consumer_generation_id:
                 metrics.stale_batches.inc()
+                del fetched  # a reference held here would keep the rebalance waiting for it
                 continue
             messages = [
                 RawMessage(m.value, m.topic, m.partition, m.offset, int((m.timestamp or 0) * 1000))
