@@ -32,39 +32,19 @@ from faust.types import Message
 class BatchDrain:
     """Mixin for a faust-streaming ``Consumer``: see the module docstring."""
 
-    async def _drain_messages(self, fetcher: Any) -> None:  # noqa: C901 - mirrors Faust's loop
-        callback = self.callback
-        channels = self.app.batch_channels
-        read_offset = self._read_offset
-        acks_enabled_for = self.app.topics.acks_enabled_for
+    async def _drain_messages(self, fetcher: Any) -> None:
         consumer_stopped = self._stopped.is_set
         fetcher_stopped = fetcher._stopped.is_set
         commit_every = self._commit_every
         try:
             while not (consumer_stopped() or fetcher_stopped()):
                 self.diag.set_flag(CONSUMER_FETCHING)
-                fetched: dict[str, list[Message]] = {}
                 await self.sleep(0)  # getmany may return at once: let the loop run
                 if self.should_stop:
                     continue
-                async for tp, message in self.getmany(timeout=1.0):
-                    offset = message.offset
-                    r_offset = read_offset[tp]
-                    if r_offset is not None and offset < r_offset:
-                        continue  # already delivered (Faust drops these too)
-                    if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
-                        # Offsets skipped by the log (e.g. transaction markers) count
-                        # as acknowledged, or commits would stop at the gap.
-                        await self._add_gap(tp, r_offset + 1, offset)
-                    if tp.topic in channels:
-                        self.track_message(message)  # pending until the agent acks it
-                        fetched.setdefault(tp.topic, []).append(message)
-                    else:
-                        await self.wait_first(callback(message), self.suspend_flow.wait())
-                    read_offset[tp] = offset
-                if fetched:
-                    await self._hand_over(fetched)
-                    fetched = {}  # hold no message while waiting for the next fetch
+                # Both steps are methods so that no local here keeps a message alive
+                # while the next fetch waits for a rebalance to end (see _hand_over).
+                await self._hand_over(await self._fetch_batches())
                 if commit_every is not None and self._n_acked >= commit_every:
                     self._n_acked = 0
                     await self.commit()
@@ -76,6 +56,27 @@ class BatchDrain:
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
 
+    async def _fetch_batches(self) -> dict[str, list[Message]]:
+        """One fetch: batch topics' messages by topic; the others go Faust's way."""
+        channels = self.app.batch_channels
+        read_offset = self._read_offset
+        fetched: dict[str, list[Message]] = {}
+        async for tp, message in self.getmany(timeout=1.0):
+            offset = message.offset
+            r_offset = read_offset[tp]
+            if r_offset is not None and offset < r_offset:
+                continue  # already delivered (Faust drops these too)
+            if r_offset and offset - r_offset > 1 and self.app.topics.acks_enabled_for(message.topic):
+                # Offsets skipped by the log (e.g. transaction markers) count as
+                # acknowledged, or commits would stop at the gap.
+                await self._add_gap(tp, r_offset + 1, offset)
+            if tp.topic in channels:
+                self.track_message(message)  # pending until the agent acks it
+                fetched.setdefault(tp.topic, []).append(message)
+            else:
+                await self.wait_first(self.callback(message), self.suspend_flow.wait())
+            read_offset[tp] = offset
+        return fetched
 
     async def _hand_over(self, fetched: dict[str, list[Message]]) -> None:
         """Queue each topic's batch for its agent (waits while the agent is behind).
@@ -84,7 +85,10 @@ class BatchDrain:
         acknowledged or garbage (it tracks them in a ``WeakSet``). A batch that cannot be
         queued before flow stops is therefore dropped, as Faust drops a message whose
         delivery is cut short: holding it would deadlock the rebalance, and its clicks
-        are fetched again from the committed offsets afterwards.
+        are fetched again from the committed offsets afterwards. For the same reason
+        nothing may hold a message of a dropped batch: not this fetch loop (which then
+        waits for the rebalance to end), and not the agent (``app.decide`` drops its
+        reference to a stale batch).
         """
         channels = self.app.batch_channels
         for topic, messages in fetched.items():
