@@ -200,7 +200,7 @@ class ClickFeaturizer:
 
         Runs for every click in the worker: the window specs are flattened into plans
         once (``_COUNT_PLAN``, ``_DISTINCT_PLAN``), so this loop does arithmetic and
-        string joins only. The order of the ops is fixed; ``_state_values`` reads the
+        string joins only. The order of the ops is fixed; ``_state_counts`` reads the
         results by position.
         """
         ts = click["ts"]
@@ -261,13 +261,13 @@ class ClickFeaturizer:
         ip_res = self.ip_store.execute(ip_ops, now)
         n = len(clicks)
         state, agents, contexts, slices = [], [], [], []
-        ts = np.empty(n, dtype=np.float64)
+        times = np.empty(n, dtype=np.float64)
         logged = np.empty(n, dtype=np.float64)
         for row, (click, (p, uo, io)) in enumerate(zip(clicks, where, strict=True)):
             ua = click.get("user_agent") or ""
             device = resolve_device(click.get("device"), ua)
             logged_in = bool(click.get("logged_in"))
-            ts[row] = click["ts"]
+            times[row] = click["ts"]
             logged[row] = logged_in
             state.append(_state_counts(click["ts"], user_res[p], uo, ip_res, io))
             agents.append(agent_features(ua, device))
@@ -277,7 +277,7 @@ class ClickFeaturizer:
         matrix = np.empty((n, N_FEATURES), dtype=np.float32)
         if n:
             matrix[:, :_STATE_COLUMNS] = np.log1p(np.array(state, dtype=np.float64))
-            matrix[:, _STATE_COLUMNS:_AGENT_COLUMN] = time_features(ts, logged)
+            matrix[:, _STATE_COLUMNS:_AGENT_COLUMN] = time_features(times, logged)
             matrix[:, _AGENT_COLUMN:_CONTEXT_COLUMN] = agents
             matrix[:, _CONTEXT_COLUMN:] = contexts
         self._maybe_expire()

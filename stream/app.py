@@ -50,7 +50,7 @@ from stream.metrics import WorkerMetrics
 from stream.publisher import AckPipeline, DeliveryError, Publisher
 from stream.rfm import RfmCache
 from stream.schemas import InvalidEvent, parse_purchase
-from stream.state import PartitionStores, RedisStore, ResilientStore, redis_client
+from stream.state import PartitionStores, shared_ip_state
 
 log = logging.getLogger("slidr.worker")
 
@@ -182,12 +182,7 @@ def build_worker(settings: Settings) -> Worker:
     ensure_topics(settings)
     metrics = WorkerMetrics()
     stores = PartitionStores(settings.home / "state" / settings.group_id)
-    ip_state = ResilientStore(
-        RedisStore(
-            redis_client(redis_url, settings.redis_password),
-            prefix=settings.redis_key_prefix + settings.topic_prefix,
-        )
-    )
+    ip_state = shared_ip_state(settings, redis_url)
     rfm = RfmCache.from_version(registry.path_of(model.version))
     engine = DecisionEngine(
         model, stores, ip_state, metrics, log_features=settings.log_features, rfm=rfm
@@ -241,13 +236,13 @@ def build_worker(settings: Settings) -> Worker:
         # once the broker has acknowledged every decision of the batch.
         ack = app.consumer.ack
         async for fetched in fetches:
-            # As Faust's own streams do: a batch fetched before a rebalance is dropped
-            # (not acked), and its clicks are fetched again by their new owner from the
-            # committed offsets. Deciding it here would reopen the state of partitions
-            # this worker just gave away.
+            # As Faust's own streams do: a batch fetched before a rebalance is dropped,
+            # and its clicks are fetched again by their new owner from the committed
+            # offsets. Deciding it here would reopen the state of partitions this worker
+            # just gave away.
             if not app.flow_control.is_active() or fetched[0].generation_id != app.consumer_generation_id:
+                app.consumer.untrack(fetched)
                 metrics.stale_batches.inc()
-                del fetched  # a reference held here would keep the rebalance waiting for it
                 continue
             messages = [
                 RawMessage(m.value, m.topic, m.partition, m.offset, int((m.timestamp or 0) * 1000))
@@ -259,7 +254,10 @@ def build_worker(settings: Settings) -> Worker:
                 for m in fetched:
                     ack(m)
 
-            await acks.submit(result, safe)
+            def refused(_reason: str, fetched=fetched) -> None:  # the worker is stopping
+                app.consumer.untrack(fetched)
+
+            await acks.submit(result, safe, refused)
             for msg in messages:
                 last_offsets[msg.partition] = msg.offset
 

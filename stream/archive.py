@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from features.columns import OPTIONAL_STRINGS
 from features.windows import DAY_S
 from stream.kafka import CLICKS, DECISIONS, PURCHASES
-from stream.schemas import InvalidEvent, parse_click, parse_purchase, parse_ts
+from stream.schemas import InvalidEvent, load_object, parse_click, parse_purchase, parse_ts
 
 if TYPE_CHECKING:
     from slidr.settings import Settings
@@ -105,15 +105,7 @@ def parse_decision(raw: bytes | str | dict) -> dict:
     Raises ``InvalidEvent`` when it is not a JSON object, lacks ``click_id``, ``ts``,
     ``verdict`` or ``decided_at``, or has a wrongly typed field.
     """
-    if isinstance(raw, dict):
-        event = raw
-    else:
-        try:
-            event = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidEvent(f"not valid JSON: {exc}") from None
-    if not isinstance(event, dict):
-        raise InvalidEvent(f"decision must be a JSON object, got {type(event).__name__}")
+    event = load_object(raw, "decision")
     decision = dict(event)
     for name in ("click_id", "verdict"):
         value = event.get(name)

@@ -36,7 +36,7 @@ from slidr.settings import Settings
 from stream.engine import DecisionEngine, RawMessage
 from stream.kafka import CLICKS, DECISIONS, consumer_config, ensure_topics, producer_config
 from stream.producer import click_payload, produce_dataset
-from stream.state import PartitionStores, RedisStore, ResilientStore, redis_client
+from stream.state import PartitionStores, shared_ip_state
 
 
 def machine() -> dict:
@@ -71,10 +71,7 @@ def _unique(settings: Settings, label: str) -> Settings:
 
 def _engine(settings: Settings, registry: Path, state_dir: Path) -> DecisionEngine:
     model = ModelRegistry(registry).load()
-    ip = ResilientStore(
-        RedisStore(redis_client(settings.redis_url), prefix=settings.redis_key_prefix)
-    )
-    return DecisionEngine(model, PartitionStores(state_dir), ip)
+    return DecisionEngine(model, PartitionStores(state_dir), shared_ip_state(settings, settings.redis_url))
 
 
 def bench_scoring_path(settings: Settings, registry: Path, data: Path, clicks: int) -> dict:

@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import orjson
@@ -32,7 +33,7 @@ from models.scoring import reason_codes
 from stream.metrics import WorkerMetrics
 from stream.rfm import RfmCache
 from stream.schemas import InvalidEvent, parse_click
-from stream.state import PartitionStores, ResilientStore
+from stream.state import PartitionStores, ResilientStore, decision_key
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,15 @@ class RawMessage:
     partition: int
     offset: int
     timestamp_ms: int = 0  # broker/producer timestamp, for latency only
+
+
+class Fresh(NamedTuple):
+    """A parsed click not decided before, with where it came from and where its decision
+    will be stored."""
+
+    click: dict
+    partition: int
+    stored_at: bytes  # decision_key(click_id, ts)
 
 
 @dataclass
@@ -156,7 +166,7 @@ class DecisionEngine:
         started = time.perf_counter()
         m = self.metrics
         result = BatchResult(model_version=self.model.version)
-        fresh: list[tuple[dict, int]] = []
+        fresh: list[Fresh] = []
         seen: dict[str, int] = {}  # click_id -> index in fresh (a copy within the batch)
         repeats: list[int] = []
         m.clicks_in.inc(len(messages))
@@ -167,34 +177,33 @@ class DecisionEngine:
                 result.dead_letters.append((None, dead_letter(message, str(exc))))
                 m.dlq.labels(topic=message.topic).inc()
                 continue
-            earlier = self.user_state.store(message.partition).decided(
-                click["click_id"], click["ts"]
-            )
+            click_id = click["click_id"]
+            stored_at = decision_key(click_id, click["ts"])
+            earlier = self.user_state.store(message.partition).decided(stored_at)
             if earlier is not None:
-                result.decisions.append((click["click_id"].encode(), earlier))
+                result.decisions.append((click_id.encode(), earlier))
                 m.duplicates.inc()
                 continue
-            if click["click_id"] in seen:
-                repeats.append(seen[click["click_id"]])
+            if click_id in seen:
+                repeats.append(seen[click_id])
                 m.duplicates.inc()
                 continue
-            seen[click["click_id"]] = len(fresh)
-            fresh.append((click, message.partition))
+            seen[click_id] = len(fresh)
+            fresh.append(Fresh(click, message.partition, stored_at))
         if fresh:
             self._decide(fresh, repeats, result)
         m.batch_size.observe(len(messages))
         m.scoring_seconds.observe(time.perf_counter() - started)
         return result
 
-    def _decide(
-        self, fresh: list[tuple[dict, int]], repeats: list[int], result: BatchResult
-    ) -> None:
+    def _decide(self, fresh: list[Fresh], repeats: list[int], result: BatchResult) -> None:
         m = self.metrics
         # Event-time order across partitions keeps shared (IP) counters close to the
         # offline path, which folds the whole data set in time order.
-        order = sorted(range(len(fresh)), key=lambda i: fresh[i][0]["ts"])
-        clicks = [fresh[i][0] for i in order]
-        partitions = [fresh[i][1] for i in order]
+        order = sorted(range(len(fresh)), key=lambda i: fresh[i].click["ts"])
+        ordered = [fresh[i] for i in order]
+        clicks = [f.click for f in ordered]
+        partitions = [f.partition for f in ordered]
         features = self.featurizer.featurize(clicks, partitions)
         degraded = self.ip_state.degraded
         result.degraded = degraded
@@ -202,7 +211,8 @@ class DecisionEngine:
         scores = model.scorer.score(features.matrix)
         thresholds = model.thresholds_for(features.slices)
         decided_at = time.time()
-        by_partition: dict[int, list[tuple[str, float, bytes]]] = {}
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        keys: list[bytes] = []
         values: list[bytes] = []
         verdicts: Counter = Counter()  # (verdict, slice): one metric update per pair
         for j, click in enumerate(clicks):
@@ -214,12 +224,11 @@ class DecisionEngine:
             if self.rfm is not None and click.get("customer_id"):
                 decision["customer_rfm"] = self.rfm.score(click["customer_id"], click["ts"])
             value = orjson.dumps(decision)
-            values.append(value)
             key = click["click_id"].encode()
+            keys.append(key)
+            values.append(value)
             result.decisions.append((key, value))
-            by_partition.setdefault(partitions[j], []).append(
-                (click["click_id"], click["ts"], value)
-            )
+            by_partition.setdefault(partitions[j], []).append((ordered[j].stored_at, value))
             verdicts[decision["verdict"], features.slices[j]] += 1
             if self.log_features:
                 result.served_features.append(
@@ -240,7 +249,7 @@ class DecisionEngine:
         position = {i: j for j, i in enumerate(order)}
         for i in repeats:
             j = position[i]
-            result.decisions.append((clicks[j]["click_id"].encode(), values[j]))
+            result.decisions.append((keys[j], values[j]))
         if degraded:
             m.degraded.inc(len(clicks))
         m.late.inc(int(np.count_nonzero(features.late)))

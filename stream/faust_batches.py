@@ -42,8 +42,6 @@ class BatchDrain:
                 await self.sleep(0)  # getmany may return at once: let the loop run
                 if self.should_stop:
                     continue
-                # Both steps are methods so that no local here keeps a message alive
-                # while the next fetch waits for a rebalance to end (see _hand_over).
                 await self._hand_over(await self._fetch_batches())
                 if commit_every is not None and self._n_acked >= commit_every:
                     self._n_acked = 0
@@ -81,18 +79,21 @@ class BatchDrain:
     async def _hand_over(self, fetched: dict[str, list[Message]]) -> None:
         """Queue each topic's batch for its agent (waits while the agent is behind).
 
-        A rebalance suspends flow, and then Faust waits until every tracked message is
-        acknowledged or garbage (it tracks them in a ``WeakSet``). A batch that cannot be
-        queued before flow stops is therefore dropped, as Faust drops a message whose
-        delivery is cut short: holding it would deadlock the rebalance, and its clicks
-        are fetched again from the committed offsets afterwards. For the same reason
-        nothing may hold a message of a dropped batch: not this fetch loop (which then
-        waits for the rebalance to end), and not the agent (``app.decide`` drops its
-        reference to a stale batch).
+        A rebalance suspends flow and then waits for every tracked message to be acked.
+        A batch that cannot be queued before flow stops is dropped instead, as Faust
+        drops a per-message delivery that is cut short: its clicks are fetched again
+        from the committed offsets after the rebalance.
         """
         channels = self.app.batch_channels
         for topic, messages in fetched.items():
-            await self.wait_first(channels[topic].put(messages), self.suspend_flow.wait())
+            put = channels[topic].put(messages)
+            if put not in (await self.wait_first(put, self.suspend_flow.wait())).done:
+                self.untrack(messages)
+
+    def untrack(self, messages: list[Message]) -> None:
+        """Drop ``messages``: never acked, so never committed, and fetched again from the
+        committed offsets; a rebalance no longer waits for them (``wait_empty``)."""
+        self._unacked_messages.difference_update(messages)
 
 
 def _batching_transport(url: str) -> type:

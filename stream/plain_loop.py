@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from models.registry import ModelRegistry
     from stream.local_stack import resolve_endpoints
-    from stream.state import PartitionStores, RedisStore, ResilientStore, redis_client
+    from stream.state import PartitionStores, shared_ip_state
 
     parser = argparse.ArgumentParser(prog="python -m stream.plain_loop", description=__doc__)
     parser.add_argument("--max-clicks", type=int, default=None, help="stop after this many")
@@ -74,11 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     bootstrap, redis_url = resolve_endpoints(settings)
     settings = settings.replace(kafka_bootstrap=bootstrap, redis_url=redis_url)
     model = ModelRegistry(settings.registry).load(settings.model_version or None)
-    ip_state = ResilientStore(RedisStore(
-        redis_client(redis_url, settings.redis_password),
-        prefix=settings.redis_key_prefix + settings.topic_prefix,
-    ))  # fmt: skip
-    engine = DecisionEngine(model, PartitionStores(settings.home / "plain-state"), ip_state)
+    stores = PartitionStores(settings.home / "plain-state")
+    engine = DecisionEngine(model, stores, shared_ip_state(settings, redis_url))
     publisher = Publisher(settings, linger_ms=settings.decision_linger_ms)  # as the worker's
     try:
         decided = run_plain_loop(settings, engine, publisher, args.idle_s, args.max_clicks)

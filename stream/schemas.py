@@ -68,19 +68,23 @@ def _string(event: dict, name: str, required: bool) -> str | None:
     return value
 
 
-def _load(raw: bytes | str | dict | None) -> dict:
+def load_object(raw: bytes | str | dict | None, what: str = "event") -> dict:
+    """A message value as a JSON object (a dict passes through); ``InvalidEvent`` otherwise.
+
+    ``what`` names the value in the error ("event", "decision").
+    """
     if isinstance(raw, dict):
         return raw
     if raw is None:  # a Kafka message without a value (e.g. a tombstone)
         raise InvalidEvent("empty message (no value)")
     if len(raw) > MAX_EVENT_BYTES:
-        raise InvalidEvent(f"event is larger than {MAX_EVENT_BYTES} bytes ({len(raw)})")
+        raise InvalidEvent(f"{what} is larger than {MAX_EVENT_BYTES} bytes ({len(raw)})")
     try:
         event = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidEvent(f"not valid JSON: {exc}") from None
     if not isinstance(event, dict):
-        raise InvalidEvent(f"event must be a JSON object, got {type(event).__name__}")
+        raise InvalidEvent(f"{what} must be a JSON object, got {type(event).__name__}")
     return event
 
 
@@ -90,7 +94,7 @@ def parse_click(raw: bytes | str | dict | None) -> dict:
     Unknown fields are kept; ``session_id`` defaults to ``user_id``, ``user_agent`` to "",
     ``logged_in`` to false.
     """
-    event = _load(raw)
+    event = load_object(raw)
     for name in CLICK_REQUIRED:
         if name not in event or event[name] is None:
             raise InvalidEvent(f"missing required field {name!r}")
@@ -131,7 +135,7 @@ def parse_click(raw: bytes | str | dict | None) -> dict:
 
 def parse_purchase(raw: bytes | str | dict | None) -> dict:
     """A validated purchase dict (``ts`` as epoch seconds, ``amount`` as float or 0)."""
-    event = _load(raw)
+    event = load_object(raw)
     purchase = dict(event)
     for name in PURCHASE_REQUIRED:
         if name not in event or event[name] is None:

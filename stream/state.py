@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
@@ -38,6 +38,9 @@ from features.store import (
     expire_record,
 )
 from features.windows import DAY_S
+
+if TYPE_CHECKING:
+    from slidr.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +83,22 @@ class RocksStore(StateStore):
     def set_horizon(self, before: float) -> None:
         self._horizon = max(self._horizon, before)
 
-    def decided(self, click_id: str, ts: float) -> bytes | None:
-        """The decision already made for this click (after a crash or a redelivery)."""
-        return self.db.get(_decided_key(click_id, ts))
+    def decided(self, key: bytes) -> bytes | None:
+        """The decision already made for a click (after a crash or a redelivery), by its
+        ``decision_key``."""
+        return self.db.get(key)
 
-    def commit(self, decisions: Sequence[tuple[str, float, bytes]] = ()) -> None:
-        """Write the batch's state changes and decisions atomically."""
+    def commit(self, decisions: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """Write the batch's state changes and its ``(decision_key, decision)`` pairs
+        atomically."""
         batch = WriteBatch(raw_mode=True)
         for key, record in self._pending.items():
             if record:
                 batch.put(key, orjson.dumps(record))
             else:
                 batch.delete(key)
-        for click_id, ts, decision in decisions:
-            batch.put(_decided_key(click_id, ts), decision)
+        for key, decision in decisions:
+            batch.put(key, decision)
         self.db.write(batch)
         self._pending.clear()
 
@@ -125,7 +130,8 @@ class RocksStore(StateStore):
         self.db.close()
 
 
-def _decided_key(click_id: str, ts: float) -> bytes:
+def decision_key(click_id: str, ts: float) -> bytes:
+    """Where a click's decision is stored: by day first, so old days drop as a range."""
     return _DECIDED_PREFIX + f"{int(ts // DAY_S):06d}:{click_id}".encode()
 
 
@@ -286,3 +292,10 @@ class ResilientStore(StateStore):
 
     def expire(self, before: float) -> int:
         return self.fallback.expire(before)
+
+
+def shared_ip_state(settings: Settings, redis_url: str) -> ResilientStore:
+    """The worker's IP state: Redis under the settings' key and topic prefixes, with the
+    local fallback. Every engine that decides live clicks builds it here."""
+    client = redis_client(redis_url, settings.redis_password)
+    return ResilientStore(RedisStore(client, prefix=settings.redis_key_prefix + settings.topic_prefix))

@@ -196,43 +196,16 @@ def test_score_equals_the_per_event_path(
 def test_score_errors_are_one_line(
     trained: str, dirs: SimpleNamespace, capsys, tmp_path: Path
 ) -> None:
+    def score(data: Path, registry: Path = dirs.registry, out: str = "s.jsonl", *extra: str):
+        return run(capsys, "score", "--data", data, "--registry", registry, "--out", tmp_path / out, *extra)
+
     missing = tmp_path / "no-such-data"
-    args = ("--registry", dirs.registry, "--out", tmp_path / "s.jsonl")
-    assert_one_line_error(run(capsys, "score", "--data", missing, *args), "score", str(missing))
+    assert_one_line_error(score(missing), "score", str(missing))
+    assert_one_line_error(score(dirs.score, out="s.csv"), "score", ".jsonl or .parquet", "s.csv")
     assert_one_line_error(
-        run(
-            capsys,
-            "score",
-            "--data",
-            dirs.score,
-            "--registry",
-            dirs.registry,
-            "--out",
-            tmp_path / "s.csv",
-        ),
-        "score",
-        ".jsonl or .parquet",
-        "s.csv",
+        score(dirs.score, dirs.registry, "s.jsonl", "--model", "v0099"), "score", "no version 'v0099'"
     )
-    assert_one_line_error(
-        run(capsys, "score", "--data", dirs.score, "--model", "v0099", *args),
-        "score",
-        "no version 'v0099'",
-    )
-    assert_one_line_error(
-        run(
-            capsys,
-            "score",
-            "--data",
-            dirs.score,
-            "--registry",
-            tmp_path / "empty",
-            "--out",
-            tmp_path / "s.jsonl",
-        ),
-        "score",
-        "no active version",
-    )
+    assert_one_line_error(score(dirs.score, tmp_path / "empty"), "score", "no active version")
     assert not (tmp_path / "s.jsonl").exists() and not (tmp_path / "s.csv").exists()
 
 

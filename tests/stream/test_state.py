@@ -12,7 +12,14 @@ from features.store import GET, INCR, MAX, SADD, MemoryStore
 from features.windows import DAY_S
 from slidr.settings import Settings
 from stream.local_stack import free_port
-from stream.state import PartitionStores, RedisStore, ResilientStore, RocksStore, redis_client
+from stream.state import (
+    PartitionStores,
+    RedisStore,
+    ResilientStore,
+    RocksStore,
+    decision_key,
+    redis_client,
+)
 
 NOW = 1_762_041_600.0
 
@@ -62,13 +69,13 @@ def test_rocksdb_store_equals_memory_across_batches_and_reopening(tmp_path: Path
 def test_uncommitted_changes_do_not_survive_a_crash(tmp_path: Path) -> None:
     store = RocksStore(tmp_path / "p0")
     store.execute([(INCR, "u:a", "c1m:0", None, NOW + 600)], NOW)
-    store.commit([("click-1", NOW, b"decision")])
+    store.commit([(decision_key("click-1", NOW), b"decision")])
     store.execute([(INCR, "u:a", "c1m:0", None, NOW + 600)], NOW)  # never committed
     store.close()
     store = RocksStore(tmp_path / "p0")
     assert store.execute([(GET, "u:a", "c1m:0", None, 0.0)], NOW) == [1]
-    assert store.decided("click-1", NOW) == b"decision"
-    assert store.decided("click-2", NOW) is None
+    assert store.decided(decision_key("click-1", NOW)) == b"decision"
+    assert store.decided(decision_key("click-2", NOW)) is None
     store.close()
 
 
