@@ -254,25 +254,31 @@ class ClickFeaturizer:
             if p is not None and ts > seen:
                 marks[p] = ts
         now = self.watermark
+        # The shared store (Redis) answers while the user state and the stateless
+        # columns are computed here.
+        ip_pending = self.ip_store.submit(ip_ops, now)
         if partitions is None:
             user_res = {None: self.user_store.execute(user_ops.get(None, []), now)}
         else:
             user_res = self.user_store.execute_routed(user_ops, now)
-        ip_res = self.ip_store.execute(ip_ops, now)
         n = len(clicks)
-        state, agents, contexts, slices = [], [], [], []
+        agents, contexts, slices = [], [], []
         times = np.empty(n, dtype=np.float64)
         logged = np.empty(n, dtype=np.float64)
-        for row, (click, (p, uo, io)) in enumerate(zip(clicks, where, strict=True)):
+        for row, click in enumerate(clicks):
             ua = click.get("user_agent") or ""
             device = resolve_device(click.get("device"), ua)
             logged_in = bool(click.get("logged_in"))
             times[row] = click["ts"]
             logged[row] = logged_in
-            state.append(_state_counts(click["ts"], user_res[p], uo, ip_res, io))
             agents.append(agent_features(ua, device))
             contexts.append(context_features(click))
             slices.append(slice_of(device, logged_in))
+        ip_res = ip_pending()
+        state = [
+            _state_counts(click["ts"], user_res[p], uo, ip_res, io)
+            for click, (p, uo, io) in zip(clicks, where, strict=True)
+        ]
         # Column blocks at once (numpy), in FEATURE_NAMES order.
         matrix = np.empty((n, N_FEATURES), dtype=np.float32)
         if n:

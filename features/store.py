@@ -17,7 +17,7 @@ Results by kind:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 INCR, GET, SADD, MAX = 0, 1, 2, 3
@@ -49,6 +49,16 @@ class StateStore(ABC):
         Returns the number of fields removed. Called as the event-time watermark moves,
         so users who went quiet do not hold memory.
         """
+
+    def submit(self, ops: Sequence[Op], now: float = 0.0) -> Callable[[], list[Any]]:
+        """Start ``ops``; the returned function gives the results of ``execute``.
+
+        A store behind a network round trip (Redis) sends the ops here and reads the
+        answer when the function is called, so the caller can work meanwhile. This
+        default simply executes them now.
+        """
+        results = self.execute(ops, now)
+        return lambda: results
 
     def set_horizon(self, before: float) -> None:  # noqa: B027 - optional hook
         """Fields that expired before event time ``before`` may be dropped whenever the

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -231,7 +231,12 @@ def redis_client(url: str, password: str = "", timeout_s: float = 1.0) -> redis.
 
 
 class RedisStore(StateStore):
-    """IP-keyed state in Redis, shared by every worker; keys expire by TTL."""
+    """IP-keyed state in Redis, shared by every worker; keys expire by TTL.
+
+    ``submit`` writes the batch's script call and returns at once; the answer is read
+    when its result is asked for. Valkey runs the script (~9 ms for 500 clicks, on
+    another core) while the worker folds the same batch into its RocksDB state.
+    """
 
     def __init__(self, client: redis.Redis, prefix: str = "slidr:") -> None:
         self.client = client
@@ -239,24 +244,49 @@ class RedisStore(StateStore):
         self._script = client.register_script(_LUA)
 
     def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
+        return self.submit(ops, now)()
+
+    def submit(self, ops: Sequence[Op], now: float = 0.0) -> Callable[[], list[Any]]:
         if not ops:
-            return []
+            return list
         prefix = self.prefix
         args = [
             f"{kind}\x1f{0 if kind == GET else max(60, int(expire_at - now) + 1)}\x1f"
             f"{prefix}{entity}|{field}\x1f{arg if kind in (SADD, MAX) else ''}"
             for kind, entity, field, arg, expire_at in ops
         ]
-        out = self._script(args=args)
-        # INCR and SADD come back as integers; GET and MAX as stored strings (or None).
-        for i, value in enumerate(out):
-            if value is not None and type(value) is not int:
-                kind, _, field, _, _ = ops[i]
-                out[i] = float(value) if kind == MAX or field.startswith("last:") else int(value)
-        return out
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command("EVALSHA", self._script.sha, 0, *args)
+        except BaseException:
+            pool.release(conn)  # a failed send has already disconnected it
+            raise
+
+        def result() -> list[Any]:
+            try:
+                out = conn.read_response()
+            except redis.exceptions.NoScriptError:
+                # Redis lost its scripts (a restart): the script object loads it again.
+                pool.release(conn)
+                out = self._script(args=args)
+            else:
+                pool.release(conn)
+            # INCR and SADD come back as integers; GET and MAX as stored strings (or None).
+            for i, value in enumerate(out):
+                if value is not None and type(value) is not int:
+                    kind, _, field, _, _ = ops[i]
+                    out[i] = float(value) if kind == MAX or field.startswith("last:") else int(value)
+            return out
+
+        return result
 
     def expire(self, before: float) -> int:
         return 0  # Redis expires keys by their TTL
+
+
+# What an unreachable (or restarting) Redis raises.
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
 
 
 class ResilientStore(StateStore):
@@ -270,23 +300,42 @@ class ResilientStore(StateStore):
         self.primary = primary
         self.fallback = MemoryStore()
         self.retry_after_s = retry_after_s
-        self.degraded = False  # the last execute used the fallback
+        self.degraded = False  # the last batch used the fallback
         self._failed_at = -math.inf
 
     def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
+        return self.submit(ops, now)()
+
+    def submit(self, ops: Sequence[Op], now: float = 0.0) -> Callable[[], list[Any]]:
         if time.monotonic() - self._failed_at >= self.retry_after_s:
             try:
-                result = self.primary.execute(ops, now)
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as exc:
-                self._failed_at = time.monotonic()
-                if not self.degraded:
-                    log.warning("Redis unreachable (%s): deciding with local counters", exc)
+                pending = self.primary.submit(ops, now)
+            except _REDIS_DOWN as exc:
+                self._down(exc)
             else:
-                if self.degraded:
-                    log.warning("Redis is back: shared counters restored")
-                    self.fallback = MemoryStore()
-                self.degraded = False
+
+                def result() -> list[Any]:
+                    try:
+                        out = pending()
+                    except _REDIS_DOWN as exc:
+                        self._down(exc)
+                        return self._local(ops, now)
+                    if self.degraded:
+                        log.warning("Redis is back: shared counters restored")
+                        self.fallback = MemoryStore()
+                    self.degraded = False
+                    return out
+
                 return result
+        out = self._local(ops, now)
+        return lambda: out
+
+    def _down(self, exc: Exception) -> None:
+        self._failed_at = time.monotonic()
+        if not self.degraded:
+            log.warning("Redis unreachable (%s): deciding with local counters", exc)
+
+    def _local(self, ops: Sequence[Op], now: float) -> list[Any]:
         self.degraded = True
         return self.fallback.execute(ops, now)
 

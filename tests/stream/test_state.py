@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from features.store import GET, INCR, MAX, SADD, MemoryStore
 from features.windows import DAY_S
@@ -107,6 +108,35 @@ def test_resilient_store_degrades_without_redis_and_recovers(stream_settings: Se
     store.primary = RedisStore(redis_client(stream_settings.redis_url), prefix=f"test:{uuid.uuid4().hex}:")
     assert store.execute([(INCR, "i:x", "c1m:0", None, NOW + 600)], NOW) == [1]
     assert not store.degraded
+
+
+def test_redis_answers_are_read_later_in_any_order(stream_settings: Settings) -> None:
+    """``submit`` sends and returns; each batch's answer is its own, whenever it is read,
+    and a Redis that lost its scripts (a restart) gets the script again."""
+    client = redis_client(stream_settings.redis_url)
+    store = RedisStore(client, prefix=f"test:{uuid.uuid4().hex}:")
+    ops = random_ops(300, seed=3, entities=("i:1.1.1.1", "i:2.2.2.2"))
+    expected = MemoryStore().execute(ops, NOW)
+    first, second = store.submit(ops[:100], NOW), store.submit(ops[100:200], NOW)
+    assert second() == expected[100:200]
+    assert first() == expected[:100]
+    client.script_flush()
+    assert store.submit(ops[200:], NOW)() == expected[200:]
+
+
+def test_resilient_store_falls_back_when_the_answer_never_comes() -> None:
+    class LostAnswer(MemoryStore):  # the request went out; the connection then broke
+        def submit(self, ops, now=0.0):
+            def result():
+                raise redis.ConnectionError("connection reset by peer")
+
+            return result
+
+    store = ResilientStore(LostAnswer())
+    pending = store.submit([(INCR, "i:x", "c1m:0", None, NOW + 600)], NOW)
+    assert not store.degraded  # nothing known yet
+    assert pending() == [1]  # counted locally instead
+    assert store.degraded
 
 
 @pytest.mark.parametrize("kind", [INCR, SADD, MAX])
