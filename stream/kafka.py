@@ -10,8 +10,9 @@ broker; see FINDINGS.md) and are harmless on a real Kafka cluster:
   3.0 s at 6000 ms (2.0 s at 3000, 1.0 s at 2000); the wait repeats at every rebalance.
 - Tansu does not wake a long poll when data arrives, so ``fetch.wait.max.ms`` is short
   (``SLIDR_FETCH_WAIT_MS``, 20 by default). Measured produce -> consume round trip with
-  linger 10 ms / fetch wait 20 ms: one message at a time p50 12 ms, p99 18 ms; a steady
-  1,000 msg/s p50 17 ms, p99 27 ms.
+  linger 10 ms / fetch wait 20 ms, read as messages arrive (``stream.bench.arrived_now``):
+  a steady 2,000 msg/s for 30 s p50 15 ms, p99 31-33 ms, rising as the broker stores more
+  batches (FINDINGS.md). The same rate was p50 12-14 ms, p99 23-25 ms in its first 5 s.
 - Tansu creates any topic named in a metadata request or produce, with 4 partitions and
   no config. Clients here do not ask for auto-creation: topics come from
   ``ensure_topics`` only, so ``slidr.control`` keeps one partition and compaction.

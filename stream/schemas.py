@@ -31,9 +31,12 @@ class InvalidEvent(ValueError):
 
 def parse_ts(value: Any, field: str = "ts") -> float:
     """Event time as epoch seconds from a number or an RFC 3339 string."""
-    if isinstance(value, bool):
+    kind = type(value)
+    if kind is float or kind is int:  # the common case first (bool is not int here)
+        ts = float(value)
+    elif kind is bool:
         raise InvalidEvent(f"{field} must be a number or an RFC 3339 string, got a boolean")
-    if isinstance(value, int | float):
+    elif isinstance(value, int | float):
         ts = float(value)
     elif isinstance(value, str):
         text = value.strip()
@@ -98,7 +101,7 @@ def parse_click(raw: bytes | str | dict | None) -> dict:
     for name in CLICK_REQUIRED:
         if name not in event or event[name] is None:
             raise InvalidEvent(f"missing required field {name!r}")
-    click = dict(event)
+    click = dict(event) if event is raw else event  # never change a caller's dict
     click["ts"] = parse_ts(event["ts"])
     # Every click passes here: check the common case inline, and let ``_string`` find
     # and word the error when a value is not a short non-empty string.
@@ -125,10 +128,11 @@ def parse_click(raw: bytes | str | dict | None) -> dict:
         if not isinstance(context, dict):
             raise InvalidEvent("field 'context' must be an object of strings")
         for key, value in context.items():
-            if value is not None and not isinstance(value, str):
+            if value is None or (type(value) is str and len(value) <= MAX_FIELD_CHARS):
+                continue
+            if not isinstance(value, str):
                 raise InvalidEvent(f"context.{key} must be a string, got {type(value).__name__}")
-            if value is not None and len(value) > MAX_FIELD_CHARS:
-                raise InvalidEvent(f"context.{key} is longer than {MAX_FIELD_CHARS} characters")
+            raise InvalidEvent(f"context.{key} is longer than {MAX_FIELD_CHARS} characters")
         click["context"] = {k: v for k, v in context.items() if v is not None}
     return click
 

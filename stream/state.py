@@ -6,7 +6,9 @@
   the writes of a batch go in one ``WriteBatch`` together with the batch's decisions, so
   after a crash a click is either fully applied (and its decision is re-emitted as it
   was) or not at all.
-- ``RedisStore``: IP-keyed state shared by all workers, one Lua script call per batch.
+- ``RedisStore``: IP-keyed state shared by all workers, one Lua script call per batch,
+  sent before the user state is folded and read after it (``StateStore.submit``), so
+  Valkey's share of a batch no longer adds to the worker's.
 - ``ResilientStore``: Redis with an in-process fallback; while Redis is unreachable the
   worker keeps deciding with local counters and marks those decisions degraded.
 """
