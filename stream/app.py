@@ -244,11 +244,7 @@ def build_worker(settings: Settings) -> Worker:
                 app.consumer.untrack(fetched)
                 metrics.stale_batches.inc()
                 continue
-            messages = [
-                RawMessage(m.value, m.topic, m.partition, m.offset, int((m.timestamp or 0) * 1000))
-                for m in fetched
-            ]
-            result = engine.process(messages)
+            result = engine.process(fetched)  # Faust messages are SourceMessages
 
             def safe(fetched=fetched) -> None:
                 for m in fetched:
@@ -258,7 +254,7 @@ def build_worker(settings: Settings) -> Worker:
                 app.consumer.untrack(fetched)
 
             await acks.submit(result, safe, refused)
-            for msg in messages:
+            for msg in fetched:
                 last_offsets[msg.partition] = msg.offset
 
     @app.agent(purchases, name="purchases")

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import orjson
@@ -38,13 +38,23 @@ from stream.state import PartitionStores, ResilientStore, decision_key
 log = logging.getLogger(__name__)
 
 
+class SourceMessage(Protocol):
+    """What the engine reads of a consumed message. Faust's ``Message`` has these
+    attributes and goes in as it is; confluent-kafka messages are wrapped in
+    ``RawMessage``."""
+
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+
+
 @dataclass(frozen=True)
 class RawMessage:
     value: bytes | None
     topic: str
     partition: int
     offset: int
-    timestamp_ms: int = 0  # broker/producer timestamp, for latency only
 
 
 class Fresh(NamedTuple):
@@ -65,7 +75,7 @@ class BatchResult:
     model_version: str = ""
 
 
-def dead_letter(message: RawMessage, error: str) -> bytes:
+def dead_letter(message: SourceMessage, error: str) -> bytes:
     """The dead-letter record: original bytes (text when UTF-8, else base64) and why."""
     raw = message.value or b""
     try:
@@ -160,7 +170,7 @@ class DecisionEngine:
             self.metrics.model_swaps.inc()
             log.warning("model version %s -> %s", previous.version, self.model.version)
 
-    def process(self, messages: Sequence[RawMessage]) -> BatchResult:
+    def process(self, messages: Sequence[SourceMessage]) -> BatchResult:
         """Decide a micro-batch; state is committed before returning."""
         self._apply_swap()
         started = time.perf_counter()

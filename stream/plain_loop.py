@@ -39,7 +39,7 @@ def run_plain_loop(
         while True:
             batch = consumer.consume(settings.batch_size, settings.batch_wait_ms / 1000)
             messages = [
-                RawMessage(m.value(), m.topic(), m.partition(), m.offset(), m.timestamp()[1])
+                RawMessage(m.value(), m.topic(), m.partition(), m.offset())
                 for m in batch
                 if m.error() is None
             ]
