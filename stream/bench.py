@@ -62,6 +62,13 @@ def percentiles(values_s: list[float] | np.ndarray) -> dict:
     }
 
 
+def p99_by_sixth(values_s: list[float]) -> list[float]:
+    """p99 (ms) of each sixth of a run, in send order: shows whether latency grows."""
+    if len(values_s) < 6:
+        return []
+    return [round(float(np.percentile(part, 99)) * 1000, 1) for part in np.array_split(values_s, 6)]
+
+
 def arrived_now(consumer: Consumer, wait_s: float, most: int = 1000) -> list:
     """Messages already fetched, waiting up to ``wait_s`` for the first one only.
 
@@ -298,6 +305,7 @@ def bench_latency(
         "received": len(echo),
         "of": len(sent),
         **percentiles(echo),
+        "p99_by_sixth_ms": p99_by_sixth(echo),
     }
 
     # slidr: producer -> worker -> decisions, at the same rate.
@@ -339,6 +347,7 @@ def bench_latency(
         "decided": len(lat),
         "of": len(produced),
         **percentiles(lat),
+        "p99_by_sixth_ms": p99_by_sixth(lat),
     }
     if out["bare_round_trip"].get("p50_ms") is not None and lat:
         out["added_by_slidr_ms"] = {

@@ -19,4 +19,5 @@ def test_stream_bench_runs_every_part_on_tiny_sizes(stack) -> None:
     latency = report["latency"]
     assert latency["slidr_end_to_end"]["decided"] == latency["slidr_end_to_end"]["of"] > 0
     assert latency["bare_round_trip"]["received"] == latency["bare_round_trip"]["of"]
+    assert len(latency["slidr_end_to_end"]["p99_by_sixth_ms"]) == 6  # 400 clicks in sixths
     assert isinstance(settings, Settings)
