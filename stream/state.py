@@ -267,13 +267,13 @@ class RedisStore(StateStore):
 
         def result() -> list[Any]:
             try:
-                out = conn.read_response()
+                try:
+                    out = conn.read_response()
+                finally:
+                    pool.release(conn)  # after a failed read too: it is disconnected then
             except redis.exceptions.NoScriptError:
                 # Redis lost its scripts (a restart): the script object loads it again.
-                pool.release(conn)
                 out = self._script(args=args)
-            else:
-                pool.release(conn)
             # INCR and SADD come back as integers; GET and MAX as stored strings (or None).
             for i, value in enumerate(out):
                 if value is not None and type(value) is not int:

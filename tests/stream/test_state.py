@@ -124,6 +124,20 @@ def test_redis_answers_are_read_later_in_any_order(stream_settings: Settings) ->
     assert store.submit(ops[200:], NOW)() == expected[200:]
 
 
+def test_a_lost_answer_raises_and_gives_the_connection_back(stream_settings: Settings) -> None:
+    client = redis_client(stream_settings.redis_url)
+    store = RedisStore(client, prefix=f"test:{uuid.uuid4().hex}:")
+    pending = store.submit([(INCR, "i:x", "c1m:0", None, NOW + 600)], NOW)
+    pool = client.connection_pool
+    (conn,) = pool._in_use_connections
+    conn.disconnect()  # the connection breaks before the answer is read
+    with pytest.raises(redis.ConnectionError):
+        pending()
+    assert not pool._in_use_connections
+    # The next batch reconnects; the lost call may or may not have run on the server.
+    assert store.execute([(INCR, "i:x", "c1m:0", None, NOW + 600)], NOW)[0] in (1, 2)
+
+
 def test_resilient_store_falls_back_when_the_answer_never_comes() -> None:
     class LostAnswer(MemoryStore):  # the request went out; the connection then broke
         def submit(self, ops, now=0.0):
