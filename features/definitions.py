@@ -17,6 +17,7 @@ Counts enter the model as ``log1p(count)``. The vectorised offline path lives in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -257,23 +258,29 @@ class ClickFeaturizer:
         # The shared store (Redis) answers while the user state and the stateless
         # columns are computed here.
         ip_pending = self.ip_store.submit(ip_ops, now)
-        if partitions is None:
-            user_res = {None: self.user_store.execute(user_ops.get(None, []), now)}
-        else:
-            user_res = self.user_store.execute_routed(user_ops, now)
         n = len(clicks)
         agents, contexts, slices = [], [], []
         times = np.empty(n, dtype=np.float64)
         logged = np.empty(n, dtype=np.float64)
-        for row, click in enumerate(clicks):
-            ua = click.get("user_agent") or ""
-            device = resolve_device(click.get("device"), ua)
-            logged_in = bool(click.get("logged_in"))
-            times[row] = click["ts"]
-            logged[row] = logged_in
-            agents.append(agent_features(ua, device))
-            contexts.append(context_features(click))
-            slices.append(slice_of(device, logged_in))
+        try:
+            if partitions is None:
+                user_res = {None: self.user_store.execute(user_ops.get(None, []), now)}
+            else:
+                user_res = self.user_store.execute_routed(user_ops, now)
+            for row, click in enumerate(clicks):
+                ua = click.get("user_agent") or ""
+                device = resolve_device(click.get("device"), ua)
+                logged_in = bool(click.get("logged_in"))
+                times[row] = click["ts"]
+                logged[row] = logged_in
+                agents.append(agent_features(ua, device))
+                contexts.append(context_features(click))
+                slices.append(slice_of(device, logged_in))
+        except BaseException:
+            # Still read the answer: an unread one keeps its pooled Redis connection.
+            with contextlib.suppress(Exception):
+                ip_pending()
+            raise
         ip_res = ip_pending()
         state = [
             _state_counts(click["ts"], user_res[p], uo, ip_res, io)

@@ -54,8 +54,9 @@ class StateStore(ABC):
         """Start ``ops``; the returned function gives the results of ``execute``.
 
         A store behind a network round trip (Redis) sends the ops here and reads the
-        answer when the function is called, so the caller can work meanwhile. This
-        default simply executes them now.
+        answer when the function is called, so the caller can work meanwhile. Call it
+        exactly once, also when the caller's own work fails (an unread answer holds a
+        connection). This default simply executes the ops now.
         """
         results = self.execute(ops, now)
         return lambda: results

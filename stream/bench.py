@@ -63,7 +63,8 @@ def percentiles(values_s: list[float] | np.ndarray) -> dict:
 
 
 def p99_by_sixth(values_s: list[float]) -> list[float]:
-    """p99 (ms) of each sixth of a run, in send order: shows whether latency grows."""
+    """p99 (ms) of each sixth of the messages received, in send order: shows whether
+    latency grows during a run."""
     if len(values_s) < 6:
         return []
     return [round(float(np.percentile(part, 99)) * 1000, 1) for part in np.array_split(values_s, 6)]

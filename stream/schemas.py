@@ -129,10 +129,11 @@ def parse_click(raw: bytes | str | dict | None) -> dict:
             raise InvalidEvent("field 'context' must be an object of strings")
         for key, value in context.items():
             if value is None or (type(value) is str and len(value) <= MAX_FIELD_CHARS):
-                continue
+                continue  # the common case, checked first
             if not isinstance(value, str):
                 raise InvalidEvent(f"context.{key} must be a string, got {type(value).__name__}")
-            raise InvalidEvent(f"context.{key} is longer than {MAX_FIELD_CHARS} characters")
+            if len(value) > MAX_FIELD_CHARS:
+                raise InvalidEvent(f"context.{key} is longer than {MAX_FIELD_CHARS} characters")
         click["context"] = {k: v for k, v in context.items() if v is not None}
     return click
 

@@ -38,3 +38,10 @@ def test_defaults_and_a_callers_dict_left_alone() -> None:
     assert click["session_id"] == "u1" and click["user_agent"] == "" and click["logged_in"] is False
     assert click["context"] == {"q": "shoes"}
     assert given == {**CLICK, "context": {"q": "shoes", "empty": None}}  # unchanged
+
+
+def test_string_subclasses_in_a_callers_dict_are_strings() -> None:
+    class Text(str):
+        pass
+
+    assert parse_click({**CLICK, "context": {"q": Text("shoes")}})["context"] == {"q": "shoes"}

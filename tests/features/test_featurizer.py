@@ -1,0 +1,47 @@
+"""ClickFeaturizer's use of its stores, beyond the numbers (those are in test_parity)."""
+
+from __future__ import annotations
+
+import pytest
+
+from features.definitions import ClickFeaturizer
+from features.store import MemoryStore
+
+CLICK = {"click_id": "c1", "ts": 1_762_041_600.0, "user_id": "u1", "ip": "10.0.0.1"}
+
+
+class FailingUserState(MemoryStore):
+    def execute(self, ops, now=0.0):
+        raise RuntimeError("disk error")
+
+
+class WatchedSharedState(MemoryStore):
+    """Records whether the answer of each submitted batch was read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = []
+
+    def submit(self, ops, now=0.0):
+        pending = super().submit(ops, now)
+        self.read.append(False)
+
+        def result():
+            self.read[-1] = True
+            return pending()
+
+        return result
+
+
+def test_the_shared_answer_is_read_even_when_the_user_state_fails() -> None:
+    shared = WatchedSharedState()
+    featurizer = ClickFeaturizer(FailingUserState(), shared)
+    with pytest.raises(RuntimeError, match="disk error"):
+        featurizer.featurize([CLICK])
+    assert shared.read == [True]  # an unread Redis answer would keep its connection
+
+
+def test_the_shared_answer_is_read_once_per_batch() -> None:
+    shared = WatchedSharedState()
+    features = ClickFeaturizer(MemoryStore(), shared).featurize([CLICK, {**CLICK, "click_id": "c2"}])
+    assert shared.read == [True] and features.matrix.shape[0] == 2
