@@ -49,6 +49,26 @@ def machine() -> dict:
     }
 
 
+def cpu_probe_ms() -> float:
+    """Milliseconds for a fixed single-threaded workload of the kind the worker does
+    (dicts, strings, JSON), best of three. Timed at the start and the end of a run, it
+    tells machine drift (shared hosts vary by 20-30% within minutes) from code changes."""
+    record = {"click_id": "c", "ts": 1.5, "user_id": "u", "context": {"q": "shoes"}}
+
+    def work() -> None:
+        fields: dict[str, int] = {}
+        for i in range(20_000):
+            fields["c1m:" + str(i % 500)] = fields.get("c1m:" + str(i % 500), 0) + 1
+            orjson.loads(orjson.dumps(record))
+
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 1)
+
+
 def percentiles(values_s: list[float] | np.ndarray) -> dict:
     a = np.asarray(values_s, dtype=np.float64) * 1000.0
     if a.size == 0:
@@ -377,6 +397,7 @@ def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict
     from stream.local_stack import LocalStack
 
     report: dict = {"machine": machine(), "settings": {name: getattr(settings, name) for name in _TUNING}}
+    report["machine"]["cpu_probe_ms"] = {"start": cpu_probe_ms()}
     with tempfile.TemporaryDirectory(prefix="slidr-bench-") as tmp:
         work = Path(tmp)
         if options.offline:
@@ -389,6 +410,7 @@ def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict
                 options.offline_clicks, work / "offline", progress
             )
         if not options.stream:
+            report["machine"]["cpu_probe_ms"]["end"] = cpu_probe_ms()
             return report
         progress("stream: simulating and training a model for the stream benchmarks")
         per_day = max(8000, options.stream_clicks // 3)  # smaller days trip data guardrails
@@ -425,4 +447,5 @@ def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict
         finally:
             if stack is not None:
                 stack.down()
+    report["machine"]["cpu_probe_ms"]["end"] = cpu_probe_ms()
     return report

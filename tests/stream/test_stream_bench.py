@@ -11,6 +11,7 @@ def test_stream_bench_runs_every_part_on_tiny_sizes(stack) -> None:
     options = BenchOptions(stream_clicks=3000, rate=200.0, latency_seconds=2.0, offline=False)
     report = run_bench(settings, options, progress=lambda _m: None)
     assert report["machine"]["cores"] >= 1
+    assert set(report["machine"]["cpu_probe_ms"]) == {"start", "end"}  # drift check
     path = report["scoring_path"]
     assert path["batch_500"]["per_click"]["n"] > 0 and path["batch_1"]["per_click"]["n"] > 0
     throughput = report["throughput"]
