@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,8 @@ def machine() -> dict:
 
 def cpu_probe_ms() -> float:
     """Milliseconds for a fixed single-threaded workload of the kind the worker does
-    (dicts, strings, JSON), best of three. Timed at the start and the end of a run, it
-    tells machine drift (shared hosts vary by 20-30% within minutes) from code changes."""
+    (dicts, strings, JSON), best of three. Timed around each benchmark phase, it tells
+    machine drift (shared hosts vary by 20-30% within minutes) from code changes."""
     record = {"click_id": "c", "ts": 1.5, "user_id": "u", "context": {"q": "shoes"}}
 
     def work() -> None:
@@ -67,6 +68,15 @@ def cpu_probe_ms() -> float:
         work()
         best = min(best, time.perf_counter() - started)
     return round(best * 1000, 1)
+
+
+def _probed(phase: Callable[[], dict]) -> dict:
+    """Run a benchmark phase with ``cpu_probe_ms`` before and after it in its result:
+    a figure taken while the probe moved was taken on a drifting machine."""
+    before = cpu_probe_ms()
+    result = phase()
+    result["cpu_probe_ms"] = {"before": before, "after": cpu_probe_ms()}
+    return result
 
 
 def percentiles(values_s: list[float] | np.ndarray) -> dict:
@@ -397,7 +407,6 @@ def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict
     from stream.local_stack import LocalStack
 
     report: dict = {"machine": machine(), "settings": {name: getattr(settings, name) for name in _TUNING}}
-    report["machine"]["cpu_probe_ms"] = {"start": cpu_probe_ms()}
     with tempfile.TemporaryDirectory(prefix="slidr-bench-") as tmp:
         work = Path(tmp)
         if options.offline:
@@ -410,7 +419,6 @@ def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict
                 options.offline_clicks, work / "offline", progress
             )
         if not options.stream:
-            report["machine"]["cpu_probe_ms"]["end"] = cpu_probe_ms()
             return report
         progress("stream: simulating and training a model for the stream benchmarks")
         per_day = max(8000, options.stream_clicks // 3)  # smaller days trip data guardrails
@@ -431,21 +439,24 @@ def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict
             )
         try:
             progress("stream: scoring path in process")
-            report["scoring_path"] = bench_scoring_path(
-                settings, registry, work / "data", options.stream_clicks
+            report["scoring_path"] = _probed(
+                lambda: bench_scoring_path(settings, registry, work / "data", options.stream_clicks)
             )
             progress(f"stream: throughput on a backlog of {options.stream_clicks:,} clicks")
-            report["throughput"] = bench_throughput(
-                settings, registry, work / "data", options.stream_clicks, work, options.transports
+            report["throughput"] = _probed(
+                lambda: bench_throughput(
+                    settings, registry, work / "data", options.stream_clicks, work, options.transports
+                )
             )
             progress(
                 f"stream: end-to-end latency at {options.rate:,.0f} clicks/s for {options.latency_seconds:.0f} s"
             )
-            report["latency"] = bench_latency(
-                settings, registry, work / "data", options.rate, options.latency_seconds, work
+            report["latency"] = _probed(
+                lambda: bench_latency(
+                    settings, registry, work / "data", options.rate, options.latency_seconds, work
+                )
             )
         finally:
             if stack is not None:
                 stack.down()
-    report["machine"]["cpu_probe_ms"]["end"] = cpu_probe_ms()
     return report
