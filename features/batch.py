@@ -116,7 +116,7 @@ def _static_block(cols: ClickColumns, devices: np.ndarray) -> np.ndarray:
     """Time, login, user-agent and device features; agent parsing once per distinct pair."""
     n = len(cols)
     out = np.empty((n, _STATIC_WIDTH), dtype=np.float64)
-    out[:, :_TIME_WIDTH] = time_features(cols.ts, cols.logged_in.astype(np.float64))
+    out[:, :_TIME_WIDTH] = time_features(cols.ts, cols.logged_in)
     agents, devs, inverse = _distinct_pairs(cols.user_agent, devices)
     table = np.array(
         [agent_features(a, d) for a, d in zip(agents, devs, strict=True)],

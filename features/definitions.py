@@ -17,7 +17,6 @@ Counts enter the model as ``log1p(count)``. The vectorised offline path lives in
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -77,7 +76,8 @@ def slice_of(device: str, logged_in: bool) -> str:
 
 
 def time_features(ts: np.ndarray, logged_in: np.ndarray) -> np.ndarray:
-    """Hour of day and day of week on the unit circle (UTC), and logged-in status.
+    """Hour of day and day of week on the unit circle (UTC), and logged-in status
+    (booleans or 0/1).
 
     Vectorised (float64 [n, 5]); both the worker and the offline path call it.
     """
@@ -119,7 +119,6 @@ _COUNT_PLAN = tuple(
 _DISTINCT_PLAN = tuple(
     (s.entity == "user", s.window.seconds, f"d{s.member}{s.window.name}:", s.member) for s in DISTINCTS
 )
-
 
 
 def _result_positions() -> tuple[tuple[tuple[bool, int], ...], int, tuple[tuple[bool, int], ...]]:
@@ -276,12 +275,9 @@ class ClickFeaturizer:
                 agents.append(agent_features(ua, device))
                 contexts.append(context_features(click))
                 slices.append(slice_of(device, logged_in))
-        except BaseException:
-            # Still read the answer: an unread one keeps its pooled Redis connection.
-            with contextlib.suppress(Exception):
-                ip_pending()
-            raise
-        ip_res = ip_pending()
+        finally:
+            # Read even when the work above failed: an unread answer holds a connection.
+            ip_res = ip_pending()
         state = [
             _state_counts(click["ts"], user_res[p], uo, ip_res, io)
             for click, (p, uo, io) in zip(clicks, where, strict=True)

@@ -39,7 +39,6 @@ from slidr.settings import Settings
 from stream.engine import (
     BatchResult,
     DecisionEngine,
-    RawMessage,
     dead_letter,
     tune_garbage_collector,
 )
@@ -265,9 +264,7 @@ def build_worker(settings: Settings) -> Worker:
             dead = BatchResult()
             for e in events:
                 metrics.purchases_in.inc()
-                message = RawMessage(
-                    e.message.value, e.message.topic, e.message.partition, e.message.offset
-                )
+                message = e.message  # a SourceMessage, as the clicks' are
                 try:
                     rfm.add(parse_purchase(message.value))
                 except InvalidEvent as exc:

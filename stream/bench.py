@@ -157,15 +157,16 @@ def bench_scoring_path(settings: Settings, registry: Path, data: Path, clicks: i
     return out
 
 
-class DecisionWatcher(threading.Thread):
-    """Reads ``decisions`` from offset 0 and notes when each click's decision arrived."""
+class ArrivalWatcher(threading.Thread):
+    """Reads a topic (``decisions`` by default) from offset 0 and notes when each key
+    (a decision's ``click_id``) arrived."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, topic: str = DECISIONS, label: str = "watch") -> None:
         super().__init__(daemon=True)
-        self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}-watch"))
-        topic = settings.topic(DECISIONS)
-        parts = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        self.consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+        self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}-{label}"))
+        name = settings.topic(topic)
+        parts = self.consumer.list_topics(name, timeout=10).topics[name].partitions
+        self.consumer.assign([TopicPartition(name, p, 0) for p in parts])
         self.arrived: dict[str, float] = {}
         self.stop = threading.Event()
 
@@ -174,7 +175,7 @@ class DecisionWatcher(threading.Thread):
             messages = arrived_now(self.consumer, 0.05)
             now = time.time()  # one clock read per fetch: the watcher shares the CPUs
             for msg in messages:
-                if msg.error() is None:  # decisions are keyed by click_id
+                if msg.error() is None:
                     self.arrived.setdefault(msg.key().decode(), now)
         self.consumer.close()
 
@@ -241,7 +242,7 @@ def _decide_backlog(
     clicks/s from the first decision (after the group join) to the last."""
     s = _unique(settings, label)
     clicks = produce_dataset(s, data, limit=clicks, progress=False).clicks  # the data may hold fewer
-    watcher = DecisionWatcher(s)
+    watcher = ArrivalWatcher(s)
     watcher.start()
     proc = start_worker(s, registry, workdir / f"home-{label}", workdir / f"worker-{label}.log",
                         transport, command)  # fmt: skip
@@ -299,37 +300,21 @@ def bench_latency(
     out = {}
     # Bare round trip: produce -> consume through the same broker, same client settings.
     s = _unique(settings, "echo")
-    topic = s.topic("clicks")
-    consumer = Consumer(consumer_config(s, f"{s.group_id}-echo"))
-    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, 0) for p in parts])
-    producer = Producer(producer_config(s))
-    sent: dict[bytes, float] = {}
-    received: dict[bytes, float] = {}
-    stop = threading.Event()
-
-    def drain() -> None:
-        while not stop.is_set():
-            messages = arrived_now(consumer, 0.05)
-            now = time.time()
-            for msg in messages:
-                if msg.error() is None:
-                    received.setdefault(msg.key(), now)
-
-    reader = threading.Thread(target=drain, daemon=True)
+    topic = s.topic(CLICKS)
+    reader = ArrivalWatcher(s, CLICKS, label="echo")
     reader.start()
+    producer = Producer(producer_config(s))
+    sent: dict[str, float] = {}
     for i in _paced(rate, seconds):
-        key = str(i).encode()
+        key = str(i)
         sent[key] = time.time()
-        producer.produce(topic, key=key, value=b"x" * 300)
+        producer.produce(topic, key=key.encode(), value=b"x" * 300)
         producer.poll(0)
     producer.flush(30)
-    deadline = time.monotonic() + 30
-    while len(received) < len(sent) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stop.set()
+    reader.wait_for(len(sent), 30)
+    reader.stop.set()
     reader.join(5)
-    consumer.close()
+    received = reader.arrived
     echo = [received[k] - t for k, t in sent.items() if k in received]
     out["bare_round_trip"] = {
         "rate": rate,
@@ -342,7 +327,7 @@ def bench_latency(
     # slidr: producer -> worker -> decisions, at the same rate.
     s = _unique(settings, "latency")
     cols = load_dataset(data).clicks
-    watcher = DecisionWatcher(s)
+    watcher = ArrivalWatcher(s)
     watcher.start()
     proc = start_worker(s, registry, workdir / "latency-home", workdir / "latency-worker.log")
     producer = Producer(producer_config(s))

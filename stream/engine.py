@@ -222,8 +222,7 @@ class DecisionEngine:
         thresholds = model.thresholds_for(features.slices)
         decided_at = time.time()
         by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
-        keys: list[bytes] = []
-        values: list[bytes] = []
+        published: list[tuple[bytes, bytes]] = []  # (click_id, decision), in ``clicks`` order
         verdicts: Counter = Counter()  # (verdict, slice): one metric update per pair
         for j, click in enumerate(clicks):
             decision = decision_record(
@@ -235,9 +234,7 @@ class DecisionEngine:
                 decision["customer_rfm"] = self.rfm.score(click["customer_id"], click["ts"])
             value = orjson.dumps(decision)
             key = click["click_id"].encode()
-            keys.append(key)
-            values.append(value)
-            result.decisions.append((key, value))
+            published.append((key, value))
             by_partition.setdefault(partitions[j], []).append((ordered[j].stored_at, value))
             verdicts[decision["verdict"], features.slices[j]] += 1
             if self.log_features:
@@ -255,11 +252,10 @@ class DecisionEngine:
                 )
         for (verdict, slice_name), n in verdicts.items():
             m.decisions_out.labels(verdict=verdict, slice=slice_name).inc(n)
+        result.decisions.extend(published)
         # A click repeated within the batch gets the first copy's decision.
         position = {i: j for j, i in enumerate(order)}
-        for i in repeats:
-            j = position[i]
-            result.decisions.append((keys[j], values[j]))
+        result.decisions.extend(published[position[i]] for i in repeats)
         if degraded:
             m.degraded.inc(len(clicks))
         m.late.inc(int(np.count_nonzero(features.late)))

@@ -56,18 +56,25 @@ def parse_ts(value: Any, field: str = "ts") -> float:
     return ts
 
 
+def _check_string(value: Any, label: str, required: bool = False) -> None:
+    """Raise ``InvalidEvent`` unless ``value`` is a string of at most ``MAX_FIELD_CHARS``
+    (and not empty when ``required``). Every string error is worded here; the per-click
+    path tests the common case inline and calls this only when that test fails."""
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{label} must be a string, got {type(value).__name__}")
+    if required and not value:
+        raise InvalidEvent(f"{label} must not be empty")
+    if len(value) > MAX_FIELD_CHARS:
+        raise InvalidEvent(f"{label} is longer than {MAX_FIELD_CHARS} characters")
+
+
 def _string(event: dict, name: str, required: bool) -> str | None:
     value = event.get(name)
     if value is None:
         if required:
             raise InvalidEvent(f"missing required field {name!r}")
         return None
-    if not isinstance(value, str):
-        raise InvalidEvent(f"field {name!r} must be a string, got {type(value).__name__}")
-    if required and not value:
-        raise InvalidEvent(f"field {name!r} must not be empty")
-    if len(value) > MAX_FIELD_CHARS:
-        raise InvalidEvent(f"field {name!r} is longer than {MAX_FIELD_CHARS} characters")
+    _check_string(value, f"field {name!r}", required)
     return value
 
 
@@ -103,18 +110,17 @@ def parse_click(raw: bytes | str | dict | None) -> dict:
             raise InvalidEvent(f"missing required field {name!r}")
     click = dict(event) if event is raw else event  # never change a caller's dict
     click["ts"] = parse_ts(event["ts"])
-    # Every click passes here: check the common case inline, and let ``_string`` find
-    # and word the error when a value is not a short non-empty string.
+    # Every click passes here: the common case is tested inline (see _check_string).
     for name in _CLICK_ID_FIELDS:
         value = event[name]
         if type(value) is not str or not value or len(value) > MAX_FIELD_CHARS:
-            _string(event, name, required=True)
+            _check_string(value, f"field {name!r}", required=True)
     for name in CLICK_STRINGS:
         value = event.get(name)
         if value is None:
             click.pop(name, None)
         elif type(value) is not str or len(value) > MAX_FIELD_CHARS:
-            _string(event, name, required=False)
+            _check_string(value, f"field {name!r}")
     click["session_id"] = click.get("session_id") or click["user_id"]
     click["user_agent"] = click.get("user_agent") or ""
     logged_in = event.get("logged_in", False)
@@ -128,12 +134,8 @@ def parse_click(raw: bytes | str | dict | None) -> dict:
         if not isinstance(context, dict):
             raise InvalidEvent("field 'context' must be an object of strings")
         for key, value in context.items():
-            if value is None or (type(value) is str and len(value) <= MAX_FIELD_CHARS):
-                continue  # the common case, checked first
-            if not isinstance(value, str):
-                raise InvalidEvent(f"context.{key} must be a string, got {type(value).__name__}")
-            if len(value) > MAX_FIELD_CHARS:
-                raise InvalidEvent(f"context.{key} is longer than {MAX_FIELD_CHARS} characters")
+            if value is not None and (type(value) is not str or len(value) > MAX_FIELD_CHARS):
+                _check_string(value, f"context.{key}")
         click["context"] = {k: v for k, v in context.items() if v is not None}
     return click
 
