@@ -12,7 +12,7 @@ broker; see FINDINGS.md) and are harmless on a real Kafka cluster:
   (``SLIDR_FETCH_WAIT_MS``, 20 by default). Measured produce -> consume round trip with
   linger 10 ms / fetch wait 20 ms, read as messages arrive (``stream.bench.arrived_now``):
   a steady 2,000 msg/s for 30 s p50 15 ms, p99 31-33 ms, rising as the broker stores more
-  batches (FINDINGS.md). The same rate was p50 12-14 ms, p99 23-25 ms in its first 5 s.
+  batches (FINDINGS.md). The same rate was p50 12-13 ms, p99 22-23 ms in its first 5 s.
   A longer linger means fewer batches and a flatter tail (``Settings.linger_ms``).
 - Tansu creates any topic named in a metadata request or produce, with 4 partitions and
   no config. Clients here do not ask for auto-creation: topics come from
