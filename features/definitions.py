@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.context import HASH_DIM, click_tokens, token_slot
-from features.store import GET, INCR, MAX, SADD, Op, StateStore
+from features.store import Row, RowPlan, StateStore
 from features.useragent import (
     BROWSERS,
     DEVICES,
@@ -111,33 +111,47 @@ def context_features(click: dict) -> list[float]:
     return vec
 
 
-# The window specs flattened for the per-event hot path; field names and expiry follow
-# Window.bucket / Window.expire_at (the batch path uses those directly).
-_COUNT_PLAN = tuple(
-    (s.entity == "user", s.window.seconds, f"c{s.window.name}:", s.previous) for s in COUNTS
-)
-_DISTINCT_PLAN = tuple(
-    (s.entity == "user", s.window.seconds, f"d{s.member}{s.window.name}:", s.member) for s in DISTINCTS
-)
+# What each click asks of its user's state and of its IP's state (see RowPlan). Members
+# of a user row are (ip, session); of an IP row (user, session).
+_MEMBERS = {"user": ("ip", "session"), "ip": ("user", "session")}
+
+
+def state_plan(entity: str, lateness_s: float) -> RowPlan:
+    """The plan of one entity ("user" or "ip"): its COUNTS and DISTINCTS, and for users
+    the time of the last click (for the gap)."""
+    return RowPlan(
+        counts=tuple(
+            (s.window.seconds, f"c{s.window.name}:", s.previous) for s in COUNTS if s.entity == entity
+        ),
+        last_seen=entity == "user",
+        distincts=tuple(
+            (s.window.seconds, f"d{s.member}{s.window.name}:", _MEMBERS[entity].index(s.member))
+            for s in DISTINCTS
+            if s.entity == entity
+        ),
+        lateness_s=lateness_s,
+    )
 
 
 def _result_positions() -> tuple[tuple[tuple[bool, int], ...], int, tuple[tuple[bool, int], ...]]:
-    """Where each state column's value sits among one click's op results.
+    """Where each state column's value sits among one click's results.
 
-    ``add_ops`` emits a fixed sequence per click, so positions are known in advance:
-    (count columns as (from user ops?, position)), position of the user's "last click
+    A row's results follow its plan (``RowPlan``), so positions are known in advance:
+    (count columns as (from the user row?, position)), position of the user's "last click
     today" (yesterday's follows it), (distinct columns likewise).
     """
     n = {True: 0, False: 0}
     counts = []
-    for is_user, _, _, previous in _COUNT_PLAN:
-        for _ in range(1 + previous):
+    for spec in COUNTS:
+        is_user = spec.entity == "user"
+        for _ in range(1 + spec.previous):
             counts.append((is_user, n[is_user]))
             n[is_user] += 1
     last_at = n[True]
     n[True] += 2
     distincts = []
-    for is_user, *_ in _DISTINCT_PLAN:
+    for spec in DISTINCTS:
+        is_user = spec.entity == "user"
         distincts.append((is_user, n[is_user]))
         n[is_user] += 1
     return tuple(counts), last_at, tuple(distincts)
@@ -148,7 +162,7 @@ _COUNT_AT, _LAST_AT, _DISTINCT_AT = _result_positions()
 
 def _state_counts(ts: float, user_res: list, uo: int, ip_res: list, io: int) -> list[float]:
     """A click's state columns before ``log1p`` (counts, and the gap in seconds) from its
-    op results, which start at ``uo`` in ``user_res`` and ``io`` in ``ip_res``."""
+    rows' results, which start at ``uo`` in ``user_res`` and ``io`` in ``ip_res``."""
     # A missing previous bucket counts 0; current-bucket counts are at least 1.
     values = [(user_res[uo + j] if u else ip_res[io + j]) or 0 for u, j in _COUNT_AT]
     previous = user_res[uo + _LAST_AT]
@@ -187,6 +201,8 @@ class ClickFeaturizer:
         self.user_store = user_store
         self.ip_store = ip_store
         self.lateness = allowed_lateness_s
+        self.user_plan = state_plan("user", allowed_lateness_s)
+        self.ip_plan = state_plan("ip", allowed_lateness_s)
         self.min_sweep_interval_s = min_sweep_interval_s
         self._swept_at = -math.inf  # monotonic clock
         self.watermark = -math.inf  # newest event time seen
@@ -195,34 +211,6 @@ class ClickFeaturizer:
         self.partition_watermarks: dict[int, float] = {}
         self._expired_up_to = -math.inf
 
-    def add_ops(self, click: dict, user_ops: list[Op], ip_ops: list[Op]) -> None:
-        """Append one click's state operations to ``user_ops`` and ``ip_ops``.
-
-        Runs for every click in the worker: the window specs are flattened into plans
-        once (``_COUNT_PLAN``, ``_DISTINCT_PLAN``), so this loop does arithmetic and
-        string joins only. The order of the ops is fixed; ``_state_counts`` reads the
-        results by position.
-        """
-        ts = click["ts"]
-        late = self.lateness
-        user_id = click["user_id"]
-        user = "u:" + user_id
-        ip = "i:" + click["ip"]
-        members = {"user": user_id, "ip": click["ip"], "session": click.get("session_id") or user_id}
-        for is_user, seconds, prefix, previous in _COUNT_PLAN:
-            b = int(ts // seconds)
-            ent, out = (user, user_ops) if is_user else (ip, ip_ops)
-            out.append((INCR, ent, prefix + str(b), None, (b + 2) * seconds + late))
-            if previous:
-                out.append((GET, ent, prefix + str(b - 1), None, 0.0))
-        day = int(ts // DAY_S)
-        user_ops.append((MAX, user, f"last:{day}", ts, (day + 2) * DAY_S + late))
-        user_ops.append((GET, user, f"last:{day - 1}", None, 0.0))
-        for is_user, seconds, prefix, member in _DISTINCT_PLAN:
-            b = int(ts // seconds)
-            ent, out = (user, user_ops) if is_user else (ip, ip_ops)
-            out.append((SADD, ent, prefix + str(b), members[member], (b + 2) * seconds + late))
-
     def featurize(
         self, clicks: Sequence[dict], partitions: Sequence[int] | None = None
     ) -> ClickFeatures:
@@ -230,21 +218,25 @@ class ClickFeaturizer:
 
         With ``partitions`` (the Kafka partition of each click), user-keyed state is
         routed to that partition's store: ``user_store`` must then offer
-        ``execute_routed({partition: ops}, now) -> {partition: results}``.
+        ``execute_routed_rows(plan, {partition: rows}, now) -> {partition: results}``.
         """
-        user_ops: dict[int | None, list[Op]] = {}  # by partition, in click order
-        ip_ops: list[Op] = []
-        where = []  # per click: (partition, offset of its user ops, offset of its ip ops)
+        user_rows: dict[int | None, list[Row]] = {}  # by partition, in click order
+        ip_rows: list[Row] = []
+        user_width, ip_width = self.user_plan.width, self.ip_plan.width
+        where = []  # per click: (partition, offset of its user results, of its ip results)
         late_flags = []
         marks = self.partition_watermarks
         for k, click in enumerate(clicks):
             p = partitions[k] if partitions is not None else None
-            ops = user_ops.get(p)
-            if ops is None:
-                ops = user_ops[p] = []
-            where.append((p, len(ops), len(ip_ops)))
-            self.add_ops(click, ops, ip_ops)
+            rows = user_rows.get(p)
+            if rows is None:
+                rows = user_rows[p] = []
+            where.append((p, len(rows) * user_width, k * ip_width))
             ts = click["ts"]
+            user_id, ip = click["user_id"], click["ip"]
+            session = click.get("session_id") or user_id
+            rows.append(("u:" + user_id, ts, (ip, session)))
+            ip_rows.append(("i:" + ip, ts, (user_id, session)))
             # Late within its own partition: partitions may be consumed at different
             # event times without any click being late.
             seen = marks.get(p, -math.inf) if p is not None else self.watermark
@@ -256,16 +248,17 @@ class ClickFeaturizer:
         now = self.watermark
         # The shared store (Redis) answers while the user state and the stateless
         # columns are computed here.
-        ip_pending = self.ip_store.submit(ip_ops, now)
+        ip_pending = self.ip_store.submit_rows(self.ip_plan, ip_rows, now)
         n = len(clicks)
         agents, contexts, slices = [], [], []
         times = np.empty(n, dtype=np.float64)
         logged = np.empty(n, dtype=np.float64)
         try:
             if partitions is None:
-                user_res = {None: self.user_store.execute(user_ops.get(None, []), now)}
+                rows = user_rows.get(None, [])
+                user_res = {None: self.user_store.execute_rows(self.user_plan, rows, now)}
             else:
-                user_res = self.user_store.execute_routed(user_ops, now)
+                user_res = self.user_store.execute_routed_rows(self.user_plan, user_rows, now)
             for row, click in enumerate(clicks):
                 ua = click.get("user_agent") or ""
                 device = resolve_device(click.get("device"), ua)

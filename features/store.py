@@ -6,6 +6,11 @@ Lua script; RocksDB reads and writes each entity's record once). Operations addr
 *field* of an *entity* (``u:<user_id>`` or ``i:<ip>``) and carry the event time after
 which the field may be forgotten.
 
+Most ops come from a *plan* applied to many rows (``RowPlan``): every click asks the same
+questions of its user and of its IP. A store may run a plan directly instead of its
+expanded ops (RocksDB folds each row in one pass, Redis builds the keys in Lua), but the
+results are always those of ``RowPlan.expand`` run through ``apply_op``.
+
 Results by kind:
 
 - ``INCR``: the field's new count (a missing field counts from 0);
@@ -18,7 +23,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from features.windows import DAY_S
 
 INCR, GET, SADD, MAX = 0, 1, 2, 3
 
@@ -29,6 +37,105 @@ INCR, GET, SADD, MAX = 0, 1, 2, 3
 #   expire_at: event time (epoch seconds) after which the field may go
 Op = tuple  # (int, str, str, Any, float)
 ENTITY = 1  # position of the entity in an op (stores group ops by it)
+
+
+# A row of a plan: (entity, event time, members) with members in the plan's order.
+Row = tuple  # (str, float, tuple[str, ...])
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """The ops that every row (a click, for one of its entities) applies, in this order:
+
+    1. per count ``(seconds, field_prefix, previous)``: INCR of the row's tumbling bucket
+       ``field_prefix + str(int(ts // seconds))``, then with ``previous`` a GET of the
+       bucket before it;
+    2. with ``last_seen``: MAX of ``last:<day>`` with the event time, then a GET of the
+       previous day's ``last:`` field;
+    3. per distinct ``(seconds, field_prefix, member)``: SADD of ``members[member]`` to
+       the row's bucket.
+
+    A bucket's fields expire two buckets after it starts, plus ``lateness_s``: the next
+    bucket still reads it as its previous one.
+    """
+
+    counts: tuple[tuple[int, str, bool], ...]
+    last_seen: bool
+    distincts: tuple[tuple[int, str, int], ...]
+    lateness_s: float
+
+    @property
+    def width(self) -> int:
+        """Ops (and results) per row."""
+        return sum(1 + previous for _, _, previous in self.counts) + 2 * self.last_seen + len(self.distincts)
+
+    def expand_row(self, row: Row) -> list[Op]:
+        entity, ts, members = row
+        late = self.lateness_s
+        ops: list[Op] = []
+        for seconds, prefix, previous in self.counts:
+            b = int(ts // seconds)
+            ops.append((INCR, entity, prefix + str(b), None, (b + 2) * seconds + late))
+            if previous:
+                ops.append((GET, entity, prefix + str(b - 1), None, 0.0))
+        if self.last_seen:
+            day = int(ts // DAY_S)
+            ops.append((MAX, entity, f"last:{day}", ts, (day + 2) * DAY_S + late))
+            ops.append((GET, entity, f"last:{day - 1}", None, 0.0))
+        for seconds, prefix, member in self.distincts:
+            b = int(ts // seconds)
+            ops.append((SADD, entity, prefix + str(b), members[member], (b + 2) * seconds + late))
+        return ops
+
+    def expand(self, rows: Sequence[Row]) -> list[Op]:
+        return [op for row in rows for op in self.expand_row(row)]
+
+
+def apply_plan(record: dict[str, list], plan: RowPlan, ts: float, members: tuple, out: list) -> None:
+    """Apply one row's plan to its entity's record, appending one result per op to
+    ``out``: the results of ``apply_op`` over ``plan.expand_row``, without building the
+    ops (this runs ~10 ops per click in the worker)."""
+    late = plan.lateness_s
+    get = record.get
+    for seconds, prefix, previous in plan.counts:
+        b = int(ts // seconds)
+        field = prefix + str(b)
+        slot = get(field)
+        if slot is None:
+            record[field] = [1, (b + 2) * seconds + late]
+            out.append(1)
+        else:
+            slot[0] += 1
+            out.append(slot[0])
+        if previous:
+            slot = get(prefix + str(b - 1))
+            out.append(None if slot is None else slot[0])
+    if plan.last_seen:
+        day = int(ts // DAY_S)
+        field = f"last:{day}"
+        slot = get(field)
+        if slot is None:
+            record[field] = [ts, (day + 2) * DAY_S + late]
+            out.append(None)
+        else:
+            out.append(slot[0])
+            if ts > slot[0]:
+                slot[0] = ts
+        slot = get(f"last:{day - 1}")
+        out.append(None if slot is None else slot[0])
+    for seconds, prefix, member in plan.distincts:
+        b = int(ts // seconds)
+        field = prefix + str(b)
+        slot = get(field)
+        value = members[member]
+        if slot is None:
+            record[field] = [[value], (b + 2) * seconds + late]
+            out.append(1)
+        else:
+            values = slot[0]
+            if value not in values:
+                values.append(value)
+            out.append(len(values))
 
 
 class StateStore(ABC):
@@ -59,6 +166,17 @@ class StateStore(ABC):
         connection). This default simply executes the ops now.
         """
         results = self.execute(ops, now)
+        return lambda: results
+
+    def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
+        """Apply ``plan`` to every row: the results of ``execute(plan.expand(rows))``."""
+        return self.execute(plan.expand(rows), now)
+
+    def submit_rows(
+        self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0
+    ) -> Callable[[], list[Any]]:
+        """``execute_rows`` started now and read later, as ``submit`` is."""
+        results = self.execute_rows(plan, rows, now)
         return lambda: results
 
     def set_horizon(self, before: float) -> None:  # noqa: B027 - optional hook
@@ -125,6 +243,16 @@ class MemoryStore(StateStore):
             if record is None:
                 record = records[op[ENTITY]] = {}
             results.append(apply_op(record, op))
+        return results
+
+    def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
+        records = self._records
+        results: list[Any] = []
+        for entity, ts, members in rows:
+            record = records.get(entity)
+            if record is None:
+                record = records[entity] = {}
+            apply_plan(record, plan, ts, members, results)
         return results
 
     def expire(self, before: float) -> int:

@@ -11,7 +11,7 @@ CLICK = {"click_id": "c1", "ts": 1_762_041_600.0, "user_id": "u1", "ip": "10.0.0
 
 
 class FailingUserState(MemoryStore):
-    def execute(self, ops, now=0.0):
+    def execute_rows(self, plan, rows, now=0.0):
         raise RuntimeError("disk error")
 
 
@@ -22,8 +22,8 @@ class WatchedSharedState(MemoryStore):
         super().__init__()
         self.read = []
 
-    def submit(self, ops, now=0.0):
-        pending = super().submit(ops, now)
+    def submit_rows(self, plan, rows, now=0.0):
+        pending = super().submit_rows(plan, rows, now)
         self.read.append(False)
 
         def result():

@@ -82,14 +82,17 @@ def test_counters_see_what_they_claim() -> None:
 
 
 class _RoutedMemory(MemoryStore):
-    """Per-partition memory stores behind the worker's ``execute_routed`` interface."""
+    """Per-partition memory stores behind the worker's ``execute_routed_rows`` interface."""
 
     def __init__(self) -> None:
         super().__init__()
         self.partitions: dict[int, MemoryStore] = {}
 
-    def execute_routed(self, ops: dict, now: float = 0.0) -> dict:
-        return {p: self.partitions.setdefault(p, MemoryStore()).execute(o, now) for p, o in ops.items()}
+    def execute_routed_rows(self, plan, rows: dict, now: float = 0.0) -> dict:
+        return {
+            p: self.partitions.setdefault(p, MemoryStore()).execute_rows(plan, r, now)
+            for p, r in rows.items()
+        }
 
 
 def test_routing_user_state_by_partition_changes_no_feature() -> None:
