@@ -8,12 +8,15 @@ Two ways to know a batch is safe before its offsets are committed (at least once
 - ``send_tracked``: return at once and call back when the broker has acknowledged every
   message of *this* batch. The worker uses it so that deciding the next batch overlaps
   the broker round trip of the previous one (``AckPipeline``).
+
+Delivery reports are served by whoever calls ``Producer.poll``: here always the thread
+that produces (the worker's event loop). A thread of its own would take the interpreter
+lock once per report, 500 times a batch, from a loop that needs it for everything else.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Iterable
 
 from confluent_kafka import Producer
@@ -52,8 +55,6 @@ class Publisher:
         self.dlq_topic = settings.topic(CLICKS_DLQ)
         self.features_topic = settings.topic(FEATURES_SERVED)
         self._errors: list[str] = []
-        self._poller: threading.Thread | None = None
-        self._stop = threading.Event()
 
     def _on_delivery(self, err, _msg) -> None:
         if err is not None:
@@ -68,11 +69,8 @@ class Publisher:
                 try:
                     produce(topic, value=value, key=key, on_delivery=on_delivery)
                     break
-                except BufferError:  # local queue full: let librdkafka drain it
-                    if self._poller is None:
-                        self.producer.poll(0.05)
-                    else:  # the delivery thread polls
-                        self._stop.wait(0.005)
+                except BufferError:  # local queue full: serve reports while it drains
+                    self.producer.poll(0.05)
 
     def _send(self, result: BatchResult, on_delivery) -> None:
         self._produce(self.decisions_topic, result.decisions, on_delivery)
@@ -94,29 +92,20 @@ class Publisher:
 
     def send_tracked(self, result: BatchResult, done: Callable[[str | None], None]) -> None:
         """Queue a batch and call ``done(None)``, or ``done(first error)``, once the broker
-        has answered for every message of it. ``done`` runs on the delivery thread
-        (``start_polling``), or at once for a batch with nothing to send."""
+        has answered for every message of it. ``done`` runs inside a later ``poll``
+        (``serve``), or at once for a batch with nothing to send."""
         count = len(result.decisions) + len(result.dead_letters) + len(result.served_features)
         if count == 0:
             done(None)
             return
         self._send(result, _BatchDelivery(count, done).report)
 
-    def start_polling(self) -> None:
-        """Serve delivery reports on a thread of their own (needed by ``send_tracked``)."""
-
-        def serve() -> None:
-            while not self._stop.is_set():
-                self.producer.poll(0.05)
-
-        self._poller = threading.Thread(target=serve, name="slidr-deliveries", daemon=True)
-        self._poller.start()
+    def serve(self) -> None:
+        """Run the delivery reports (and ``send_tracked`` callbacks) that have arrived."""
+        self.producer.poll(0)
 
     def close(self, timeout_s: float = 10.0) -> None:
         self.producer.flush(timeout_s)
-        self._stop.set()
-        if self._poller is not None:
-            self._poller.join(5)
 
 
 class AckPipeline:
@@ -124,7 +113,8 @@ class AckPipeline:
     on the event loop once the broker acknowledged all of its messages.
 
     The worker decides batch N+1 while batch N's decisions travel; at most
-    ``max_in_flight`` batches are unacknowledged at a time. A refused message stops
+    ``max_in_flight`` batches are unacknowledged at a time. Reports are served on the
+    loop: after each submit, and every ``serve_every_s`` by a task of the pipeline. A refused message stops
     the pipeline: ``on_failure`` is called, later ``submit`` calls raise
     ``DeliveryError``, and that batch is never marked safe, so its offsets are never
     committed and it is decided again after a restart.
@@ -132,15 +122,17 @@ class AckPipeline:
 
     def __init__(
         self, publisher: Publisher, max_in_flight: int = 8,
-        on_failure: Callable[[DeliveryError], None] | None = None,
+        on_failure: Callable[[DeliveryError], None] | None = None, serve_every_s: float = 0.005,
     ) -> None:  # fmt: skip
         self.publisher = publisher
         self.max_in_flight = max_in_flight
+        self.serve_every_s = serve_every_s
         self.on_failure = on_failure  # runs on the loop at the first refused batch
         self.in_flight = 0
         self.failure: str | None = None
         self._room = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Task | None = None
 
     async def submit(
         self, result: BatchResult, on_safe: Callable[[], None],
@@ -149,7 +141,7 @@ class AckPipeline:
         """Queue ``result``; ``on_safe()`` (or ``on_failed(reason)``) runs on this loop later."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            self.publisher.start_polling()
+            self._server = self._loop.create_task(self._serve())
         while self.in_flight >= self.max_in_flight and self.failure is None:
             self._room.clear()
             await self._room.wait()
@@ -158,10 +150,18 @@ class AckPipeline:
         self.in_flight += 1
         loop = self._loop
 
-        def done(error: str | None) -> None:  # on the delivery thread
-            loop.call_soon_threadsafe(self._settle, error, on_safe, on_failed)
+        def done(error: str | None) -> None:  # inside the producer's poll, on this loop
+            if not loop.is_closed():  # a flush after the loop ended settles nothing
+                loop.call_soon(self._settle, error, on_safe, on_failed)
 
         self.publisher.send_tracked(result, done)
+        self.publisher.serve()
+
+    async def _serve(self) -> None:
+        serve, pause = self.publisher.serve, self.serve_every_s
+        while True:
+            serve()
+            await asyncio.sleep(pause)
 
     async def publish(self, result: BatchResult) -> None:
         """Queue ``result`` and wait until the broker acknowledged all of it."""
