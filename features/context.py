@@ -23,9 +23,29 @@ def token_slot(field: str, value: str) -> tuple[int, float]:
     return h % HASH_DIM, (1.0 if (h >> 16) & 1 else -1.0)
 
 
-def click_tokens(click: dict) -> list[tuple[str, str]]:
-    """The (field, value) pairs of a click that the encoding hashes; empty values skipped."""
-    tokens = [(f, click[f]) for f in CONTEXT_FIELDS if click.get(f)]
-    context = click.get("context") or {}
-    tokens.extend((f"context.{k}", v) for k, v in context.items() if v)
-    return tokens
+@functools.lru_cache(maxsize=65_536)
+def context_slot(key: str, value: str) -> tuple[int, float]:
+    """``token_slot`` of ``context.<key>=value``, without formatting the field per click."""
+    return token_slot(f"context.{key}", value)
+
+
+def context_vector(click: dict) -> list[float]:
+    """The hashed encoding of one click: every present field's sign added to its slot.
+
+    Empty values are skipped. Runs per click in the worker; the offline path hashes each
+    distinct value once (features/batch.py) and must agree (tests/features/test_parity.py).
+    """
+    vec = [0.0] * HASH_DIM
+    get = click.get
+    for field in CONTEXT_FIELDS:
+        value = get(field)
+        if value:
+            slot, sign = token_slot(field, value)
+            vec[slot] += sign
+    context = get("context")
+    if context:
+        for key, value in context.items():
+            if value:
+                slot, sign = context_slot(key, value)
+                vec[slot] += sign
+    return vec

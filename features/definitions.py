@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from features.context import HASH_DIM, click_tokens, token_slot
+from features.context import HASH_DIM, context_vector
 from features.store import Row, RowPlan, StateStore
 from features.useragent import (
     BROWSERS,
@@ -101,14 +101,6 @@ def agent_features(user_agent: str, device: str) -> tuple[float, ...]:
     row.extend(1.0 if ua.os == o else 0.0 for o in OPERATING_SYSTEMS)
     row.extend(1.0 if ua.browser == b else 0.0 for b in BROWSERS)
     return tuple(row)
-
-
-def context_features(click: dict) -> list[float]:
-    vec = [0.0] * HASH_DIM
-    for field, value in click_tokens(click):
-        slot, sign = token_slot(field, value)
-        vec[slot] += sign
-    return vec
 
 
 # What each click asks of its user's state and of its IP's state (see RowPlan). Members
@@ -266,7 +258,7 @@ class ClickFeaturizer:
                 times[row] = click["ts"]
                 logged[row] = logged_in
                 agents.append(agent_features(ua, device))
-                contexts.append(context_features(click))
+                contexts.append(context_vector(click))
                 slices.append(slice_of(device, logged_in))
         finally:
             # Read even when the work above failed: an unread answer holds a connection.

@@ -224,14 +224,15 @@ class DecisionEngine:
         by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
         published: list[tuple[bytes, bytes]] = []  # (click_id, decision), in ``clicks`` order
         verdicts: Counter = Counter()  # (verdict, slice): one metric update per pair
+        rfm = self.rfm.scores(clicks) if self.rfm is not None else None
         for j, click in enumerate(clicks):
             decision = decision_record(
                 click["click_id"], click["ts"], scores[j], thresholds[j], features.slices[j],
                 model.version, features.matrix[j], decided_at, degraded,
             )  # fmt: skip
             decision["late"] = features.late[j]
-            if self.rfm is not None and click.get("customer_id"):
-                decision["customer_rfm"] = self.rfm.score(click["customer_id"], click["ts"])
+            if rfm is not None and click.get("customer_id"):
+                decision["customer_rfm"] = rfm[j]
             value = orjson.dumps(decision)
             key = click["click_id"].encode()
             published.append((key, value))
