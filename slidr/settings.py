@@ -47,7 +47,8 @@ class Settings:
     # Producer lingers. Tansu's fetches slow down as a partition's stored batches pile
     # up (FINDINGS.md), so fewer, larger batches keep the end-to-end tail flat: at
     # 2,000 clicks/s for 30 s, click linger 5 / 10 / 20 / 30 ms gave p99 223 / 85-103 /
-    # 83-84 / 80-85 ms, and decision linger 10 / 20 / 30 gave 88 / 83-84 / 87 (README).
+    # 83-84 / 80-85 ms, and decision linger 5 / 10 / 20 gave 106-127 / 88-96 / 77-85
+    # (README).
     # On a real Kafka a few ms is the better choice for both.
     linger_ms: int = 20  # every producer but the worker's decisions (slidr produce, replay, bench)
     decision_linger_ms: int = 20  # the worker's decisions
