@@ -159,9 +159,12 @@ class AckPipeline:
 
     async def _serve(self) -> None:
         serve, pause = self.publisher.serve, self.serve_every_s
-        while True:
-            serve()
-            await asyncio.sleep(pause)
+        try:
+            while True:
+                serve()
+                await asyncio.sleep(pause)
+        except Exception as exc:  # a report callback raised: no batch can be confirmed now
+            self._fail(f"serving delivery reports failed: {exc!r}")
 
     async def publish(self, result: BatchResult) -> None:
         """Queue ``result`` and wait until the broker acknowledged all of it."""
@@ -181,10 +184,15 @@ class AckPipeline:
             on_safe()
         else:
             reason = f"the broker refused a message: {error}"
-            first = self.failure is None
-            self.failure = self.failure or reason
             if on_failed is not None:
                 on_failed(reason)
-            if first and self.on_failure is not None:
-                self.on_failure(DeliveryError(reason))
+            self._fail(reason)
+        self._room.set()
+
+    def _fail(self, reason: str) -> None:
+        """Stop the pipeline: later submits raise, ``on_failure`` runs once."""
+        first = self.failure is None
+        self.failure = self.failure or reason
+        if first and self.on_failure is not None:
+            self.on_failure(DeliveryError(reason))
         self._room.set()

@@ -72,3 +72,31 @@ def test_a_refused_batch_is_never_safe_and_stops_the_pipeline(stream_settings: S
     finally:
         publisher.close(timeout_s=0)  # nothing left worth flushing
     assert safe == []
+
+
+def test_a_failure_to_serve_reports_stops_the_pipeline(stream_settings: Settings) -> None:
+    """Were serving delivery reports to fail, no batch could be confirmed again: the
+    pipeline stops (and the worker with it) instead of waiting forever."""
+    publisher = Publisher(stream_settings)
+    stopped: list[DeliveryError] = []
+    pipeline = AckPipeline(publisher, on_failure=stopped.append)
+
+    producer = publisher.producer
+
+    class FailingPoll:  # as a delivery callback raising inside poll would
+        def poll(self, _timeout: float) -> int:
+            raise RuntimeError("callback failed")
+
+    async def run() -> None:
+        await pipeline.publish(BatchResult(decisions=[(b"k", b"{}")]))  # serving works
+        publisher.producer = FailingPoll()
+        await asyncio.sleep(0.05)  # the serving task meets the failure
+        with pytest.raises(DeliveryError, match="serving delivery reports failed"):
+            await pipeline.submit(BatchResult(decisions=[(b"k2", b"{}")]), lambda: None)
+
+    try:
+        asyncio.run(run())
+    finally:
+        publisher.producer = producer
+        publisher.close()
+    assert len(stopped) == 1
