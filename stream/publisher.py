@@ -155,16 +155,21 @@ class AckPipeline:
                 loop.call_soon(self._settle, error, on_safe, on_failed)
 
         self.publisher.send_tracked(result, done)
-        self.publisher.serve()
+        if not self._serve_now():
+            raise DeliveryError(self.failure)
 
     async def _serve(self) -> None:
-        serve, pause = self.publisher.serve, self.serve_every_s
+        while self._serve_now():
+            await asyncio.sleep(self.serve_every_s)
+
+    def _serve_now(self) -> bool:
+        """Serve the reports that are in; False (and the pipeline stopped) if that fails."""
         try:
-            while True:
-                serve()
-                await asyncio.sleep(pause)
+            self.publisher.serve()
         except Exception as exc:  # a report callback raised: no batch can be confirmed now
             self._fail(f"serving delivery reports failed: {exc!r}")
+            return False
+        return True
 
     async def publish(self, result: BatchResult) -> None:
         """Queue ``result`` and wait until the broker acknowledged all of it."""
@@ -180,14 +185,16 @@ class AckPipeline:
         on_failed: Callable[[str], None] | None,
     ) -> None:  # fmt: skip
         self.in_flight -= 1
-        if error is None:
-            on_safe()
-        else:
-            reason = f"the broker refused a message: {error}"
-            if on_failed is not None:
-                on_failed(reason)
-            self._fail(reason)
-        self._room.set()
+        try:
+            if error is None:
+                on_safe()
+            else:
+                reason = f"the broker refused a message: {error}"
+                if on_failed is not None:
+                    on_failed(reason)
+                self._fail(reason)
+        finally:
+            self._room.set()  # a submit waiting for room must not wait forever
 
     def _fail(self, reason: str) -> None:
         """Stop the pipeline: later submits raise, ``on_failure`` runs once."""

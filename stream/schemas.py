@@ -8,6 +8,7 @@ raises ``InvalidEvent`` whose message is the reason written to the dead-letter t
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +24,10 @@ CLICK_STRINGS = (
 )  # fmt: skip
 PURCHASE_REQUIRED = ("purchase_id", "ts", "user_id")
 _CLICK_ID_FIELDS = ("click_id", "user_id", "ip")
+# Ids that name feature state: the shared store's batch format separates fields with
+# ASCII control characters, so an id holding one would count under another entity.
+_STATE_KEY_FIELDS = ("user_id", "ip", "session_id")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class InvalidEvent(ValueError):
@@ -122,6 +127,15 @@ def parse_click(raw: bytes | str | dict | None) -> dict:
         elif type(value) is not str or len(value) > MAX_FIELD_CHARS:
             _check_string(value, f"field {name!r}")
     click["session_id"] = click.get("session_id") or click["user_id"]
+    for name in _STATE_KEY_FIELDS:
+        value = click[name]
+        # isprintable() is a fast C check that passes almost every id; what it rejects
+        # beyond ASCII control characters (e.g. a zero-width space) is allowed.
+        if not value.isprintable() and _CONTROL.search(value):
+            raise InvalidEvent(
+                f"field {name!r} contains a control character "
+                f"({_CONTROL.search(value).group()!r})"
+            )
     click["user_agent"] = click.get("user_agent") or ""
     logged_in = event.get("logged_in", False)
     if logged_in is None:

@@ -379,6 +379,10 @@ class RedisStore(StateStore):
             return list
         args = [repr(float(now)), repr(float(plan.lateness_s)), self.prefix, _plan_arg(plan)]
         args.extend("\x1f".join((repr(ts), entity, *members)) for entity, ts, members in rows)
+        separators = 1 + len(rows[0][2])
+        for arg in args[4:]:
+            if arg.count("\x1f") != separators:  # parse_click keeps control characters out
+                raise ValueError(f"a state key or member contains \\x1f: {arg!r}")
         read = self._send(self._rows_script, args)
         if not plan.last_seen:
             return read  # counts and set sizes: integers (or None) as they come

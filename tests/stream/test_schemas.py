@@ -25,11 +25,19 @@ def test_event_time_as_number_or_rfc3339(ts, expected) -> None:
      ({"ts": -1}, "out of range"), ({"user_id": 7}, "'user_id' must be a string"),
      ({"context": {"q": 3}}, "context.q must be a string"),
      ({"context": {"q": "x" * (MAX_FIELD_CHARS + 1)}}, "context.q is longer"),
-     ({"logged_in": "yes"}, "'logged_in' must be a boolean")],
+     ({"logged_in": "yes"}, "'logged_in' must be a boolean"),
+     ({"ip": "10.0.0.1\x1fx"}, "'ip' contains a control character"),
+     ({"session_id": "s\x00"}, "'session_id' contains a control character"),
+     ({"user_id": "u\x7f"}, "'user_id' contains a control character")],
 )  # fmt: skip
 def test_invalid_clicks_say_why(change: dict, reason: str) -> None:
     with pytest.raises(InvalidEvent, match=reason):
         parse_click(orjson.dumps({**CLICK, **change}))
+
+
+def test_ids_may_hold_any_printable_text() -> None:
+    click = parse_click({**CLICK, "user_id": "ü user\u200b", "session_id": "s 1", "query": "a\tb"})
+    assert click["user_id"] == "ü user\u200b" and click["query"] == "a\tb"
 
 
 def test_defaults_and_a_callers_dict_left_alone() -> None:

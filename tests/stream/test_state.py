@@ -232,3 +232,11 @@ def test_redis_keys_get_a_time_to_live(stream_settings: Settings, kind: int) -> 
     arg = {INCR: None, SADD: "m", MAX: NOW}[kind]
     RedisStore(client, prefix=prefix).execute([(kind, "i:x", "f", arg, NOW + 3600)], NOW)
     assert 3000 < client.ttl(f"{prefix}i:x|f") <= 3601
+
+
+def test_redis_rows_refuse_the_separator_instead_of_miscounting(stream_settings: Settings) -> None:
+    # parse_click sends such clicks to the DLQ; the store still refuses to split them.
+    store = RedisStore(redis_client(stream_settings.redis_url), prefix=f"test:{uuid.uuid4().hex}:")
+    with pytest.raises(ValueError, match="contains"):
+        store.submit_rows(PLANS["ip"], [("i:1.2.3.4", NOW, ("bob\x1fx", "s1"))], NOW)
+    assert store.submit_rows(PLANS["ip"], [("i:1.2.3.4", NOW, ("bob", "s1"))], NOW)()[0] == 1
