@@ -126,27 +126,25 @@ def state_plan(entity: str, lateness_s: float) -> RowPlan:
 
 
 def _result_positions() -> tuple[tuple[tuple[bool, int], ...], int, tuple[tuple[bool, int], ...]]:
-    """Where each state column's value sits among one click's results.
-
-    A row's results follow its plan (``RowPlan``), so positions are known in advance:
-    (count columns as (from the user row?, position)), position of the user's "last click
-    today" (yesterday's follows it), (distinct columns likewise).
-    """
-    n = {True: 0, False: 0}
-    counts = []
+    """Where each state column's value sits among one click's results, from the plans'
+    own layout (``RowPlan.offsets``): (count columns as (from the user row?, position)),
+    position of the user's "last click today" (yesterday's follows it), (distinct
+    columns likewise). The plans list each entity's specs in COUNTS/DISTINCTS order."""
+    offsets = {entity: state_plan(entity, 0.0).offsets() for entity in ("user", "ip")}
+    counts: list[tuple[bool, int]] = []
+    nth = {"user": 0, "ip": 0}
     for spec in COUNTS:
-        is_user = spec.entity == "user"
-        for _ in range(1 + spec.previous):
-            counts.append((is_user, n[is_user]))
-            n[is_user] += 1
-    last_at = n[True]
-    n[True] += 2
+        at = offsets[spec.entity][0][nth[spec.entity]]
+        nth[spec.entity] += 1
+        counts.append((spec.entity == "user", at))
+        if spec.previous:
+            counts.append((spec.entity == "user", at + 1))
+    nth = {"user": 0, "ip": 0}
     distincts = []
     for spec in DISTINCTS:
-        is_user = spec.entity == "user"
-        distincts.append((is_user, n[is_user]))
-        n[is_user] += 1
-    return tuple(counts), last_at, tuple(distincts)
+        distincts.append((spec.entity == "user", offsets[spec.entity][2][nth[spec.entity]]))
+        nth[spec.entity] += 1
+    return tuple(counts), offsets["user"][1], tuple(distincts)
 
 
 _COUNT_AT, _LAST_AT, _DISTINCT_AT = _result_positions()

@@ -1,17 +1,16 @@
-"""Where feature state lives: a small interface and the in-memory implementation.
+"""Where feature state lives: a small interface, the reference semantics, and the
+in-memory implementation.
 
-Features ask for state through a list of primitive operations, executed in order. One
-list per micro-batch lets a backend answer it in one round trip (Redis runs it as one
-Lua script; RocksDB reads and writes each entity's record once). Operations address a
-*field* of an *entity* (``u:<user_id>`` or ``i:<ip>``) and carry the event time after
-which the field may be forgotten.
+Every click asks the same questions of its user and of its IP, so state is requested as
+*rows* under a *plan* (``RowPlan``): a row is one click for one entity (``u:<user_id>``
+or ``i:<ip>``), and the plan says which fields of that entity it counts, reads and adds
+to. One call per micro-batch lets a backend answer it in one round trip (Redis runs it
+as one Lua script; RocksDB reads and writes each entity's record once).
 
-Most ops come from a *plan* applied to many rows (``RowPlan``): every click asks the same
-questions of its user and of its IP. A store may run a plan directly instead of its
-expanded ops (RocksDB folds each row in one pass, Redis builds the keys in Lua), but the
-results are always those of ``RowPlan.expand`` run through ``apply_op``.
-
-Results by kind:
+What a plan means is defined by the primitive operations it expands to
+(``RowPlan.expand``), applied in order by ``apply_op``. Every store returns exactly
+those results; ``MemoryStore.execute`` runs the ops themselves, as the reference the
+tests compare stores with. Results by kind:
 
 - ``INCR``: the field's new count (a missing field counts from 0);
 - ``GET``: the field's value, or ``None``;
@@ -31,12 +30,10 @@ from features.windows import DAY_S
 INCR, GET, SADD, MAX = 0, 1, 2, 3
 
 
-# An operation is a plain tuple (kind, entity, field, arg, expire_at): building ~16 of
-# them per click is on the hot path, and a plain tuple is 3x cheaper than a NamedTuple.
+# An operation is a plain tuple (kind, entity, field, arg, expire_at):
 #   arg: SADD the member, MAX the value, unused otherwise
 #   expire_at: event time (epoch seconds) after which the field may go
 Op = tuple  # (int, str, str, Any, float)
-ENTITY = 1  # position of the entity in an op (stores group ops by it)
 
 
 # A row of a plan: (entity, event time, members) with members in the plan's order.
@@ -64,10 +61,23 @@ class RowPlan:
     distincts: tuple[tuple[int, str, int], ...]
     lateness_s: float
 
+    def offsets(self) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+        """Where each step's first result sits among a row's results: per count (its
+        previous bucket follows it), the last-seen time (yesterday's follows it), per
+        distinct."""
+        counts, at = [], 0
+        for _, _, previous in self.counts:
+            counts.append(at)
+            at += 1 + previous
+        last_seen_at = at
+        at += 2 * self.last_seen
+        return tuple(counts), last_seen_at, tuple(range(at, at + len(self.distincts)))
+
     @property
     def width(self) -> int:
         """Ops (and results) per row."""
-        return sum(1 + previous for _, _, previous in self.counts) + 2 * self.last_seen + len(self.distincts)
+        _, last_seen_at, _ = self.offsets()
+        return last_seen_at + 2 * self.last_seen + len(self.distincts)
 
     def expand_row(self, row: Row) -> list[Op]:
         entity, ts, members = row
@@ -142,10 +152,11 @@ class StateStore(ABC):
     """Keyed feature state. Implementations: memory (here), RocksDB and Redis (stream/)."""
 
     @abstractmethod
-    def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
-        """Apply ``ops`` in order; return one result per op (see the module docstring).
+    def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
+        """Apply ``plan`` to every row in order; the results of ``apply_op`` over
+        ``plan.expand(rows)``, ``plan.width`` per row.
 
-        ``now`` is the newest event time seen, for stores that turn ``expire_at`` into a
+        ``now`` is the newest event time seen, for stores that turn expiry times into a
         time-to-live (Redis).
         """
 
@@ -157,25 +168,16 @@ class StateStore(ABC):
         so users who went quiet do not hold memory.
         """
 
-    def submit(self, ops: Sequence[Op], now: float = 0.0) -> Callable[[], list[Any]]:
-        """Start ``ops``; the returned function gives the results of ``execute``.
-
-        A store behind a network round trip (Redis) sends the ops here and reads the
-        answer when the function is called, so the caller can work meanwhile. Call it
-        exactly once, also when the caller's own work fails (an unread answer holds a
-        connection). This default simply executes the ops now.
-        """
-        results = self.execute(ops, now)
-        return lambda: results
-
-    def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
-        """Apply ``plan`` to every row: the results of ``execute(plan.expand(rows))``."""
-        return self.execute(plan.expand(rows), now)
-
     def submit_rows(
         self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0
     ) -> Callable[[], list[Any]]:
-        """``execute_rows`` started now and read later, as ``submit`` is."""
+        """Start ``execute_rows``; the returned function gives its results.
+
+        A store behind a network round trip (Redis) sends the rows here and reads the
+        answer when the function is called, so the caller can work meanwhile. Call it
+        exactly once, also when the caller's own work fails (an unread answer holds a
+        connection). This default simply executes the rows now.
+        """
         results = self.execute_rows(plan, rows, now)
         return lambda: results
 
@@ -190,7 +192,7 @@ class StateStore(ABC):
 def apply_op(record: dict[str, list], op: Op) -> Any:
     """Apply one op to an entity record ``{field: [value, expire_at]}``; return its result.
 
-    Shared by the memory and RocksDB stores so both give identical answers.
+    The reference semantics of every store (see the module docstring).
     """
     kind, _, field, arg, expire_at = op
     slot = record.get(field)
@@ -230,20 +232,16 @@ def expire_record(record: dict[str, list], before: float) -> int:
 
 
 class MemoryStore(StateStore):
-    """State in a dict: the offline path, unit tests, and the worker's Redis fallback."""
+    """State in a dict: the offline path, unit tests, the worker's Redis fallback, and
+    (``execute``) the reference that runs plain ops."""
 
     def __init__(self) -> None:
         self._records: dict[str, dict[str, list]] = {}
 
-    def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
+    def execute(self, ops: Sequence[Op]) -> list[Any]:
+        """Apply ``ops`` in order; one result per op (see the module docstring)."""
         records = self._records
-        results = []
-        for op in ops:
-            record = records.get(op[ENTITY])
-            if record is None:
-                record = records[op[ENTITY]] = {}
-            results.append(apply_op(record, op))
-        return results
+        return [apply_op(records.setdefault(op[1], {}), op) for op in ops]  # op[1]: entity
 
     def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
         records = self._records

@@ -114,10 +114,10 @@ class AckPipeline:
 
     The worker decides batch N+1 while batch N's decisions travel; at most
     ``max_in_flight`` batches are unacknowledged at a time. Reports are served on the
-    loop: after each submit, and every ``serve_every_s`` by a task of the pipeline. A refused message stops
-    the pipeline: ``on_failure`` is called, later ``submit`` calls raise
-    ``DeliveryError``, and that batch is never marked safe, so its offsets are never
-    committed and it is decided again after a restart.
+    loop: after each submit, and every ``serve_every_s`` by a task of the pipeline. A
+    refused message stops the pipeline: ``on_failure`` is called, later ``submit`` calls
+    raise ``DeliveryError``, and that batch is never marked safe, so its offsets are
+    never committed and it is decided again after a restart.
     """
 
     def __init__(
@@ -132,7 +132,7 @@ class AckPipeline:
         self.failure: str | None = None
         self._room = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Task | None = None
+        self._server: asyncio.Task | None = None  # held: the loop keeps tasks only weakly
 
     async def submit(
         self, result: BatchResult, on_safe: Callable[[], None],

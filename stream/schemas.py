@@ -131,11 +131,8 @@ def parse_click(raw: bytes | str | dict | None) -> dict:
         value = click[name]
         # isprintable() is a fast C check that passes almost every id; what it rejects
         # beyond ASCII control characters (e.g. a zero-width space) is allowed.
-        if not value.isprintable() and _CONTROL.search(value):
-            raise InvalidEvent(
-                f"field {name!r} contains a control character "
-                f"({_CONTROL.search(value).group()!r})"
-            )
+        if not value.isprintable() and (control := _CONTROL.search(value)):
+            raise InvalidEvent(f"field {name!r} contains a control character ({control.group()!r})")
     click["user_agent"] = click.get("user_agent") or ""
     logged_in = event.get("logged_in", False)
     if logged_in is None:

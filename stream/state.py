@@ -30,20 +30,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from rocksdict import Options, Rdict, WriteBatch
 
-from features.store import (
-    ENTITY,
-    GET,
-    MAX,
-    SADD,
-    MemoryStore,
-    Op,
-    Row,
-    RowPlan,
-    StateStore,
-    apply_op,
-    apply_plan,
-    expire_record,
-)
+from features.store import MemoryStore, Row, RowPlan, StateStore, apply_plan, expire_record
 from features.windows import DAY_S
 
 if TYPE_CHECKING:
@@ -76,16 +63,6 @@ class RocksStore(StateStore):
                 expire_record(record, self._horizon)
             self._pending[key] = record
         return record
-
-    def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
-        results = []
-        entity = record = None
-        for op in ops:
-            if op[ENTITY] != entity:  # a click's ops come grouped by entity
-                entity = op[ENTITY]
-                record = self._load(_USER_PREFIX + entity.encode())
-            results.append(apply_op(record, op))
-        return results
 
     def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
         results: list[Any] = []
@@ -175,7 +152,7 @@ class PartitionStores(StateStore):
                     raise
                 time.sleep(0.2)
 
-    def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
+    def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
         raise TypeError("PartitionStores needs routes: use execute_routed_rows")
 
     def execute_routed_rows(
@@ -201,38 +178,6 @@ class PartitionStores(StateStore):
 
     def close(self) -> None:
         self.release(list(self.stores))
-
-
-# One round trip per batch: one ARGV entry per op, "kind ttl key arg" joined by \x1f
-# (redis-py encodes every argument separately, so one per op costs a quarter of four).
-_LUA = r"""
-local out = {}
-local find, sub, byte, call = string.find, string.sub, string.byte, redis.call
-for i = 1, #ARGV do
-  local op = ARGV[i]
-  -- plain finds of the separators: much cheaper than one pattern match with captures
-  local a = find(op, '\31', 3, true)
-  local b = find(op, '\31', a + 1, true)
-  local kind = byte(op, 1)
-  local key = sub(op, a + 1, b - 1)
-  local r
-  if kind == 48 then -- '0' INCR
-    r = call('INCR', key)
-    if r == 1 then call('EXPIRE', key, tonumber(sub(op, 3, a - 1))) end
-  elseif kind == 49 then -- '1' GET
-    r = call('GET', key)
-  elseif kind == 50 then -- '2' SADD, then the set's size
-    if call('SADD', key, sub(op, b + 1)) == 1 then call('EXPIRE', key, tonumber(sub(op, 3, a - 1))) end
-    r = call('SCARD', key)
-  else -- '3' MAX: keep the larger value, return the previous one
-    r = call('GET', key)
-    local arg = sub(op, b + 1)
-    if (not r) or tonumber(arg) > tonumber(r) then call('SET', key, arg, 'EX', tonumber(sub(op, 3, a - 1))) end
-  end
-  out[i] = r
-end
-return out
-"""
 
 
 # A plan applied to rows (RowPlan), one ARGV entry per row: "ts entity member..." joined
@@ -332,8 +277,7 @@ def redis_client(url: str, password: str = "", timeout_s: float = 1.0) -> redis.
 class RedisStore(StateStore):
     """IP-keyed state in Redis, shared by every worker; keys expire by TTL.
 
-    ``submit_rows`` (and ``submit``, for single ops) writes the batch's script call and
-    returns at once; the answer is read when its result is asked for. Valkey runs the
+    ``submit_rows`` writes the batch's script call and returns at once; the answer is read when its result is asked for. Valkey runs the
     script (8.1 ms a 500-click call, `INFO commandstats`, on the other core) while the
     worker folds the same batch into its RocksDB state.
     """
@@ -341,33 +285,7 @@ class RedisStore(StateStore):
     def __init__(self, client: redis.Redis, prefix: str = "slidr:") -> None:
         self.client = client
         self.prefix = prefix
-        self._ops_script = client.register_script(_LUA)
-        self._rows_script = client.register_script(_ROWS_LUA)
-
-    def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
-        return self.submit(ops, now)()
-
-    def submit(self, ops: Sequence[Op], now: float = 0.0) -> Callable[[], list[Any]]:
-        if not ops:
-            return list
-        prefix = self.prefix
-        args = [
-            f"{kind}\x1f{0 if kind == GET else max(60, int(expire_at - now) + 1)}\x1f"
-            f"{prefix}{entity}|{field}\x1f{arg if kind in (SADD, MAX) else ''}"
-            for kind, entity, field, arg, expire_at in ops
-        ]
-        read = self._send(self._ops_script, args)
-
-        def result() -> list[Any]:
-            out = read()
-            # INCR and SADD come back as integers; GET and MAX as stored strings (or None).
-            for i, value in enumerate(out):
-                if value is not None and type(value) is not int:
-                    kind, _, field, _, _ = ops[i]
-                    out[i] = float(value) if kind == MAX or field.startswith("last:") else int(value)
-            return out
-
-        return result
+        self._script = client.register_script(_ROWS_LUA)
 
     def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
         return self.submit_rows(plan, rows, now)()
@@ -383,43 +301,35 @@ class RedisStore(StateStore):
         for arg in args[4:]:
             if arg.count("\x1f") != separators:  # parse_click keeps control characters out
                 raise ValueError(f"a state key or member contains \\x1f: {arg!r}")
-        read = self._send(self._rows_script, args)
-        if not plan.last_seen:
-            return read  # counts and set sizes: integers (or None) as they come
-        width = plan.width
-        first = sum(1 + previous for _, _, previous in plan.counts)  # the two last-seen times
-
-        def result() -> list[Any]:
-            out = read()
-            for start in range(first, len(out), width):
-                for i in (start, start + 1):
-                    if out[i] is not None:
-                        out[i] = float(out[i])
-            return out
-
-        return result
-
-    def _send(self, script: Any, args: list[str]) -> Callable[[], list[Any]]:
-        """Send one script call on a pooled connection; the function reads its answer."""
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_command("EVALSHA", script.sha, 0, *args)
+            conn.send_command("EVALSHA", self._script.sha, 0, *args)
         except BaseException:
             pool.release(conn)  # a failed send has already disconnected it
             raise
+        _, last_seen_at, _ = plan.offsets()
+        width = plan.width
 
-        def read() -> list[Any]:
+        def result() -> list[Any]:
             try:
                 try:
-                    return conn.read_response()
+                    out = conn.read_response()
                 finally:
                     pool.release(conn)  # after a failed read too: it is disconnected then
             except redis.exceptions.NoScriptError:
                 # Redis lost its scripts (a restart): the script object loads it again.
-                return script(args=args)
+                out = self._script(args=args)
+            # Counts and set sizes come back as integers (or None); last-seen times as
+            # the strings stored.
+            if plan.last_seen:
+                for start in range(last_seen_at, len(out), width):
+                    for i in (start, start + 1):
+                        if out[i] is not None:
+                            out[i] = float(out[i])
+            return out
 
-        return read
+        return result
 
     def expire(self, before: float) -> int:
         return 0  # Redis expires keys by their TTL
@@ -443,32 +353,17 @@ class ResilientStore(StateStore):
         self.degraded = False  # the last batch used the fallback
         self._failed_at = -math.inf
 
-    def execute(self, ops: Sequence[Op], now: float = 0.0) -> list[Any]:
-        return self.submit(ops, now)()
-
-    def submit(self, ops: Sequence[Op], now: float = 0.0) -> Callable[[], list[Any]]:
-        return self._guarded(
-            lambda: self.primary.submit(ops, now), lambda: self.fallback.execute(ops, now)
-        )
-
     def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
         return self.submit_rows(plan, rows, now)()
 
     def submit_rows(
         self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0
     ) -> Callable[[], list[Any]]:
-        return self._guarded(
-            lambda: self.primary.submit_rows(plan, rows, now),
-            lambda: self.fallback.execute_rows(plan, rows, now),
-        )
-
-    def _guarded(
-        self, send: Callable[[], Callable[[], list[Any]]], local: Callable[[], list[Any]]
-    ) -> Callable[[], list[Any]]:
-        """Redis's answer when the send and the read succeed, else ``local()`` (degraded)."""
+        """Redis's answer when the send and the read succeed, else the local fallback's
+        (and ``degraded``)."""
         if time.monotonic() - self._failed_at >= self.retry_after_s:
             try:
-                pending = send()
+                pending = self.primary.submit_rows(plan, rows, now)
             except _REDIS_DOWN as exc:
                 self._down(exc)
             else:
@@ -478,7 +373,7 @@ class ResilientStore(StateStore):
                         out = pending()
                     except _REDIS_DOWN as exc:
                         self._down(exc)
-                        return self._local(local)
+                        return self._local(plan, rows, now)
                     if self.degraded:
                         log.warning("Redis is back: shared counters restored")
                         self.fallback = MemoryStore()
@@ -486,7 +381,7 @@ class ResilientStore(StateStore):
                     return out
 
                 return result
-        out = self._local(local)
+        out = self._local(plan, rows, now)
         return lambda: out
 
     def _down(self, exc: Exception) -> None:
@@ -494,9 +389,9 @@ class ResilientStore(StateStore):
         if not self.degraded:
             log.warning("Redis unreachable (%s): deciding with local counters", exc)
 
-    def _local(self, local: Callable[[], list[Any]]) -> list[Any]:
+    def _local(self, plan: RowPlan, rows: Sequence[Row], now: float) -> list[Any]:
         self.degraded = True
-        return local()
+        return self.fallback.execute_rows(plan, rows, now)
 
     def expire(self, before: float) -> int:
         return self.fallback.expire(before)

@@ -1,4 +1,5 @@
-"""The worker's state stores answer feature ops exactly as the in-memory reference does."""
+"""The worker's state stores answer plans exactly as the reference (their ops run in
+memory) does."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import redis
 
 from features.definitions import state_plan
-from features.store import GET, INCR, MAX, SADD, MemoryStore, RowPlan
+from features.store import GET, MemoryStore, RowPlan
 from features.windows import DAY_S, DEFAULT_ALLOWED_LATENESS_S
 from slidr.settings import Settings
 from stream.local_stack import free_port
@@ -24,74 +25,6 @@ from stream.state import (
 )
 
 NOW = 1_762_041_600.0
-
-
-def random_ops(n: int, seed: int, entities: tuple[str, ...]) -> list[tuple]:
-    """Ops of every kind over few entities and fields, so that most of them collide."""
-    rng = np.random.default_rng(seed)
-    ops = []
-    for _ in range(n):
-        kind = int(rng.integers(0, 4))
-        entity = entities[int(rng.integers(0, len(entities)))]
-        if kind == MAX:
-            field = f"last:{int(rng.integers(0, 2))}"
-            ops.append((MAX, entity, field, NOW + float(rng.integers(0, 1000)) / 8, NOW + DAY_S))
-        elif kind == GET:
-            field = f"last:{int(rng.integers(0, 2))}" if rng.random() < 0.3 else f"c1m:{int(rng.integers(0, 3))}"
-            ops.append((GET, entity, field, None, 0.0))
-        elif kind == INCR:
-            ops.append((INCR, entity, f"c1m:{int(rng.integers(0, 3))}", None, NOW + 600))
-        else:
-            member = f"m{int(rng.integers(0, 5))}"
-            ops.append((SADD, entity, f"dip1d:{int(rng.integers(0, 2))}", member, NOW + DAY_S))
-    return ops
-
-
-def _in_batches(store, ops: list[tuple], size: int = 37) -> list:
-    out = []
-    for start in range(0, len(ops), size):
-        out.extend(store.execute(ops[start : start + size], NOW))
-        if isinstance(store, RocksStore):
-            store.commit()  # as the engine does after every batch
-    return out
-
-
-def test_rocksdb_store_equals_memory_across_batches_and_reopening(tmp_path: Path) -> None:
-    ops = random_ops(600, seed=1, entities=("u:a", "u:b", "u:c"))
-    expected = MemoryStore().execute(ops, NOW)
-    store = RocksStore(tmp_path / "p0")
-    got = _in_batches(store, ops[:300])
-    store.close()
-    store = RocksStore(tmp_path / "p0")  # state survives a restart
-    got += _in_batches(store, ops[300:])
-    store.close()
-    assert got == expected
-
-
-def test_uncommitted_changes_do_not_survive_a_crash(tmp_path: Path) -> None:
-    store = RocksStore(tmp_path / "p0")
-    store.execute([(INCR, "u:a", "c1m:0", None, NOW + 600)], NOW)
-    store.commit([(decision_key("click-1", NOW), b"decision")])
-    store.execute([(INCR, "u:a", "c1m:0", None, NOW + 600)], NOW)  # never committed
-    store.close()
-    store = RocksStore(tmp_path / "p0")
-    assert store.execute([(GET, "u:a", "c1m:0", None, 0.0)], NOW) == [1]
-    assert store.decided(decision_key("click-1", NOW)) == b"decision"
-    assert store.decided(decision_key("click-2", NOW)) is None
-    store.close()
-
-
-def test_partition_stores_route_and_expire_quiet_users(tmp_path: Path) -> None:
-    stores = PartitionStores(tmp_path)
-    count = RowPlan(counts=((60, "c1m:", False),), last_seen=False, distincts=(), lateness_s=0.0)
-    row = ("u:a", NOW, ())
-    out = stores.execute_routed_rows(count, {0: [row], 1: [row]}, NOW)
-    assert out == {0: [1], 1: [1]}  # same user id, separate partitions
-    for store in stores.stores.values():
-        store.commit()
-    assert stores.expire(NOW + 2 * 60 + 1) == 2
-    assert stores.store(0).execute([(GET, "u:a", f"c1m:{int(NOW // 60)}", None, 0.0)], NOW) == [None]
-    stores.close()
 
 
 def random_rows(n: int, seed: int, entities: tuple[str, ...]) -> list[tuple]:
@@ -118,12 +51,65 @@ PLANS = {
 }
 
 
+# One count and nothing else: the smallest plan, for tests of a store's plumbing.
+COUNT = RowPlan(counts=((60, "c1m:", False),), last_seen=False, distincts=(), lateness_s=0.0)
+
+
+def _in_batches(store, plan: RowPlan, rows: list[tuple], now: float, size: int = 37) -> list:
+    out = []
+    for start in range(0, len(rows), size):
+        out.extend(store.execute_rows(plan, rows[start : start + size], now))
+        if isinstance(store, RocksStore):
+            store.commit()  # as the engine does after every batch
+    return out
+
+
+def test_rocksdb_store_equals_memory_across_batches_and_reopening(tmp_path: Path) -> None:
+    plan = PLANS["user"]
+    rows = random_rows(600, seed=1, entities=("u:a", "u:b", "u:c"))
+    now = max(ts for _, ts, _ in rows)
+    expected = MemoryStore().execute(plan.expand(rows))
+    store = RocksStore(tmp_path / "p0")
+    got = _in_batches(store, plan, rows[:300], now)
+    store.close()
+    store = RocksStore(tmp_path / "p0")  # state survives a restart
+    got += _in_batches(store, plan, rows[300:], now)
+    store.close()
+    assert got == expected
+
+
+def test_uncommitted_changes_do_not_survive_a_crash(tmp_path: Path) -> None:
+    row = ("u:a", NOW, ())
+    store = RocksStore(tmp_path / "p0")
+    store.execute_rows(COUNT, [row], NOW)
+    store.commit([(decision_key("click-1", NOW), b"decision")])
+    store.execute_rows(COUNT, [row], NOW)  # never committed
+    store.close()
+    store = RocksStore(tmp_path / "p0")
+    assert store.execute_rows(COUNT, [row], NOW) == [2]  # the committed click, and this one
+    assert store.decided(decision_key("click-1", NOW)) == b"decision"
+    assert store.decided(decision_key("click-2", NOW)) is None
+    store.close()
+
+
+def test_partition_stores_route_and_expire_quiet_users(tmp_path: Path) -> None:
+    stores = PartitionStores(tmp_path)
+    row = ("u:a", NOW, ())
+    out = stores.execute_routed_rows(COUNT, {0: [row], 1: [row]}, NOW)
+    assert out == {0: [1], 1: [1]}  # same user id, separate partitions
+    for store in stores.stores.values():
+        store.commit()
+    assert stores.expire(NOW + 2 * 60 + 1) == 2
+    assert stores.execute_routed_rows(COUNT, {0: [row]}, NOW) == {0: [1]}  # counted afresh
+    stores.close()
+
+
 @pytest.mark.parametrize("entity", sorted(PLANS))
 def test_a_plan_folds_exactly_as_its_expanded_ops(entity: str) -> None:
     """The one-pass fold (memory and RocksDB stores) answers what the plan's ops would."""
     plan = PLANS[entity]
     rows = random_rows(800, seed=4, entities=("e:a", "e:b", "e:c"))
-    expected = MemoryStore().execute(plan.expand(rows), NOW)
+    expected = MemoryStore().execute(plan.expand(rows))
     assert len(expected) == plan.width * len(rows)
     assert MemoryStore().execute_rows(plan, rows, NOW) == expected
 
@@ -135,9 +121,11 @@ def test_rocksdb_and_redis_run_plans_as_the_reference_does(
     plan = PLANS[entity]
     rows = random_rows(800, seed=5, entities=("e:a", "e:b", "e:c"))
     now = max(ts for _, ts, _ in rows)
-    expected = MemoryStore().execute(plan.expand(rows), now)
+    expected = MemoryStore().execute(plan.expand(rows))
     rocks = RocksStore(tmp_path / "p0")
-    redis_store = RedisStore(redis_client(stream_settings.redis_url), prefix=f"test:{uuid.uuid4().hex}:")
+    client = redis_client(stream_settings.redis_url)
+    prefix = f"test:{uuid.uuid4().hex}:"
+    redis_store = RedisStore(client, prefix=prefix)
     got_rocks, got_redis = [], []
     for start in range(0, len(rows), 53):
         got_rocks += rocks.execute_rows(plan, rows[start : start + 53], now)
@@ -146,9 +134,9 @@ def test_rocksdb_and_redis_run_plans_as_the_reference_does(
     rocks.close()
     assert got_rocks == expected
     assert got_redis == expected
-    # The same keys as the ops path: either path can read what the other wrote.
-    op = plan.expand(rows[-1:])[0]
-    assert redis_store.execute([(GET, op[1], op[2], None, 0.0)], now)[0] == expected[-plan.width]
+    # Keys named as the ops name them: prefix, entity, field.
+    _, entity, field, _, _ = plan.expand(rows[-1:])[0]
+    assert int(client.get(f"{prefix}{entity}|{field}")) == expected[-plan.width]
 
 
 def test_redis_plan_keys_expire_like_op_keys(stream_settings: Settings) -> None:
@@ -166,40 +154,37 @@ def test_redis_plan_keys_expire_like_op_keys(stream_settings: Settings) -> None:
             assert ttls[f"{prefix}{entity}|{field}"] in (expected, expected - 1)
 
 
-def test_redis_store_equals_memory(stream_settings: Settings) -> None:
-    store = RedisStore(redis_client(stream_settings.redis_url), prefix=f"test:{uuid.uuid4().hex}:")
-    ops = random_ops(600, seed=2, entities=("i:1.1.1.1", "i:2.2.2.2"))
-    assert _in_batches(store, ops) == MemoryStore().execute(ops, NOW)
-
-
 def test_resilient_store_degrades_without_redis_and_recovers(stream_settings: Settings) -> None:
     dead = RedisStore(redis_client(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2))
     store = ResilientStore(dead, retry_after_s=0.0)
-    assert store.execute([(INCR, "i:x", "c1m:0", None, NOW + 600)], NOW) == [1]
+    assert store.execute_rows(COUNT, [("i:x", NOW, ())], NOW) == [1]
     assert store.degraded
     store.primary = RedisStore(redis_client(stream_settings.redis_url), prefix=f"test:{uuid.uuid4().hex}:")
-    assert store.execute([(INCR, "i:x", "c1m:0", None, NOW + 600)], NOW) == [1]
+    assert store.execute_rows(COUNT, [("i:x", NOW, ())], NOW) == [1]
     assert not store.degraded
 
 
 def test_redis_answers_are_read_later_in_any_order(stream_settings: Settings) -> None:
-    """``submit`` sends and returns; each batch's answer is its own, whenever it is read,
-    and a Redis that lost its scripts (a restart) gets the script again."""
+    """``submit_rows`` sends and returns; each batch's answer is its own, whenever it is
+    read, and a Redis that lost its scripts (a restart) gets the script again."""
     client = redis_client(stream_settings.redis_url)
     store = RedisStore(client, prefix=f"test:{uuid.uuid4().hex}:")
-    ops = random_ops(300, seed=3, entities=("i:1.1.1.1", "i:2.2.2.2"))
-    expected = MemoryStore().execute(ops, NOW)
-    first, second = store.submit(ops[:100], NOW), store.submit(ops[100:200], NOW)
-    assert second() == expected[100:200]
-    assert first() == expected[:100]
+    plan = PLANS["ip"]
+    rows = random_rows(300, seed=3, entities=("i:1.1.1.1", "i:2.2.2.2"))
+    now = max(ts for _, ts, _ in rows)
+    expected = MemoryStore().execute(plan.expand(rows))
+    w = plan.width
+    first, second = store.submit_rows(plan, rows[:100], now), store.submit_rows(plan, rows[100:200], now)
+    assert second() == expected[100 * w : 200 * w]
+    assert first() == expected[: 100 * w]
     client.script_flush()
-    assert store.submit(ops[200:], NOW)() == expected[200:]
+    assert store.submit_rows(plan, rows[200:], now)() == expected[200 * w :]
 
 
 def test_a_lost_answer_raises_and_gives_the_connection_back(stream_settings: Settings) -> None:
     client = redis_client(stream_settings.redis_url)
     store = RedisStore(client, prefix=f"test:{uuid.uuid4().hex}:")
-    pending = store.submit([(INCR, "i:x", "c1m:0", None, NOW + 600)], NOW)
+    pending = store.submit_rows(COUNT, [("i:x", NOW, ())], NOW)
     pool = client.connection_pool
     (conn,) = pool._in_use_connections
     conn.disconnect()  # the connection breaks before the answer is read
@@ -207,31 +192,22 @@ def test_a_lost_answer_raises_and_gives_the_connection_back(stream_settings: Set
         pending()
     assert not pool._in_use_connections
     # The next batch reconnects; the lost call may or may not have run on the server.
-    assert store.execute([(INCR, "i:x", "c1m:0", None, NOW + 600)], NOW)[0] in (1, 2)
+    assert store.execute_rows(COUNT, [("i:x", NOW, ())], NOW)[0] in (1, 2)
 
 
 def test_resilient_store_falls_back_when_the_answer_never_comes() -> None:
     class LostAnswer(MemoryStore):  # the request went out; the connection then broke
-        def submit(self, ops, now=0.0):
+        def submit_rows(self, plan, rows, now=0.0):
             def result():
                 raise redis.ConnectionError("connection reset by peer")
 
             return result
 
     store = ResilientStore(LostAnswer())
-    pending = store.submit([(INCR, "i:x", "c1m:0", None, NOW + 600)], NOW)
+    pending = store.submit_rows(COUNT, [("i:x", NOW, ())], NOW)
     assert not store.degraded  # nothing known yet
     assert pending() == [1]  # counted locally instead
     assert store.degraded
-
-
-@pytest.mark.parametrize("kind", [INCR, SADD, MAX])
-def test_redis_keys_get_a_time_to_live(stream_settings: Settings, kind: int) -> None:
-    client = redis_client(stream_settings.redis_url)
-    prefix = f"test:{uuid.uuid4().hex}:"
-    arg = {INCR: None, SADD: "m", MAX: NOW}[kind]
-    RedisStore(client, prefix=prefix).execute([(kind, "i:x", "f", arg, NOW + 3600)], NOW)
-    assert 3000 < client.ttl(f"{prefix}i:x|f") <= 3601
 
 
 def test_redis_rows_refuse_the_separator_instead_of_miscounting(stream_settings: Settings) -> None:
