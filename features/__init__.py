@@ -5,6 +5,21 @@ data set) both compute features from the definitions in this package; a test pro
 two paths give the same numbers.
 """
 
-from features.definitions import FEATURE_NAMES, FEATURE_SPEC_VERSION
+from features.definitions import (
+    DENSE_COLUMNS,
+    EMBEDDINGS,
+    FEATURE_NAMES,
+    FEATURE_SPEC_VERSION,
+    EmbeddingColumn,
+)
+from features.windows import COMBOS, ComboSpec
 
-__all__ = ["FEATURE_NAMES", "FEATURE_SPEC_VERSION"]
+__all__ = [
+    "COMBOS",
+    "DENSE_COLUMNS",
+    "EMBEDDINGS",
+    "FEATURE_NAMES",
+    "FEATURE_SPEC_VERSION",
+    "ComboSpec",
+    "EmbeddingColumn",
+]

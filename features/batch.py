@@ -13,10 +13,25 @@ import numpy as np
 import pyarrow as pa
 
 from features.columns import ClickColumns
-from features.context import CONTEXT_FIELDS, HASH_DIM, token_slot
-from features.definitions import INDEX, N_FEATURES, agent_features, slice_of, time_features
+from features.context import CONTEXT_FIELDS, HASH_DIM, id_bucket, token_slot
+from features.definitions import (
+    COMBO_COLUMN,
+    ID_COLUMN,
+    ID_CONTEXT_KEYS,
+    ID_FIELDS,
+    INDEX,
+    N_FEATURES,
+    OTHER_CONTEXT_BUCKETS,
+    OTHER_CONTEXT_IDS,
+    QUERY_TOKENS,
+    agent_features,
+    agent_ids,
+    query_ids,
+    slice_of,
+    time_features,
+)
 from features.useragent import resolve_device
-from features.windows import COUNTS, DAY_S, DISTINCTS, GAP_CAP_S, Window
+from features.windows import COMBOS, COUNTS, DAY_S, DISTINCTS, GAP_CAP_S, ComboSpec, Window
 
 # Column blocks of the feature vector, derived from its names: time and login, then the
 # user-agent and device one-hots, then the hashed context.
@@ -146,6 +161,85 @@ def _context_block(cols: ClickColumns) -> np.ndarray:
     return out
 
 
+class _FieldCodes:
+    """String fields of a data set (``ClickColumns.strings``) as distinct values and each
+    row's index into them, encoded once however many columns read the field."""
+
+    def __init__(self, cols: ClickColumns) -> None:
+        self.cols = cols
+        self._done: dict[str, tuple[list, np.ndarray]] = {}
+
+    def __call__(self, field: str) -> tuple[list, np.ndarray]:
+        done = self._done.get(field)
+        if done is None:
+            done = self._done[field] = _dictionary(self.cols.strings(field))
+        return done
+
+
+def _per_distinct(codes: tuple[list, np.ndarray], encode, width: int) -> np.ndarray:
+    """``encode(value)`` (a tuple of ``width`` ints) of every row, computed once per
+    distinct value (``codes``: a ``_FieldCodes`` answer): int64 [n, width]."""
+    uniq, inverse = codes
+    table = np.array([encode(v) for v in uniq], dtype=np.int64).reshape(len(uniq), width)
+    return table[inverse]
+
+
+def _id_block(cols: ClickColumns, fields: _FieldCodes) -> np.ndarray:
+    """Embedding ids in ``EMBEDDINGS`` order, as ``id_features`` gives them per click."""
+    n = len(cols)
+    blocks = [
+        _per_distinct(fields(field), lambda v, f=field, b=b: (id_bucket(f, v, b),), 1)
+        for field, b in ID_FIELDS
+    ]
+    blocks.append(_per_distinct(fields("query"), query_ids, QUERY_TOKENS))
+    for key, b in ID_CONTEXT_KEYS:
+        field = f"context.{key}"
+        blocks.append(_per_distinct(fields(field), lambda v, f=field, b=b: (id_bucket(f, v, b),), 1))
+    # Other context keys fill their columns in key order, each click its first ones.
+    other = np.zeros((n, OTHER_CONTEXT_IDS), dtype=np.int64)
+    filled = np.zeros(n, dtype=np.int64)
+    configured = {key for key, _ in ID_CONTEXT_KEYS}
+    for key in sorted(k for k in cols.context if k not in configured):
+        field = f"context.{key}"
+        ids = _per_distinct(
+            fields(field), lambda v, f=field: (id_bucket(f, v, OTHER_CONTEXT_BUCKETS),), 1
+        )[:, 0]
+        rows = np.nonzero((ids > 0) & (filled < OTHER_CONTEXT_IDS))[0]
+        other[rows, filled[rows]] = ids[rows]
+        filled[rows] += 1
+    blocks.append(other)
+    blocks.append(_per_distinct(fields("user_agent"), agent_ids, len(agent_ids(""))))
+    return np.hstack(blocks) if n else np.zeros((0, N_FEATURES - ID_COLUMN), dtype=np.int64)
+
+
+def combo_codes(combo: ComboSpec, fields: _FieldCodes) -> np.ndarray:
+    """One dense integer per distinct combination of the combo's field values (a missing
+    field counts as "")."""
+    code = fields(combo.fields[0])[1]
+    for field in combo.fields[1:]:
+        values = fields(field)[1]
+        span = int(values.max()) + 1 if len(values) else 1
+        if len(code) and int(code.max()) + 1 > 2**62 // span:  # renumber before it overflows
+            code = _renumber(code)
+        code = code * span + values
+    # Dense again (below n), as _group_ids multiplies it by the buckets' span.
+    return _renumber(code) if len(combo.fields) > 1 else code
+
+
+def _renumber(code: np.ndarray) -> np.ndarray:
+    return np.unique(code, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def _combo_block(cols: ClickColumns, fields: _FieldCodes) -> np.ndarray:
+    """Clicks per combination so far in each window's current bucket, in COMBOS order."""
+    out = []
+    for combo in COMBOS:
+        entity = combo_codes(combo, fields)
+        for window in combo.windows:
+            out.append(running_count(_group_ids(entity, _buckets(cols.ts, window))))
+    return np.stack(out, axis=1)
+
+
 def _distinct_pairs(a: np.ndarray, b: np.ndarray) -> tuple[list, list, np.ndarray]:
     """Distinct (a, b) value pairs of two object arrays, and each row's pair index."""
     a_uniq, a_code = _dictionary(a)
@@ -188,7 +282,11 @@ def compute_features(cols: ClickColumns) -> tuple[np.ndarray, np.ndarray]:
     k = len(state)
     matrix[:, :k] = np.log1p(np.stack(state, axis=1).astype(np.float64)) if len(cols) else 0
     matrix[:, k : k + _STATIC_WIDTH] = _static_block(cols, devices)
-    matrix[:, k + _STATIC_WIDTH :] = _context_block(cols)
+    matrix[:, k + _STATIC_WIDTH : COMBO_COLUMN] = _context_block(cols)
+    fields = _FieldCodes(cols)
+    if len(cols):
+        matrix[:, COMBO_COLUMN:ID_COLUMN] = np.log1p(_combo_block(cols, fields).astype(np.float64))
+    matrix[:, ID_COLUMN:] = _id_block(cols, fields)
     slices = np.array(
         [slice_of(d, li) for d, li in zip(devices, cols.logged_in, strict=True)], dtype=object
     )

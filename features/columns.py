@@ -12,6 +12,8 @@ import numpy as np
 
 # Optional string fields of the click schema (SPEC §1), besides ``context``.
 OPTIONAL_STRINGS = ("customer_id", "device", "ad_id", "advertiser_id", "placement", "query")
+# Every top-level string field of a click (``ClickColumns.strings`` reads them).
+STRING_FIELDS = ("click_id", "user_id", "ip", "session_id", "user_agent", *OPTIONAL_STRINGS)
 
 
 @dataclass
@@ -50,6 +52,21 @@ class ClickColumns:
         if context:
             click["context"] = context
         return click
+
+    def strings(self, field: str) -> np.ndarray:
+        """A string field of every click as an object array, "" where a click lacks it:
+        a top-level field (``ip``, ``ad_id``, ...) or ``context.<key>``."""
+        if field.startswith("context."):
+            values = self.context.get(field[len("context.") :])
+        elif field in OPTIONAL_STRINGS:
+            values = self.optional.get(field)
+        elif field in STRING_FIELDS:
+            values = getattr(self, field)
+        else:
+            raise ValueError(f"not a string field of a click: {field!r}")
+        if values is None:
+            return np.full(len(self), "", dtype=object)
+        return np.where(values == None, "", values).astype(object)  # noqa: E711
 
     def take(self, index: np.ndarray) -> ClickColumns:
         """The clicks at ``index`` (a sorted integer array or boolean mask)."""

@@ -4,6 +4,9 @@ Each present ``field=value`` pair adds +1 or -1 to one of ``HASH_DIM`` slots (th
 "hashing trick"): no vocabulary to ship with the model, unseen values still map
 somewhere, and the MLP's first layer learns what the slots mean. CRC-32 is stable across
 processes and Python versions, unlike ``hash()``.
+
+``id_bucket`` is the other encoding of the same fields: one bucket index per field, for
+the model's learned embeddings (the columns are declared in features/definitions.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,16 @@ def token_slot(field: str, value: str) -> tuple[int, float]:
     """Slot and sign of one ``field=value`` pair."""
     h = zlib.crc32(f"{field}={value}".encode())
     return h % HASH_DIM, (1.0 if (h >> 16) & 1 else -1.0)
+
+
+@functools.lru_cache(maxsize=262_144)
+def id_bucket(field: str, value: str, buckets: int) -> int:
+    """Embedding bucket of one ``field=value`` pair, in [0, buckets): 0 for an absent or
+    empty value, else ``1 + crc32("field=value") % (buckets - 1)``. No vocabulary: an
+    unseen value lands in its bucket like any other."""
+    if not value:
+        return 0
+    return 1 + zlib.crc32(f"{field}={value}".encode()) % (buckets - 1)
 
 
 @functools.lru_cache(maxsize=65_536)

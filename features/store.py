@@ -2,10 +2,11 @@
 in-memory implementation.
 
 Every click asks the same questions of its user and of its IP, so state is requested as
-*rows* under a *plan* (``RowPlan``): a row is one click for one entity (``u:<user_id>``
-or ``i:<ip>``), and the plan says which fields of that entity it counts, reads and adds
-to. One call per micro-batch lets a backend answer it in one round trip (Redis runs it
-as one Lua script; RocksDB reads and writes each entity's record once).
+*rows* under a *plan* (``RowPlan``): a row is one click for one entity (``u:<user_id>``,
+``i:<ip>``, or ``c:<combination>:<values>``), and the plan says which fields of that
+entity it counts, reads and adds to. One call per micro-batch lets a backend answer it
+in one round trip (Redis runs it as one Lua script, several plans at once with
+``submit_plans``; RocksDB reads and writes each entity's record once).
 
 What a plan means is defined by the primitive operations it expands to
 (``RowPlan.expand``), applied in order by ``apply_op``. Every store returns exactly
@@ -168,18 +169,26 @@ class StateStore(ABC):
         so users who went quiet do not hold memory.
         """
 
+    def submit_plans(
+        self, jobs: Sequence[tuple[RowPlan, Sequence[Row]]], now: float = 0.0
+    ) -> Callable[[], list[list[Any]]]:
+        """Start ``execute_rows`` of each ``(plan, rows)`` job, in order; the returned
+        function gives one result list per job.
+
+        A store behind a network round trip (Redis) sends every job here, as one request,
+        and reads the answer when the function is called, so the caller can work
+        meanwhile. Call it exactly once, also when the caller's own work fails (an unread
+        answer holds a connection). This default simply executes the jobs now.
+        """
+        results = [self.execute_rows(plan, rows, now) for plan, rows in jobs]
+        return lambda: results
+
     def submit_rows(
         self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0
     ) -> Callable[[], list[Any]]:
-        """Start ``execute_rows``; the returned function gives its results.
-
-        A store behind a network round trip (Redis) sends the rows here and reads the
-        answer when the function is called, so the caller can work meanwhile. Call it
-        exactly once, also when the caller's own work fails (an unread answer holds a
-        connection). This default simply executes the rows now.
-        """
-        results = self.execute_rows(plan, rows, now)
-        return lambda: results
+        """``submit_plans`` of one job: the returned function gives its results."""
+        pending = self.submit_plans([(plan, rows)], now)
+        return lambda: pending()[0]
 
     def set_horizon(self, before: float) -> None:  # noqa: B027 - optional hook
         """Fields that expired before event time ``before`` may be dropped whenever the

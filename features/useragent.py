@@ -27,6 +27,11 @@ class UserAgentSignals(NamedTuple):
     device: str  # one of DEVICES: what the agent itself suggests
     os: str  # one of OPERATING_SYSTEMS
     browser: str  # one of BROWSERS
+    # ua-parser's own families, as it names them ("Chrome Mobile", "Android", "Pixel 8");
+    # "" where it recognised none. The embedding ids hash these (features/definitions.py).
+    browser_family: str = ""
+    os_family: str = ""
+    device_family: str = ""
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -39,6 +44,7 @@ def parse_user_agent(user_agent: str) -> UserAgentSignals:
     parsed = parse(user_agent)
     os_family = (parsed.os.family if parsed.os else "") or ""
     browser_family = (parsed.user_agent.family if parsed.user_agent else "") or ""
+    device_family = (parsed.device.family if parsed.device else "") or ""
     os_name = _os_group(os_family)
     browser = _browser_group(browser_family, lowered)
     if any(marker in lowered for marker in _APP_MARKERS):
@@ -49,7 +55,9 @@ def parse_user_agent(user_agent: str) -> UserAgentSignals:
         device = "desktop"
     else:
         device = "other"
-    return UserAgentSignals(crawler, False, device, os_name, browser)
+    return UserAgentSignals(
+        crawler, False, device, os_name, browser, browser_family, os_family, device_family
+    )
 
 
 def _os_group(family: str) -> str:

@@ -6,10 +6,11 @@
   the writes of a batch go in one ``WriteBatch`` together with the batch's decisions, so
   after a crash a click is either fully applied (and its decision is re-emitted as it
   was) or not at all.
-- ``RedisStore``: IP-keyed state shared by all workers, one Lua script call per batch
-  with one row per click (the script derives keys, buckets and TTLs from the plan),
-  sent before the user state is folded and read after it (``StateStore.submit_rows``),
-  so Valkey's share of a batch does not add to the worker's.
+- ``RedisStore``: state shared by all workers (IPs, combinations of fields), one Lua
+  script call per batch with one row per click and entity (the script derives keys,
+  buckets and TTLs from the plans), sent before the user state is folded and read after
+  it (``StateStore.submit_plans``), so Valkey's share of a batch does not add to the
+  worker's.
 - ``ResilientStore``: Redis with an in-process fallback; while Redis is unreachable the
   worker keeps deciding with local counters and marks those decisions degraded.
 """
@@ -180,19 +181,18 @@ class PartitionStores(StateStore):
         self.release(list(self.stores))
 
 
-# A plan applied to rows (RowPlan), one ARGV entry per row: "ts entity member..." joined
-# by \x1f. Keys, buckets and times to live are computed here from the plan, which comes
-# in ARGV[4] ("kind seconds prefix flag" per step, steps joined by \x1e), so the worker
-# sends ~40 bytes a click instead of six formatted ops. Buckets use exact floor division
-# (the quotient's rounding is corrected), as Python's ``ts // seconds`` does.
+# Plans applied to rows (RowPlan). ARGV[3] says how many plans; each then takes two ARGV
+# entries: its header, "rows width late steps" joined by \x1d (width: fields per row;
+# steps: "kind seconds prefix flag" joined by \x1f, steps joined by \x1e), and its rows,
+# every row's fields (ts, entity, members...) joined by \x1f, rows after rows. Keys,
+# buckets and times to live are computed here, so the worker sends ~40 bytes a click and
+# entity instead of six formatted ops, and one argument per plan rather than per row
+# (redis-py spends ~0.2 us packing each). Buckets use exact floor division (the
+# quotient's rounding is corrected), as Python's ``ts // seconds`` does.
 _ROWS_LUA = r"""
 local find, sub, call, floor, fmt = string.find, string.sub, redis.call, math.floor, string.format
-local now, late, keyp = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local plan = {}
-for item in string.gmatch(ARGV[4], '[^\30]+') do
-  local k, s, p, f = string.match(item, '^(%a)\31(%d+)\31([^\31]*)\31(%d+)$')
-  plan[#plan + 1] = {k, tonumber(s), p, tonumber(f)}
-end
+local now, keyp, nplans = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local late = 0 -- the current plan's
 local function bucket(ts, s)
   local b = floor(ts / s)
   if b * s > ts then b = b - 1 elseif (b + 1) * s <= ts then b = b + 1 end
@@ -205,46 +205,59 @@ local function ttl(b, s)
 end
 local out, n = {}, 0
 local fields = {}
-for i = 5, #ARGV do
-  local row, start, m = ARGV[i], 1, 0
-  while true do
-    local j = find(row, '\31', start, true)
-    m = m + 1
-    if not j then fields[m] = sub(row, start) break end
-    fields[m] = sub(row, start, j - 1)
-    start = j + 1
+for j = 1, nplans do
+  local nrows, width, plan_late, steps =
+    string.match(ARGV[2 + 2 * j], '^(%d+)\29(%d+)\29([^\29]+)\29(.*)$')
+  nrows, width, late = tonumber(nrows), tonumber(width), tonumber(plan_late)
+  local plan = {}
+  for item in string.gmatch(steps, '[^\30]+') do
+    local k, s, p, f = string.match(item, '^(%a)\31(%d+)\31([^\31]*)\31(%d+)$')
+    plan[#plan + 1] = {k, tonumber(s), p, tonumber(f)}
   end
-  local ts = tonumber(fields[1])
-  local base = keyp .. fields[2] .. '|'
-  for _, step in ipairs(plan) do
-    local kind, s, p, f = step[1], step[2], step[3], step[4]
-    if kind == 'c' then -- INCR the bucket, then maybe GET the previous one
-      local b = bucket(ts, s)
-      local key = base .. p .. fmt('%d', b)
-      local r = call('INCR', key)
-      if r == 1 then call('EXPIRE', key, ttl(b, s)) end
-      n = n + 1
-      out[n] = r
-      if f == 1 then
-        local prev = call('GET', base .. p .. fmt('%d', b - 1))
-        n = n + 1
-        out[n] = prev and tonumber(prev) or false
+  local rows, pos = ARGV[3 + 2 * j], 1
+  for _ = 1, nrows do
+    for m = 1, width do
+      local c = find(rows, '\31', pos, true)
+      if c then
+        fields[m] = sub(rows, pos, c - 1)
+        pos = c + 1
+      else
+        fields[m] = sub(rows, pos)
+        pos = #rows + 2
       end
-    elseif kind == 'l' then -- MAX of today's last click time, then GET yesterday's
-      local day = bucket(ts, s)
-      local key = base .. p .. fmt('%d', day)
-      local r = call('GET', key)
-      if (not r) or ts > tonumber(r) then call('SET', key, fields[1], 'EX', ttl(day, s)) end
-      n = n + 1
-      out[n] = r
-      n = n + 1
-      out[n] = call('GET', base .. p .. fmt('%d', day - 1))
-    else -- 'd': SADD the member, then the set's size
-      local b = bucket(ts, s)
-      local key = base .. p .. fmt('%d', b)
-      if call('SADD', key, fields[3 + f]) == 1 then call('EXPIRE', key, ttl(b, s)) end
-      n = n + 1
-      out[n] = call('SCARD', key)
+    end
+    local ts = tonumber(fields[1])
+    local base = keyp .. fields[2] .. '|'
+    for _, step in ipairs(plan) do
+      local kind, s, p, f = step[1], step[2], step[3], step[4]
+      if kind == 'c' then -- INCR the bucket, then maybe GET the previous one
+        local b = bucket(ts, s)
+        local key = base .. p .. fmt('%d', b)
+        local r = call('INCR', key)
+        if r == 1 then call('EXPIRE', key, ttl(b, s)) end
+        n = n + 1
+        out[n] = r
+        if f == 1 then
+          local prev = call('GET', base .. p .. fmt('%d', b - 1))
+          n = n + 1
+          out[n] = prev and tonumber(prev) or false
+        end
+      elseif kind == 'l' then -- MAX of today's last click time, then GET yesterday's
+        local day = bucket(ts, s)
+        local key = base .. p .. fmt('%d', day)
+        local r = call('GET', key)
+        if (not r) or ts > tonumber(r) then call('SET', key, fields[1], 'EX', ttl(day, s)) end
+        n = n + 1
+        out[n] = r
+        n = n + 1
+        out[n] = call('GET', base .. p .. fmt('%d', day - 1))
+      else -- 'd': SADD the member, then the set's size
+        local b = bucket(ts, s)
+        local key = base .. p .. fmt('%d', b)
+        if call('SADD', key, fields[3 + f]) == 1 then call('EXPIRE', key, ttl(b, s)) end
+        n = n + 1
+        out[n] = call('SCARD', key)
+      end
     end
   end
 end
@@ -252,14 +265,14 @@ return out
 """
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def _plan_arg(plan: RowPlan) -> str:
-    """A plan as ``_ROWS_LUA`` reads it."""
+    """A plan as ``_ROWS_LUA`` reads it in a header, after the row count and width."""
     steps = [f"c\x1f{s}\x1f{prefix}\x1f{int(previous)}" for s, prefix, previous in plan.counts]
     if plan.last_seen:
         steps.append(f"l\x1f{DAY_S}\x1flast:\x1f0")
     steps.extend(f"d\x1f{s}\x1f{prefix}\x1f{member}" for s, prefix, member in plan.distincts)
-    return "\x1e".join(steps)
+    return f"{float(plan.lateness_s)!r}\x1d" + "\x1e".join(steps)
 
 
 def redis_client(url: str, password: str = "", timeout_s: float = 1.0) -> redis.Redis:
@@ -275,11 +288,12 @@ def redis_client(url: str, password: str = "", timeout_s: float = 1.0) -> redis.
 
 
 class RedisStore(StateStore):
-    """IP-keyed state in Redis, shared by every worker; keys expire by TTL.
+    """Shared state (IPs, combinations) in Redis, for every worker; keys expire by TTL.
 
-    ``submit_rows`` writes the batch's script call and returns at once; the answer is read when its result is asked for. Valkey runs the
-    script (8.1 ms a 500-click call, `INFO commandstats`, on the other core) while the
-    worker folds the same batch into its RocksDB state.
+    ``submit_plans`` writes the batch's script call and returns at once; the answer is
+    read when its result is asked for. Valkey runs the script (8.1 ms a 500-click call
+    of the IP plan alone, `INFO commandstats`, on the other core) while the worker folds
+    the same batch into its RocksDB state.
     """
 
     def __init__(self, client: redis.Redis, prefix: str = "slidr:") -> None:
@@ -290,17 +304,17 @@ class RedisStore(StateStore):
     def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
         return self.submit_rows(plan, rows, now)()
 
-    def submit_rows(
-        self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0
-    ) -> Callable[[], list[Any]]:
-        if not rows:
-            return list
-        args = [repr(float(now)), repr(float(plan.lateness_s)), self.prefix, _plan_arg(plan)]
-        args.extend("\x1f".join((repr(ts), entity, *members)) for entity, ts, members in rows)
-        separators = 1 + len(rows[0][2])
-        for arg in args[4:]:
-            if arg.count("\x1f") != separators:  # parse_click keeps control characters out
-                raise ValueError(f"a state key or member contains \\x1f: {arg!r}")
+    def submit_plans(
+        self, jobs: Sequence[tuple[RowPlan, Sequence[Row]]], now: float = 0.0
+    ) -> Callable[[], list[list[Any]]]:
+        jobs = list(jobs)
+        if not any(rows for _, rows in jobs):
+            return lambda: [[] for _ in jobs]
+        args = [repr(float(now)), self.prefix, str(len(jobs))]
+        for plan, rows in jobs:
+            width = 2 + (len(rows[0][2]) if rows else 0)
+            args.append(f"{len(rows)}\x1d{width}\x1d{_plan_arg(plan)}")
+            args.append(_rows_arg(rows, width))
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
@@ -308,10 +322,8 @@ class RedisStore(StateStore):
         except BaseException:
             pool.release(conn)  # a failed send has already disconnected it
             raise
-        _, last_seen_at, _ = plan.offsets()
-        width = plan.width
 
-        def result() -> list[Any]:
+        def result() -> list[list[Any]]:
             try:
                 try:
                     out = conn.read_response()
@@ -320,19 +332,47 @@ class RedisStore(StateStore):
             except redis.exceptions.NoScriptError:
                 # Redis lost its scripts (a restart): the script object loads it again.
                 out = self._script(args=args)
-            # Counts and set sizes come back as integers (or None); last-seen times as
-            # the strings stored.
-            if plan.last_seen:
-                for start in range(last_seen_at, len(out), width):
-                    for i in (start, start + 1):
-                        if out[i] is not None:
-                            out[i] = float(out[i])
-            return out
+            return _split_results(jobs, out)
 
         return result
 
     def expire(self, before: float) -> int:
         return 0  # Redis expires keys by their TTL
+
+
+def _rows_arg(rows: Sequence[Row], width: int) -> str:
+    """Rows as ``_ROWS_LUA`` reads them: every field joined by \\x1f."""
+    if not rows:
+        return ""
+    if width == 2:
+        text = "\x1f".join([f"{ts!r}\x1f{entity}" for entity, ts, _ in rows])
+    else:
+        text = "\x1f".join(["\x1f".join((repr(ts), entity, *members)) for entity, ts, members in rows])
+    # parse_click keeps control characters out of ids; JSON keeps them out of combination
+    # entities. Checked in one scan, as a miscount would shift every later row.
+    if text.count("\x1f") != width * len(rows) - 1:
+        for entity, _, members in rows:
+            if len(members) != width - 2 or any("\x1f" in f for f in (entity, *members)):
+                raise ValueError(f"a state key or member contains \\x1f: {(entity, members)!r}")
+    return text
+
+
+def _split_results(jobs: Sequence[tuple[RowPlan, Sequence[Row]]], out: list) -> list[list[Any]]:
+    """The script's flat answer cut into one result list per job. Counts and set sizes
+    come back as integers (or None); last-seen times as the strings stored."""
+    results, at = [], 0
+    for plan, rows in jobs:
+        width = plan.width
+        part = out[at : at + width * len(rows)]
+        at += width * len(rows)
+        if plan.last_seen:
+            _, last_seen_at, _ = plan.offsets()
+            for start in range(last_seen_at, len(part), width):
+                for i in (start, start + 1):
+                    if part[i] is not None:
+                        part[i] = float(part[i])
+        results.append(part)
+    return results
 
 
 # What an unreachable (or restarting) Redis raises.
@@ -356,24 +396,24 @@ class ResilientStore(StateStore):
     def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
         return self.submit_rows(plan, rows, now)()
 
-    def submit_rows(
-        self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0
-    ) -> Callable[[], list[Any]]:
+    def submit_plans(
+        self, jobs: Sequence[tuple[RowPlan, Sequence[Row]]], now: float = 0.0
+    ) -> Callable[[], list[list[Any]]]:
         """Redis's answer when the send and the read succeed, else the local fallback's
-        (and ``degraded``)."""
+        (and ``degraded``): all of a batch's jobs from one or all from the other."""
         if time.monotonic() - self._failed_at >= self.retry_after_s:
             try:
-                pending = self.primary.submit_rows(plan, rows, now)
+                pending = self.primary.submit_plans(jobs, now)
             except _REDIS_DOWN as exc:
                 self._down(exc)
             else:
 
-                def result() -> list[Any]:
+                def result() -> list[list[Any]]:
                     try:
                         out = pending()
                     except _REDIS_DOWN as exc:
                         self._down(exc)
-                        return self._local(plan, rows, now)
+                        return self._local(jobs, now)
                     if self.degraded:
                         log.warning("Redis is back: shared counters restored")
                         self.fallback = MemoryStore()
@@ -381,7 +421,7 @@ class ResilientStore(StateStore):
                     return out
 
                 return result
-        out = self._local(plan, rows, now)
+        out = self._local(jobs, now)
         return lambda: out
 
     def _down(self, exc: Exception) -> None:
@@ -389,16 +429,16 @@ class ResilientStore(StateStore):
         if not self.degraded:
             log.warning("Redis unreachable (%s): deciding with local counters", exc)
 
-    def _local(self, plan: RowPlan, rows: Sequence[Row], now: float) -> list[Any]:
+    def _local(self, jobs: Sequence[tuple[RowPlan, Sequence[Row]]], now: float) -> list[list[Any]]:
         self.degraded = True
-        return self.fallback.execute_rows(plan, rows, now)
+        return [self.fallback.execute_rows(plan, rows, now) for plan, rows in jobs]
 
     def expire(self, before: float) -> int:
         return self.fallback.expire(before)
 
 
 def shared_ip_state(settings: Settings, redis_url: str) -> ResilientStore:
-    """The worker's IP state: Redis under the settings' key and topic prefixes, with the
+    """The worker's shared state (IPs and combinations): Redis under the settings' key and topic prefixes, with the
     local fallback. Every engine that decides live clicks builds it here."""
     client = redis_client(redis_url, settings.redis_password)
     return ResilientStore(RedisStore(client, prefix=settings.redis_key_prefix + settings.topic_prefix))

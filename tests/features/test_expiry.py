@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from features.definitions import ClickFeaturizer
 from features.store import MemoryStore
-from features.windows import DAY_S
+from features.windows import COMBOS, DAY_S
 from stream.schemas import parse_click
 
 START = 1_762_041_600.0  # a UTC midnight
@@ -18,12 +18,14 @@ def test_quiet_entities_are_forgotten_after_their_windows() -> None:
     users, ips = MemoryStore(), MemoryStore()
     featurizer = ClickFeaturizer(users, ips)
     featurizer.featurize([_click(0, START, "quiet", "9.9.9.9")])
-    assert len(users) == 1 and len(ips) == 1
+    # The shared store holds the IP and each of the click's combinations (ip x app, ...).
+    assert len(users) == 1 and len(ips) == 1 + len(COMBOS)
     # Others keep clicking for three days; the longest window (a day, read as the
     # previous bucket the next day) plus the allowed lateness is then long past.
     for hour in range(1, 72):
         featurizer.featurize([_click(hour, START + hour * 3600, "busy", "1.1.1.1")])
-    assert len(users) == 1 and len(ips) == 1  # only "busy" and its IP remain
+    # only "busy", its IP and its combinations remain
+    assert len(users) == 1 and len(ips) == 1 + len(COMBOS)
 
 
 def test_sweeps_wait_for_the_wall_clock_interval() -> None:

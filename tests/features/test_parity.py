@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from features.batch import compute_features
-from features.definitions import FEATURE_NAMES, ClickFeaturizer
+from features.definitions import (
+    EMBEDDINGS,
+    FEATURE_NAMES,
+    ID_COLUMN,
+    ClickFeaturizer,
+    combo_entities_function,
+    combo_entity,
+)
 from features.store import MemoryStore
+from features.windows import COMBOS, W1D, ComboSpec
 from models.dataset import clicks_from_rows
 from stream.schemas import parse_click
 
@@ -18,16 +26,60 @@ AGENTS = [
     "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
     "",
 ]
+QUERIES = [
+    "running shoes",
+    "  Red   RUNNING shoes for Men  ",  # more tokens than there are columns, mixed case
+    "ÜBER straße",
+    "a",
+    "",
+]
+
+
+def _context(rng: np.random.Generator) -> dict | None:
+    """The simulator's context, app traffic's ids, keys without an id table of their own
+    (more than there are columns for them), empty values, or none at all."""
+    kind = rng.integers(0, 5)
+    if kind == 0:
+        return {"publisher": f"p{rng.integers(0, 4)}", "channel": f"ch{rng.integers(0, 2)}"}
+    if kind == 1:
+        return {"zone": f"z{rng.integers(0, 3)}", "site": f"s{rng.integers(0, 2)}",
+                "campaign": f"k{rng.integers(0, 2)}", "publisher": "p1"}  # fmt: skip
+    if kind == 2:
+        return {"app": "", "os": f"{rng.integers(0, 3)}", "zz": ""}
+    if kind == 3:
+        return {"app": f"{rng.integers(0, 3)}", "topic": "a|b\x1f\"q\""}  # key-format characters
+    return None
+
+
+def talkingdata_click(i: int, ts: float, rng: np.random.Generator) -> dict:
+    """An app-install click as TalkingData records it: ip, ids of app, os, device and
+    channel, and nothing else (no agent, no ad fields)."""
+    return {
+        "click_id": f"t{i}",
+        "ts": ts,
+        "user_id": f"u{rng.integers(0, 12)}",
+        "ip": f"10.0.0.{rng.integers(0, 6)}",
+        "context": {
+            "app": f"{rng.integers(1, 4)}",
+            "os": f"{rng.integers(10, 13)}",
+            "device": f"{rng.integers(1, 3)}",
+            "channel": f"{rng.integers(100, 103)}",
+        },
+    }
 
 
 def random_clicks(n: int, seed: int) -> list[dict]:
-    """Clicks with heavy key reuse, bucket boundaries, equal timestamps and day gaps."""
+    """Clicks with heavy key reuse, bucket boundaries, equal timestamps and day gaps, and
+    ad contexts of every shape (see ``_context``), a quarter of them TalkingData's."""
     rng = np.random.default_rng(seed)
     start = 1_762_041_600.0  # a UTC midnight
     ts = np.sort(start + rng.choice([5.0, 50.0, 3000.0, 90_000.0], n) * rng.random(n).cumsum() / n * 40)
     ts[10:20] = ts[10]  # ties keep input order
     rows = []
     for i in range(n):
+        if rng.random() < 0.25:
+            rows.append(parse_click(talkingdata_click(i, float(ts[i]), rng)))
+            continue
         click = {
             "click_id": f"c{i}",
             "ts": float(ts[i]),
@@ -45,6 +97,15 @@ def random_clicks(n: int, seed: int) -> list[dict]:
             click["device"] = ["desktop", "mobile", "app", "tv"][rng.integers(0, 4)]
         if rng.random() < 0.2:
             del click["ad_id"]
+        if rng.random() < 0.6:
+            click["advertiser_id"] = f"adv{rng.integers(0, 5)}"
+        context = _context(rng)
+        if context is None:
+            del click["context"]
+        else:
+            click["context"].update(context)
+        if rng.random() < 0.5:
+            click["query"] = QUERIES[rng.integers(0, len(QUERIES))]
         rows.append(parse_click(click))
     return rows
 
@@ -66,7 +127,15 @@ def test_batch_features_equal_incremental(batch_size: int) -> None:
 
     for j, name in enumerate(FEATURE_NAMES):
         np.testing.assert_allclose(got[:, j], expected[:, j], rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(got[:, ID_COLUMN:], expected[:, ID_COLUMN:])  # exact ids
     assert slices == list(expected_slices)
+    # The data exercise what they claim: every id column and combination is busy.
+    ids = got[:, ID_COLUMN:]
+    for j, column in enumerate(EMBEDDINGS):
+        assert 0 < np.count_nonzero(ids[:, j]) < len(ids), column.name
+    col = {name: np.expm1(got[:, j]) for j, name in enumerate(FEATURE_NAMES[:ID_COLUMN])}
+    for name in (n for combo in COMBOS for n in combo.names):
+        assert col[name].max() > 3, name
 
 
 def test_counters_see_what_they_claim() -> None:
@@ -75,10 +144,32 @@ def test_counters_see_what_they_claim() -> None:
         for i in range(5)
     ]
     out = ClickFeaturizer(MemoryStore(), MemoryStore()).featurize(rows)
-    col = {name: np.expm1(out.matrix[:, j]) for j, name in enumerate(FEATURE_NAMES)}
+    col = {name: np.expm1(out.matrix[:, j]) for j, name in enumerate(FEATURE_NAMES[:ID_COLUMN])}
     np.testing.assert_allclose(col["u_clicks_1m"], [1, 2, 3, 4, 5], rtol=1e-5)
     np.testing.assert_allclose(col["u_distinct_ip_1d"], [1, 2, 2, 2, 2], rtol=1e-5)
     np.testing.assert_allclose(col["u_gap_s"][1:], [1, 1, 1, 1], rtol=1e-5)
+    np.testing.assert_allclose(col["ip_app_clicks_1d"], [1, 1, 2, 2, 3], rtol=1e-5)
+
+
+def test_combination_counters_span_users_and_tell_values_apart() -> None:
+    def click(i: int, user: str, app: str | None, agent: str = "") -> dict:
+        row = {"click_id": f"c{i}", "ts": 1_000_000.0 + i, "user_id": user, "ip": "1.1.1.1",
+               "user_agent": agent}  # fmt: skip
+        if app is not None:
+            row["context"] = {"app": app}
+        return parse_click(row)
+
+    rows = [
+        click(0, "u1", "7"),
+        click(1, "u2", "7"),  # another user, same ip x app
+        click(2, "u1", "8"),
+        click(3, "u1", None),  # no app: counted under ip x ""
+        click(4, "u1", ""),  # an empty app is the same as none
+        click(5, "u1", "7", agent="Mozilla/5.0"),
+    ]
+    out = ClickFeaturizer(MemoryStore(), MemoryStore()).featurize(rows)
+    col = {name: np.expm1(out.matrix[:, j]) for j, name in enumerate(FEATURE_NAMES[:ID_COLUMN])}
+    np.testing.assert_allclose(col["ip_app_clicks_1d"], [1, 2, 1, 1, 2, 3], rtol=1e-5)
 
 
 class _RoutedMemory(MemoryStore):
@@ -109,3 +200,32 @@ def test_routing_user_state_by_partition_changes_no_feature() -> None:
         np.testing.assert_array_equal(a.matrix, b.matrix)
     assert len(routed_store.partitions) == 4
     assert sum(len(s) for s in routed_store.partitions.values()) == len({r["user_id"] for r in rows})
+
+
+def test_the_per_click_entities_are_combo_entity() -> None:
+    """The worker's generated per-click function names each combination as
+    ``combo_entity`` does, for every shape of click; long values enter as digests, so two
+    agents that differ only past the first characters still count apart."""
+    long_a, long_b = "Mozilla/5.0 " + "x" * 40 + "a", "Mozilla/5.0 " + "x" * 40 + "b"
+    extra = [
+        parse_click({"click_id": "l1", "ts": 1.0, "user_id": "u", "ip": "1.1.1.1", "user_agent": long_a}),
+        parse_click({"click_id": "l2", "ts": 1.0, "user_id": "u", "ip": "1.1.1.1", "user_agent": long_b}),
+    ]
+    # The shipped combinations and two of several fields (with the agent, with a missing
+    # context key): the generated function must handle any declaration.
+    specs = (
+        *COMBOS,
+        ComboSpec("ip_device_os", ("ip", "context.device", "context.os", "user_agent"), (W1D,)),
+        ComboSpec("user_ad", ("user_id", "ad_id", "context.app"), (W1D,)),
+    )
+    entities = combo_entities_function(specs)
+    for click in [*random_clicks(300, seed=9), *extra]:
+        context = click.get("context") or {}
+        expected = tuple(
+            combo_entity(c, [(context.get(f[8:]) if f.startswith("context.") else click.get(f)) or ""
+                             for f in c.fields])
+            for c in specs
+        )  # fmt: skip
+        assert entities(click) == expected
+    assert entities(extra[0]) != entities(extra[1])
+    assert all(len(e) < 100 for e in entities(extra[0]))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import redis
 
-from features.definitions import state_plan
+from features.definitions import ClickFeaturizer, combo_entity, combo_plan, state_plan
 from features.store import GET, MemoryStore, RowPlan
-from features.windows import DAY_S, DEFAULT_ALLOWED_LATENESS_S
+from features.windows import COMBOS, DAY_S, DEFAULT_ALLOWED_LATENESS_S
 from slidr.settings import Settings
 from stream.local_stack import free_port
 from stream.state import (
@@ -48,7 +48,16 @@ def random_rows(n: int, seed: int, entities: tuple[str, ...]) -> list[tuple]:
 PLANS = {
     "user": state_plan("user", DEFAULT_ALLOWED_LATENESS_S),
     "ip": state_plan("ip", DEFAULT_ALLOWED_LATENESS_S),
+    **{f"combo-{c.name}": combo_plan(c, DEFAULT_ALLOWED_LATENESS_S) for c in COMBOS},
 }
+# Values of combinations that hold what a key format could trip on: the row and field
+# separators, quotes, the key's own "|", non-ASCII text, empty values.
+COMBO_VALUES = (
+    ("1.1.1.1", "", "", "Mozilla/5.0 (X11; Linux x86_64)"),
+    ("1.1.1.1", "a|b", "c\x1fd", ""),
+    ("1.1.1.1", "a", "b|c\x1fd", ""),  # the same characters, split elsewhere
+    ("1.1.1.1", '"', "ü", "\x1e"),
+)
 
 
 # One count and nothing else: the smallest plan, for tests of a store's plumbing.
@@ -197,16 +206,16 @@ def test_a_lost_answer_raises_and_gives_the_connection_back(stream_settings: Set
 
 def test_resilient_store_falls_back_when_the_answer_never_comes() -> None:
     class LostAnswer(MemoryStore):  # the request went out; the connection then broke
-        def submit_rows(self, plan, rows, now=0.0):
+        def submit_plans(self, jobs, now=0.0):
             def result():
                 raise redis.ConnectionError("connection reset by peer")
 
             return result
 
     store = ResilientStore(LostAnswer())
-    pending = store.submit_rows(COUNT, [("i:x", NOW, ())], NOW)
+    pending = store.submit_plans([(COUNT, [("i:x", NOW, ())]), (COUNT, [("c:x:[]", NOW, ())])], NOW)
     assert not store.degraded  # nothing known yet
-    assert pending() == [1]  # counted locally instead
+    assert pending() == [[1], [1]]  # every plan counted locally instead
     assert store.degraded
 
 
@@ -216,3 +225,62 @@ def test_redis_rows_refuse_the_separator_instead_of_miscounting(stream_settings:
     with pytest.raises(ValueError, match="contains"):
         store.submit_rows(PLANS["ip"], [("i:1.2.3.4", NOW, ("bob\x1fx", "s1"))], NOW)
     assert store.submit_rows(PLANS["ip"], [("i:1.2.3.4", NOW, ("bob", "s1"))], NOW)()[0] == 1
+
+
+def test_one_redis_call_runs_several_plans_as_the_reference_does(
+    tmp_path: Path, stream_settings: Settings
+) -> None:
+    """The IP plan and every combination's plan of a batch go in one script call; each
+    answers as it would alone, whatever the combination's values hold."""
+    ip_rows = random_rows(400, seed=6, entities=("i:1.1.1.1", "i:2.2.2.2"))
+    jobs = [(PLANS["ip"], ip_rows)]
+    for k, combo in enumerate(COMBOS):
+        entities = tuple(combo_entity(combo, values) for values in COMBO_VALUES)
+        rows = random_rows(400, seed=7 + k, entities=entities)
+        jobs.append((combo_plan(combo, DEFAULT_ALLOWED_LATENESS_S), [(e, ts, ()) for e, ts, _ in rows]))
+    jobs.append((PLANS["user"], []))  # a plan without rows this batch
+    now = max(ts for _, ts, _ in ip_rows)
+    expected = [MemoryStore().execute(plan.expand(rows)) for plan, rows in jobs]
+    client = redis_client(stream_settings.redis_url)
+    store = RedisStore(client, prefix=f"test:{uuid.uuid4().hex}:")
+    calls = []
+    get_connection = client.connection_pool.get_connection
+    client.connection_pool.get_connection = lambda *a, **k: calls.append(1) or get_connection(*a, **k)
+    got = [[] for _ in jobs]
+    for start in range(0, 400, 61):
+        chunk = [(plan, rows[start : start + 61]) for plan, rows in jobs]
+        for mine, part in zip(got, store.submit_plans(chunk, now)(), strict=True):
+            mine.extend(part)
+    assert len(calls) == len(range(0, 400, 61))  # one script call per batch
+    assert got == expected
+    rocks = RocksStore(tmp_path / "p0")  # the combination plans fold alike on RocksDB
+    assert [rocks.execute_rows(plan, rows, now) for plan, rows in jobs] == expected
+    rocks.close()
+    assert store.submit_plans([(PLANS["ip"], []), (COUNT, [])], now)() == [[], []]
+
+
+def _talkingdata_clicks(n: int) -> list[dict]:
+    rng = np.random.default_rng(8)
+    return [
+        {
+            "click_id": f"c{i}", "ts": NOW + 7.0 * i, "user_id": f"u{rng.integers(0, 5)}",
+            "ip": f"10.0.0.{rng.integers(0, 3)}",
+            "context": {"app": f"{rng.integers(0, 3)}", "os": "13", "device": "1", "channel": "101"},
+        }  # fmt: skip
+        for i in range(n)
+    ]
+
+
+def test_without_redis_the_worker_counts_ips_and_combinations_locally() -> None:
+    """The degraded path: every shared counter (IPs and combinations) from the local
+    fallback, equal to counting in memory, and the batch marked degraded."""
+    clicks = _talkingdata_clicks(300)
+    dead = RedisStore(redis_client(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2))
+    shared = ResilientStore(dead, retry_after_s=60.0)
+    degraded = ClickFeaturizer(MemoryStore(), shared)
+    reference = ClickFeaturizer(MemoryStore(), MemoryStore())
+    for start in range(0, len(clicks), 50):
+        got = degraded.featurize(clicks[start : start + 50]).matrix
+        assert shared.degraded
+        np.testing.assert_array_equal(got, reference.featurize(clicks[start : start + 50]).matrix)
+    assert any(e.startswith("c:ip_app:") for e in shared.fallback._records)
