@@ -52,6 +52,35 @@ datacenter      normal desktop UAs (30% HeadlessChrome) from cloud IP ranges, mo
 mimic           only from ``new_bot_day`` on (drift): app UAs, carrier IPs, human diurnal
                 rhythm, moderate velocity, concentrated on a few advertisers
 ==============  =============================================================================
+
+The ``proxy_lies`` world
+------------------------
+SLIDR's weak labels and its FPR assume that purchasers are a representative sample of
+humans. ``world="proxy_lies"`` breaks that assumption on purpose, so that tests can check
+that the method does not fool itself; ``"standard"`` (the default) is the model above,
+unchanged. In ``proxy_lies``:
+
+* *Who buys depends on the slice.* Signed-out clicks convert with 0.1% probability for
+  customers and never for guests (non-customers), so logged-out slices have almost no
+  purchase labels. Signed-in app clicks convert at 7%, signed-in web clicks at 3.5%. Fewer
+  app users are customers (55%) and only 60% of those keep the app signed in, so most app
+  traffic is signed out.
+* *Humans who never buy.* Comparison browsers (4% of web guests, ~8% of human clicks)
+  click 10-40 ads of one product category per session, 5-30 s apart, and never purchase;
+  a handful of people browse on smart TVs and game consoles (device ``other``, signed
+  out, guests).
+* *Two more robot kinds* (together ~6.5% of clicks, so robots are ~31%):
+
+  ==============  ===========================================================================
+  infected_pc     ad-fraud malware on home computers: hidden clicks at the owner's address
+                  with the owner's browser UA, a cookie of its own, short sessions that
+                  follow the human hour profile (hour of day does not separate them)
+  script          bare HTTP clients (python-requests, curl, Go-http-client, ..., or no
+                  agent at all) from cloud IPs, cookieless, device ``other``: the
+                  ``other/logged_out`` slice is nearly all robots
+  ==============  ===========================================================================
+
+  hijacked (signed-in robots) and proxy_rotator stay as above.
 """
 
 from __future__ import annotations
@@ -81,10 +110,14 @@ KINDS = (
     "crawler",
     "datacenter",
     "mimic",
+    "infected_pc",
+    "script",
 )
 _K = {k: i for i, k in enumerate(KINDS)}
-DEVICES = ("desktop", "mobile", "app")
-DESKTOP, MOBILE, APP = 0, 1, 2
+WORLDS = ("standard", "proxy_lies")
+PROXY_LIES_KINDS = ("infected_pc", "script")  # robot kinds only the proxy_lies world has
+DEVICES = ("desktop", "mobile", "app", "other")  # "other" occurs only in proxy_lies
+DESKTOP, MOBILE, APP, OTHER = 0, 1, 2, 3
 PLACEMENTS = ("search_top", "search_side", "product_detail", "homepage", "app_feed")
 SEARCH_PLACEMENTS = (0, 1)
 
@@ -98,6 +131,19 @@ BOT_SHARE = {
     "datacenter": 0.05,
 }
 MIMIC_SHARE = 0.06  # taken from the human share on drift days, so volume stays constant
+
+# --------------------------------------------------------------------------------------
+# The proxy_lies world (module docstring): who buys depends on the slice, some humans
+# never buy, and two more robot kinds. Arrays per device follow DEVICES[:3].
+# --------------------------------------------------------------------------------------
+PROXY_LIES_BOT_SHARE = {"infected_pc": 0.04, "script": 0.025}
+_PL_CUSTOMER_SHARE = np.array([0.38, 0.30, 0.55])  # standard: 0.85 of app users
+_PL_SIGN_IN = np.array([0.55, 0.45, 0.60])  # app: of users, standard: 0.90 of app sessions
+_PL_BUY_SIGNED_IN = np.array([0.035, 0.035, 0.07])  # per click, before the buyer multiplier
+_PL_BUY_SIGNED_OUT = 0.001  # customers only: guests never buy
+_PL_COMPARERS = 0.04  # share of web guests who compare offers and never buy
+_PL_COMPARISON_CLICKS = 0.06  # their share of the human click budget
+_PL_OTHER_DEVICE_CLICKS = 0.0005  # smart-TV / console humans, share of all clicks
 
 # --------------------------------------------------------------------------------------
 # Rhythms (UTC). Hour weights are relative; day-of-week volume multiplies the human budget.
@@ -178,6 +224,21 @@ _CRAWLERS = (
     (0.04, ("Mozilla/5.0 (compatible; MJ12bot/v1.4.8; http://mj12bot.com/)",),
      ((136, 243, 228),)),
 )  # fmt: skip
+# Bare HTTP clients; "" is a request without a User-Agent header.
+_SCRIPT_UAS = (
+    ("python-requests/2.32.3", 0.22), ("python-requests/2.31.0", 0.08), ("curl/8.5.0", 0.12),
+    ("curl/7.81.0", 0.05), ("Go-http-client/1.1", 0.14), ("Go-http-client/2.0", 0.05),
+    ("Wget/1.21.4", 0.04), ("Java/17.0.9", 0.04), ("python-urllib3/2.2.3", 0.04),
+    ("axios/1.7.7", 0.04), ("", 0.18),
+)  # fmt: skip
+# Smart TVs and game consoles: real people on devices the device classes do not cover.
+_OTHER_DEVICE_UAS = (
+    ("Mozilla/5.0 (SMART-TV; Linux; Tizen 7.0) AppleWebKit/537.36 (KHTML, like Gecko) SamsungBrowser/6.2 Chrome/94.0.4606.31 TV Safari/537.36", 0.35),
+    ("Mozilla/5.0 (Web0S; Linux/SmartTV) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/94.0.4606.128 Safari/537.36 WebAppManager", 0.25),
+    ("Mozilla/5.0 (PlayStation; PlayStation 5/8.20) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/15.4 Safari/605.1.15", 0.15),
+    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; Xbox; Xbox Series X) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36 Edge/130.0.0.0", 0.15),
+    ("Mozilla/5.0 (Nintendo Switch; WifiWebAuthApplet) AppleWebKit/606.4 (KHTML, like Gecko) NF/6.0.1.15.4 NintendoBrowser/5.1.0.20389", 0.10),
+)  # fmt: skip
 
 # --------------------------------------------------------------------------------------
 # Address space. Prefixes are realistic-looking ISP / carrier / cloud blocks.
@@ -240,7 +301,8 @@ _CHANNELS = ("web", "app")
 _PLACEMENT_MIX = np.array(
     [[0.35, 0.15, 0.28, 0.22, 0.00],
      [0.45, 0.00, 0.33, 0.22, 0.00],
-     [0.15, 0.00, 0.10, 0.00, 0.75]]
+     [0.15, 0.00, 0.10, 0.00, 0.75],
+     [0.30, 0.15, 0.33, 0.22, 0.00]]
 )  # fmt: skip
 
 N_ADS = 2_000
@@ -269,17 +331,26 @@ class SimulationSummary:
     start: str = ""
     new_bot_day: int | None = None
     elapsed_s: float = 0.0
+    world: str = "standard"
+    # proxy_lies only: clicks of the human segments that never buy, by segment
+    human_segments: dict[str, int] = field(default_factory=dict)
 
     def to_text(self) -> str:
         """A short human-readable summary, one fact per line."""
+        world = "" if self.world == "standard" else f", world {self.world!r}"
         lines = [
             f"simulated {self.n_clicks:,} clicks over {self.days} day(s) from {self.start} "
-            f"(seed {self.seed}) in {self.elapsed_s:.1f} s",
+            f"(seed {self.seed}{world}) in {self.elapsed_s:.1f} s",
             f"robots: {self.bot_share:.1%} of clicks"
             + (f"; new kind 'mimic' from day {self.new_bot_day}" if self.new_bot_day else ""),
         ]
         for kind, n in self.clicks_by_kind.items():
             lines.append(f"  {kind:<14}{n:>12,}  {n / max(self.n_clicks, 1):6.1%}")
+        if self.human_segments:
+            lines.append(
+                "humans who never buy: "
+                + ", ".join(f"{k} {n:,} clicks" for k, n in self.human_segments.items())
+            )
         in_window = self.n_purchases - self.n_history_purchases
         lines.append(
             f"purchases: {in_window:,} in window ({self.n_purchases_with_click:,} with click_id) "
@@ -298,14 +369,19 @@ def simulate(
     new_bot_day: int | None = None,
     start: str = "2026-11-02",
     progress: Callable[[str], None] | None = None,
+    world: str = "standard",
 ) -> SimulationSummary:
     """Write ``out_dir/clicks.parquet`` and ``out_dir/purchases.parquet``.
 
     ``days`` UTC days of traffic from ``start`` (ISO date/time, UTC unless it names a zone)
     at about ``clicks_per_day`` clicks a day; from day ``new_bot_day`` (0-based, in
-    [1, days-1]) on, a new robot kind ``mimic`` appears. Same arguments, same files.
+    [1, days-1]) on, a new robot kind ``mimic`` appears. ``world`` is one of WORLDS:
+    ``"standard"``, or ``"proxy_lies"``, where purchasers are not a representative sample
+    of humans (module docstring). Same arguments, same files.
     Raises ValueError on arguments it cannot honour.
     """
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {', '.join(WORLDS)}, got {world!r}")
     if int(days) != days or days < 1:
         raise ValueError(f"days must be an integer >= 1, got {days!r}")
     if int(clicks_per_day) != clicks_per_day or clicks_per_day < 100:
@@ -325,12 +401,14 @@ def simulate(
     say = progress or (lambda _msg: None)
     began = time.perf_counter()
     out_dir = Path(out_dir)
+    world_name = world
     world = _World(
         t0=t_start.timestamp(),
         days=int(days),
         cpd=int(clicks_per_day),
         dow0=t_start.astimezone(UTC).weekday(),
         seed=int(seed),
+        name=world_name,
     )
     clicks = _Clicks()
 
@@ -340,24 +418,38 @@ def simulate(
 
     # Daily click budgets: robots are constant, humans follow the weekly rhythm and give up
     # the mimic's share on drift days.
-    dow = (world.dow0 + np.arange(world.days)) % 7
-    human_share = np.full(world.days, 1.0 - sum(BOT_SHARE.values()))
-    mimic_days = np.zeros(world.days, bool)
-    if new_bot_day is not None:
-        mimic_days[new_bot_day:] = True
-        human_share[mimic_days] -= MIMIC_SHARE
-    say("humans")
-    _gen_humans(world, pop, ads, clicks, world.cpd * human_share * _DOW_VOLUME[dow])
-
-    bot_budget = {k: s * world.cpd * world.days for k, s in BOT_SHARE.items()}
-    for kind, gen in (
+    bot_share = dict(BOT_SHARE)
+    generators = [
         ("burst", _gen_burst),
         ("low_slow", _gen_low_slow),
         ("proxy_rotator", _gen_proxy_rotator),
         ("hijacked", _gen_hijacked),
         ("crawler", _gen_crawler),
         ("datacenter", _gen_datacenter),
-    ):
+    ]
+    if world.proxy_lies:
+        bot_share.update(PROXY_LIES_BOT_SHARE)
+        generators += [("infected_pc", _gen_infected_pc), ("script", _gen_script)]
+    dow = (world.dow0 + np.arange(world.days)) % 7
+    human_share = np.full(world.days, 1.0 - sum(bot_share.values()))
+    mimic_days = np.zeros(world.days, bool)
+    if new_bot_day is not None:
+        mimic_days[new_bot_day:] = True
+        human_share[mimic_days] -= MIMIC_SHARE
+    say("humans")
+    human_budget = world.cpd * human_share * _DOW_VOLUME[dow]
+    if world.proxy_lies:
+        other_device = np.full(world.days, _PL_OTHER_DEVICE_CLICKS * world.cpd)
+        comparison = (human_budget - other_device) * _PL_COMPARISON_CLICKS
+        _gen_humans(world, pop, ads, clicks, human_budget - other_device - comparison)
+        say("humans: comparison browsers, smart TVs and consoles")
+        _gen_comparison_browsers(world, pop, ads, clicks, comparison)
+        _gen_other_device_humans(world, ads, clicks, other_device)
+    else:
+        _gen_humans(world, pop, ads, clicks, human_budget)
+
+    bot_budget = {k: s * world.cpd * world.days for k, s in bot_share.items()}
+    for kind, gen in generators:
         say(f"robots: {kind}")
         gen(world, pop, ads, clicks, bot_budget[kind])
     if new_bot_day is not None:
@@ -386,7 +478,10 @@ def simulate(
     kinds = cols["kind"]
     counts = np.bincount(kinds, minlength=len(KINDS))
     by_kind = {
-        k: int(counts[i]) for i, k in enumerate(KINDS) if k != "mimic" or new_bot_day is not None
+        k: int(counts[i])
+        for i, k in enumerate(KINDS)
+        if (k != "mimic" or new_bot_day is not None)
+        and (k not in PROXY_LIES_KINDS or world.proxy_lies)
     }
     n = len(kinds)
     hist = int((purchases.column("ts").to_numpy() < world.t0).sum())
@@ -405,6 +500,8 @@ def simulate(
         seed=world.seed,
         start=t_start.isoformat(),
         new_bot_day=new_bot_day,
+        world=world.name,
+        human_segments=_human_segments(pop, cols) if world.proxy_lies else {},
     )
     summary.elapsed_s = time.perf_counter() - began
     say(f"done in {summary.elapsed_s:.1f} s")
@@ -423,6 +520,7 @@ class _World:
     cpd: int
     dow0: int
     seed: int
+    name: str = "standard"  # one of WORLDS
     users: _IdPool = field(default_factory=lambda: _IdPool())
     sessions: _IdPool = field(default_factory=lambda: _IdPool())
     ips: _StringPool = field(default_factory=lambda: _StringPool())
@@ -435,6 +533,10 @@ class _World:
     @property
     def scale(self) -> float:
         return self.cpd / 250_000
+
+    @property
+    def proxy_lies(self) -> bool:
+        return self.name == "proxy_lies"
 
     def rng(self, component: str) -> np.random.Generator:
         # One stream per component (crc32 is stable across processes, unlike hash()).
@@ -633,6 +735,13 @@ class _Population:
     cust_lambda: np.ndarray  # expected purchases per 180 days
     cust_amount: np.ndarray  # log-scale offset of basket size
     cust_user: np.ndarray  # primary user of each customer
+    comparer: np.ndarray  # bool: compares offers, never buys (proxy_lies only)
+
+    def members(self, user_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(is a population user, population index or 0) of click rows' user codes."""
+        idx = user_codes - self.user[0]  # the population's id codes are consecutive
+        inside = (idx >= 0) & (idx < self.n_users)
+        return inside, np.where(inside, idx, 0)
 
 
 def _make_population(world: _World) -> _Population:
@@ -663,7 +772,8 @@ def _make_population(world: _World) -> _Population:
     activity = rng.lognormal(0.0, 1.0, n)
 
     # Customers: most app users, fewer web users; some customers have a second device.
-    is_cust = rng.random(n) < np.array([0.38, 0.30, 0.85])[device]
+    cust_share = _PL_CUSTOMER_SHARE if world.proxy_lies else np.array([0.38, 0.30, 0.85])
+    is_cust = rng.random(n) < cust_share[device]
     cust = np.full(n, -1, np.int64)
     cust_user = np.flatnonzero(is_cust)
     n_cust = len(cust_user)
@@ -679,6 +789,12 @@ def _make_population(world: _World) -> _Population:
     buy_mult = np.full(n, 0.5)
     has_cust = cust >= 0
     buy_mult[has_cust] = np.clip(np.sqrt(cust_lambda[cust[has_cust]] / 1.5), 0.3, 4.0)
+    comparer = np.zeros(n, bool)
+    if world.proxy_lies:
+        # Guests never buy here; a few web guests only ever compare offers.
+        buy_mult[~has_cust] = 0.0
+        web_guest = ~has_cust & (device != APP)
+        comparer = web_guest & (world.rng("comparers").random(n) < _PL_COMPARERS)
 
     return _Population(
         n_users=n,
@@ -696,6 +812,7 @@ def _make_population(world: _World) -> _Population:
         cust_lambda=cust_lambda,
         cust_amount=cust_amount,
         cust_user=cust_user,
+        comparer=comparer,
     )
 
 
@@ -747,6 +864,27 @@ def _ads_of(rng: np.random.Generator, ads: _Ads, advertisers: np.ndarray) -> np.
 # ======================================================================================
 # Humans
 # ======================================================================================
+def _session_ips(
+    world: _World,
+    rng: np.random.Generator,
+    pop: _Population,
+    s_user: np.ndarray,
+    starts: np.ndarray,
+) -> np.ndarray:
+    """IP code of each human session: office NAT on weekday working hours, carrier CGNAT
+    for most phone sessions, the home address otherwise."""
+    hour = ((starts - world.t0) % DAY) // HOUR
+    weekday = ((world.dow0 + (starts - world.t0) // DAY) % 7) < 5
+    s_ip = pop.home_ip[s_user].copy()
+    at_office = (pop.office_ip[s_user] >= 0) & weekday & (hour >= 8) & (hour < 18)
+    s_ip[at_office] = pop.office_ip[s_user[at_office]]
+    on_carrier = (pop.device[s_user] != DESKTOP) & (rng.random(len(starts)) < 0.6)
+    for c, gateways in enumerate(pop.carrier_ips):
+        rows = on_carrier & (pop.carrier[s_user] == c)
+        s_ip[rows] = gateways[rng.integers(len(gateways), size=int(rows.sum()))]
+    return s_ip
+
+
 def _gen_humans(
     world: _World, pop: _Population, ads: _Ads, clicks: _Clicks, per_day: np.ndarray
 ) -> None:
@@ -756,22 +894,17 @@ def _gen_humans(
     starts = _diurnal_starts(world, rng, n_sess, _WEEKDAY_HOURS, _WEEKEND_HOURS)
     s_user = _weighted(rng, len(starts), pop.activity)
     sizes = np.minimum(rng.geometric(0.42, len(starts)), 30)
-
-    # Session network: office NAT on weekday working hours, carrier CGNAT for most phone
-    # sessions, the home address otherwise.
-    hour = ((starts - world.t0) % DAY) // HOUR
-    weekday = ((world.dow0 + (starts - world.t0) // DAY) % 7) < 5
-    s_ip = pop.home_ip[s_user].copy()
-    at_office = (pop.office_ip[s_user] >= 0) & weekday & (hour >= 8) & (hour < 18)
-    s_ip[at_office] = pop.office_ip[s_user[at_office]]
+    s_ip = _session_ips(world, rng, pop, s_user, starts)
     s_dev = pop.device[s_user]
-    on_carrier = (s_dev != DESKTOP) & (rng.random(len(starts)) < 0.6)
-    for c, gateways in enumerate(pop.carrier_ips):
-        rows = on_carrier & (pop.carrier[s_user] == c)
-        s_ip[rows] = gateways[rng.integers(len(gateways), size=int(rows.sum()))]
     # Customers sign in on most app sessions, on about half of web sessions.
     s_cust = pop.cust[s_user]
-    s_logged = (s_cust >= 0) & (rng.random(len(starts)) < np.array([0.55, 0.45, 0.90])[s_dev])
+    sign_in = _PL_SIGN_IN if world.proxy_lies else np.array([0.55, 0.45, 0.90])
+    s_logged = (s_cust >= 0) & (rng.random(len(starts)) < sign_in[s_dev])
+    if world.proxy_lies:
+        # An app stays signed in or out: the choice is the user's, not the session's.
+        app_signed_in = world.rng("app_sign_in").random(pop.n_users) < _PL_SIGN_IN[APP]
+        app = s_dev == APP
+        s_logged[app] = (s_cust[app] >= 0) & app_signed_in[s_user[app]]
     s_pub = np.where(
         s_dev == APP,
         _N_WEB + _weighted(rng, len(starts), 1.0 / np.arange(1, len(_APP_PUBLISHERS) + 1)),
@@ -789,6 +922,88 @@ def _gen_humans(
         ad=_weighted(rng, len(ts), ads.popularity),
         placement=_weighted_by_row(rng, dev, _PLACEMENT_MIX), publisher=s_pub[sess],
     )  # fmt: skip
+
+
+def _gen_comparison_browsers(
+    world: _World, pop: _Population, ads: _Ads, clicks: _Clicks, per_day: np.ndarray
+) -> None:
+    """proxy_lies: web guests comparing offers, 10-40 ads of one category 5-30 s apart.
+
+    Human, fast and never buying: the weak labels call every one of these clicks robotic.
+    """
+    rng = world.rng("comparison")
+    users = np.flatnonzero(pop.comparer)
+    if len(users) == 0:
+        return
+    n_sess = np.maximum(1, np.round(per_day / 25.0)).astype(np.int64)
+    starts = _diurnal_starts(world, rng, n_sess, _WEEKDAY_HOURS, _WEEKEND_HOURS)
+    n = len(starts)
+    s_user = users[_weighted(rng, n, pop.activity[users])]
+    sizes = rng.integers(10, 41, size=n)
+    s_ip = _session_ips(world, rng, pop, s_user, starts)
+    s_pub = _weighted(rng, n, 1.0 / np.arange(1, _N_WEB + 1) ** 0.9)
+    s_cat = ads.category[_weighted(rng, n, ads.popularity)]
+    s_id = world.sessions.new(rng, n)
+    sess, ts = _expand_sessions(rng, starts, sizes, lambda k: rng.uniform(5.0, 30.0, k))
+    k = len(ts)
+    # Every ad of a session is of the session's category, popular ones more often.
+    ad = np.empty(k, np.int64)
+    row_cat = s_cat[sess]
+    for c in range(len(_CATEGORIES)):
+        rows = np.flatnonzero(row_cat == c)
+        pool = np.flatnonzero(ads.category == c)
+        if len(rows) and len(pool):
+            ad[rows] = pool[_weighted(rng, len(rows), ads.popularity[pool])]
+    dev = pop.device[s_user[sess]]
+    clicks.add(
+        "human", ts, world.t0, world.end,
+        user=pop.user[s_user[sess]], ip=s_ip[sess], session=s_id[sess], ua=pop.ua[s_user[sess]],
+        device=dev, ad=ad, placement=_weighted_by_row(rng, dev, _PLACEMENT_MIX),
+        publisher=s_pub[sess],
+    )  # fmt: skip
+
+
+def _gen_other_device_humans(
+    world: _World, ads: _Ads, clicks: _Clicks, per_day: np.ndarray
+) -> None:
+    """proxy_lies: a handful of people on smart TVs and game consoles (device ``other``).
+
+    Guests outside the population, signed out; they never buy.
+    """
+    rng = world.rng("other_device_humans")
+    mean_size = 1 / 0.5  # geometric
+    n_sess = np.maximum(1, np.round(per_day / mean_size)).astype(np.int64)
+    starts = _diurnal_starts(world, rng, n_sess, _WEEKDAY_HOURS, _WEEKEND_HOURS)
+    n = len(starts)
+    n_users = max(3, round(n / 6))
+    u_user = world.users.new(rng, n_users)
+    u_ip = world.ips.add(_random_ips(rng, n_users, _RESIDENTIAL))
+    u_ua = _ua_codes(world, rng, n_users, _OTHER_DEVICE_UAS)
+    s_u = rng.integers(n_users, size=n)
+    s_id = world.sessions.new(rng, n)
+    s_pub = _weighted(rng, n, 1.0 / np.arange(1, _N_WEB + 1) ** 0.9)
+    sizes = np.minimum(rng.geometric(0.5, n), 10)
+    sess, ts = _expand_sessions(rng, starts, sizes, lambda k: rng.lognormal(np.log(60), 1.0, k))
+    k = len(ts)
+    u = s_u[sess]
+    clicks.add(
+        "human", ts, world.t0, world.end,
+        user=u_user[u], ip=u_ip[u], session=s_id[sess], ua=u_ua[u], device=OTHER,
+        ad=_weighted(rng, k, ads.popularity), placement=_weighted(rng, k, _PLACEMENT_MIX[OTHER]),
+        publisher=s_pub[sess],
+    )  # fmt: skip
+
+
+def _human_segments(pop: _Population, cols: dict[str, np.ndarray]) -> dict[str, int]:
+    """proxy_lies: clicks of the human segments that never buy."""
+    human = cols["kind"] == _K["human"]
+    inside, u = pop.members(cols["user"])
+    comparer = human & inside & pop.comparer[u]
+    return {
+        "comparison_browser": int(comparer.sum()),
+        "guest": int((human & inside & (pop.cust[u] < 0) & ~comparer).sum()),
+        "other_device": int((human & (cols["device"] == OTHER)).sum()),
+    }
 
 
 # ======================================================================================
@@ -1028,6 +1243,66 @@ def _gen_mimic(
     )  # fmt: skip
 
 
+def _gen_infected_pc(
+    world: _World, pop: _Population, ads: _Ads, clicks: _Clicks, budget: float
+) -> None:
+    """proxy_lies: ad-fraud malware on home computers, clicking while the machine is in use.
+
+    A hidden browser with a cookie of its own, but the owner's address and browser UA; short
+    sessions whose start hours follow the human profile, on a few advertisers' ads, cashed
+    out through a few publishers.
+    """
+    rng = world.rng("infected_pc")
+    sizes = _units_for_budget(rng, budget, _lognormal_sizes(rng, 6, 0.6, 2, 40), 7)
+    n = len(sizes)
+    per_day = np.bincount(rng.integers(world.days, size=n), minlength=world.days)
+    starts = _diurnal_starts(world, rng, per_day, _WEEKDAY_HOURS, _WEEKEND_HOURS)
+    desktops = np.flatnonzero(pop.device == DESKTOP)
+    n_host = max(2, n // 4)
+    host = desktops[rng.integers(len(desktops), size=n_host)]
+    h_user = world.users.new(rng, n_host)
+    s_host = rng.integers(n_host, size=n)
+    s_id = world.sessions.new(rng, n)
+    targets = rng.choice(N_ADVERTISERS, 6, replace=False)
+    outlets = rng.choice(_N_WEB, 4, replace=False)
+    sess, ts = _expand_sessions(rng, starts, sizes, _exp_gaps(rng, 25.0, 2.0))
+    k = len(ts)
+    h = s_host[sess]
+    clicks.add(
+        "infected_pc", ts, world.t0, world.end,
+        user=h_user[h], ip=pop.home_ip[host[h]], session=s_id[sess], ua=pop.ua[host[h]],
+        device=DESKTOP, ad=_ads_of(rng, ads, targets[rng.integers(6, size=k)]),
+        placement=_weighted(rng, k, _PLACEMENT_MIX[DESKTOP]),
+        publisher=outlets[rng.integers(4, size=k)],
+    )  # fmt: skip
+
+
+def _gen_script(world: _World, pop: _Population, ads: _Ads, clicks: _Clicks, budget: float) -> None:
+    """proxy_lies: bare HTTP clients (or no User-Agent at all) from cloud IPs, device other.
+
+    Cookieless (a new user_id per run), flat in time, fast, ads uniformly at random.
+    """
+    rng = world.rng("script")
+    sizes = _units_for_budget(rng, budget, _lognormal_sizes(rng, 20, 0.9, 3, 300), 28)
+    n = len(sizes)
+    n_ident = max(2, n // 3)  # an operator's script keeps its host and agent over runs
+    i_ip = world.ips.add(_random_ips(rng, n_ident, _DATACENTER))
+    i_ua = _ua_codes(world, rng, n_ident, _SCRIPT_UAS)
+    s_ident = rng.integers(n_ident, size=n)
+    starts = world.t0 + rng.random(n) * (world.days * DAY)
+    s_user = world.users.new(rng, n)
+    s_id = world.sessions.new(rng, n)
+    sess, ts = _expand_sessions(rng, starts, sizes, _exp_gaps(rng, 4.0, 0.2))
+    k = len(ts)
+    i = s_ident[sess]
+    clicks.add(
+        "script", ts, world.t0, world.end,
+        user=s_user[sess], ip=i_ip[i], session=s_id[sess], ua=i_ua[i], device=OTHER,
+        ad=rng.integers(N_ADS, size=k), placement=_weighted(rng, k, _PLACEMENT_MIX[OTHER]),
+        publisher=rng.integers(_N_WEB, size=k),
+    )  # fmt: skip
+
+
 # ======================================================================================
 # Purchases
 # ======================================================================================
@@ -1040,10 +1315,19 @@ def _gen_purchases(
 ) -> pa.Table:
     """In-window purchases after human clicks, organic purchases, and the history."""
     rng = world.rng("purchases")
-    # Population index of a human row's user (the population's ids are consecutive codes).
+    # Human rows of population users (proxy_lies' smart-TV visitors are not: they never buy)
+    # and their population index.
     human = np.flatnonzero(cols["kind"] == _K["human"])
-    u = cols["user"][human] - pop.user[0]
-    p_buy = np.where(cols["logged_in"][human], 0.04, 0.015) * pop.buy_mult[u]
+    inside, u = pop.members(cols["user"][human])
+    human, u = human[inside], u[inside]
+    logged_in = cols["logged_in"][human]
+    if world.proxy_lies:
+        # Signed-out customers rarely buy, guests (buy_mult 0) and comparers never do.
+        signed_in = _PL_BUY_SIGNED_IN[cols["device"][human]]  # population devices: no "other"
+        p_buy = np.where(logged_in, signed_in, _PL_BUY_SIGNED_OUT) * pop.buy_mult[u]
+        p_buy[pop.comparer[u]] = 0.0
+    else:
+        p_buy = np.where(logged_in, 0.04, 0.015) * pop.buy_mult[u]
     bought = rng.random(len(human)) < p_buy
     buyer, bu = human[bought], u[bought]
     c_ts = cols["ts"][buyer] + 30.0 + rng.exponential(2 * HOUR, len(buyer))

@@ -5,13 +5,18 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from slidr.simulator import KINDS, SimulationSummary, simulate
+from features.batch import compute_features
+from models.dataset import load_dataset
+from models.labels import make_labels
+from slidr.cli import build_parser, main
+from slidr.simulator import KINDS, PROXY_LIES_KINDS, WORLDS, SimulationSummary, simulate
 
 START = "2026-11-02"  # a Monday
 T0 = datetime(2026, 11, 2, tzinfo=UTC).timestamp()
@@ -125,7 +130,7 @@ def test_times_sorted_in_range_and_ids_unique(tiny) -> None:
 def test_every_kind_present_and_bot_share(tiny) -> None:
     summary, clicks, _ = tiny
     kinds = _np(clicks, "bot_kind")
-    assert set(kinds) == set(KINDS)
+    assert set(kinds) == set(KINDS) - set(PROXY_LIES_KINDS)
     assert np.array_equal(_np(clicks, "is_bot"), kinds != "human")
     assert 0.2 <= summary.bot_share <= 0.4
 
@@ -253,9 +258,165 @@ def test_customers_differ_in_frequency(medium) -> None:
         ({"days": 3, "new_bot_day": 3}, "new_bot_day"),
         ({"days": 1, "new_bot_day": 1}, "new_bot_day"),
         ({"start": "next monday"}, "start"),
+        ({"world": "lying"}, "world"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         simulate(tmp_path, **kwargs)
     assert not (tmp_path / "clicks.parquet").exists()
+
+
+# --------------------------------------------------------------------------------------
+# The proxy_lies world: purchasers are not a representative sample of humans.
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lies(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Four weekdays at 20,000 clicks a day in proxy_lies, with weak labels and slices."""
+    out = tmp_path_factory.mktemp("proxy_lies")
+    summary = simulate(out, days=4, seed=11, clicks_per_day=20_000, start=START,
+                       world="proxy_lies")  # fmt: skip
+    data = load_dataset(out)
+    clicks = data.clicks
+    _, slices = compute_features(clicks)
+    kind = clicks.extra["bot_kind"].astype(str)
+    return SimpleNamespace(
+        summary=summary,
+        out=out,
+        clicks=clicks,
+        purchases=pq.read_table(out / "purchases.parquet"),
+        labels=make_labels(clicks, data.purchases),
+        slices=slices.astype(str),
+        kind=kind,
+        human=kind == "human",
+    )
+
+
+def test_standard_is_the_default_world(tmp_path: Path) -> None:
+    kw = {"days": 2, "seed": 4, "clicks_per_day": 2_000, "new_bot_day": 1}
+    default = simulate(tmp_path / "default", **kw)
+    standard = simulate(tmp_path / "standard", world="standard", **kw)
+    for name in ("clicks.parquet", "purchases.parquet"):
+        assert _sha(tmp_path / "default" / name) == _sha(tmp_path / "standard" / name)
+    assert default.clicks_by_kind == standard.clicks_by_kind
+    assert default.world == "standard" and not default.human_segments
+    assert not set(PROXY_LIES_KINDS) & set(default.clicks_by_kind)
+    assert "world" not in default.to_text()
+    assert set(_np(pq.read_table(default.path_clicks), "device")) == {"desktop", "mobile", "app"}
+
+
+def test_proxy_lies_same_seed_same_bytes(tmp_path: Path) -> None:
+    kw = {"days": 2, "clicks_per_day": 3_000, "world": "proxy_lies"}
+    simulate(tmp_path / "a", seed=8, **kw)
+    simulate(tmp_path / "b", seed=8, **kw)
+    simulate(tmp_path / "std", seed=8, days=2, clicks_per_day=3_000)
+    for name in ("clicks.parquet", "purchases.parquet"):
+        assert _sha(tmp_path / "a" / name) == _sha(tmp_path / "b" / name)
+        assert _sha(tmp_path / "a" / name) != _sha(tmp_path / "std" / name)
+
+
+def test_proxy_lies_kinds_truth_and_bot_share(lies) -> None:
+    summary = lies.summary
+    assert summary.world == "proxy_lies" and "proxy_lies" in summary.to_text()
+    assert set(lies.kind) == set(KINDS) - {"mimic"}
+    assert set(summary.clicks_by_kind) == set(KINDS) - {"mimic"}
+    assert np.array_equal(lies.clicks.extra["is_bot"].astype(bool), ~lies.human)
+    assert 0.20 <= summary.bot_share <= 0.35
+    # Signed-in robots: hijacked customer accounts.
+    hijacked = lies.kind == "hijacked"
+    assert hijacked.sum() > 0 and lies.clicks.logged_in[hijacked].all()
+    assert (lies.kind == "proxy_rotator").sum() > 0
+
+
+def test_proxy_lies_purchase_rate_depends_on_the_slice(lies) -> None:
+    purchasing = lies.labels.purchasing
+    rate = {}
+    for name in sorted(set(lies.slices)):
+        h = lies.human & (lies.slices == name)
+        rate[name] = purchasing[h].mean()
+        if name.endswith("/logged_out"):
+            assert rate[name] < 0.003, (name, rate[name])
+        else:
+            assert rate[name] > 0.02, (name, rate[name])
+    # Signed-in app users buy at a clearly different rate from signed-in web users.
+    assert rate["app/logged_in"] > 1.4 * max(rate["desktop/logged_in"], rate["mobile/logged_in"])
+    # Most app traffic is signed out (standard: about a fifth).
+    app = lies.human & np.char.startswith(lies.slices, "app/")
+    assert (~lies.clicks.logged_in[app]).mean() > 0.5
+    # Guests never buy: every purchase names a customer.
+    assert lies.purchases.column("customer_id").null_count == 0
+
+
+def test_proxy_lies_comparison_browsers_never_buy(lies) -> None:
+    """Human sessions of 10-40 clicks all 5-30 s apart are comparison browsers' (an ordinary
+    session of 10 clicks has all its gaps in that range with odds of about 1e-4)."""
+    c = lies.clicks
+    h = np.flatnonzero(lies.human)
+    session, ts = c.session_id[h], c.ts[h]
+    order = np.lexsort((ts, session))
+    session, ts, rows = session[order], ts[order], h[order]
+    starts = np.flatnonzero(np.r_[True, session[1:] != session[:-1]])
+    sizes = np.diff(np.r_[starts, len(session)])
+    gaps = np.diff(ts)
+    ok_gap = (gaps >= 5.0) & (gaps <= 30.0)
+    comparing = []
+    for first, size in zip(starts, sizes, strict=True):
+        if 10 <= size <= 40 and ok_gap[first : first + size - 1].all():
+            comparing.append(rows[first : first + size])
+    assert len(comparing) >= 20
+    comparer_rows = np.concatenate(comparing)
+    assert 0.02 < len(comparer_rows) / len(h) < 0.12
+    assert not lies.labels.purchasing[comparer_rows].any()
+    assert not c.logged_in[comparer_rows].any()
+    buyers = set(_np(lies.purchases, "user_id"))
+    assert buyers.isdisjoint(set(c.user_id[comparer_rows]))
+    segments = lies.summary.human_segments
+    assert segments["comparison_browser"] >= len(comparer_rows)
+    assert segments["guest"] > 0
+
+
+def test_proxy_lies_other_slice_is_nearly_all_robots(lies) -> None:
+    other = lies.slices == "other/logged_out"
+    assert other.sum() > 500
+    assert not (np.char.startswith(lies.slices, "other/") & ~other).any()
+    robots = ~lies.human[other]
+    assert robots.mean() > 0.95
+    assert 5 <= (~robots).sum() == lies.summary.human_segments["other_device"]
+    assert set(lies.kind[other]) == {"human", "script"}
+    assert set(lies.kind[lies.kind == "script"]) <= set(lies.kind[other])
+    agents = set(lies.clicks.user_agent[other & (lies.kind == "script")])
+    assert "" in agents
+    for tool in ("python-requests/", "curl/", "Go-http-client/"):
+        assert any(a.startswith(tool) for a in agents), tool
+    assert not lies.labels.purchasing[other].any()
+
+
+def test_proxy_lies_robot_with_the_human_clock(lies) -> None:
+    hour = _hour_of_day(lies.clicks.ts)
+    humans = np.bincount(hour[lies.human], minlength=24)
+    infected = np.bincount(hour[lies.kind == "infected_pc"], minlength=24)
+    assert infected.sum() > 1_000
+    assert np.corrcoef(humans, infected)[0, 1] > 0.7
+    # Hidden browsers at their owners' home addresses, with their owners' agents.
+    m = lies.kind == "infected_pc"
+    assert set(lies.clicks.ip[m]) & set(lies.clicks.ip[lies.human])
+    assert set(lies.clicks.user_id[m]).isdisjoint(set(lies.clicks.user_id[lies.human]))
+
+
+def test_cli_world_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--days", "1", "--clicks-per-day", "2000", "--seed", "3"]
+    code = main(["simulate", "--out", str(tmp_path / "cli"), *flags, "--world", "proxy_lies"])
+    out = capsys.readouterr().out
+    assert code == 0 and "world 'proxy_lies'" in out and "script" in out
+    simulate(tmp_path / "api", days=1, clicks_per_day=2_000, seed=3, world="proxy_lies")
+    assert _sha(tmp_path / "cli" / "clicks.parquet") == _sha(tmp_path / "api" / "clicks.parquet")
+    assert main(["simulate", "--out", str(tmp_path / "std"), *flags]) == 0
+    simulate(tmp_path / "std_api", days=1, clicks_per_day=2_000, seed=3)
+    std = [_sha(tmp_path / d / "clicks.parquet") for d in ("std", "std_api")]
+    assert std[0] == std[1]
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["simulate", "--out", str(tmp_path), "--world", "lying"])
+    assert exc.value.code == 2
+    for world in WORLDS:
+        args = build_parser().parse_args(["simulate", "--out", str(tmp_path), "--world", world])
+        assert args.world == world
