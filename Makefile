@@ -6,10 +6,10 @@ DEMO   ?= var/demo
 BENCH_CLICKS ?= 1000000
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench clean
+.PHONY: help install demo test lint bench bench-real clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 install: $(BIN)/.installed ## create .venv with slidr and everything it needs (training, local stack, tests)
 
@@ -30,6 +30,9 @@ lint: install ## ruff
 
 bench: install ## benchmarks: featurization and training on 1M clicks, the scoring path, the pipeline
 	$(BIN)/slidr bench --clicks $(BENCH_CLICKS)
+
+bench-real: install ## AUC of slidr and two peers (one-hot logistic, LightGBM) on the TalkingData sample
+	$(BIN)/python -m models.bench_real
 
 clean: ## remove local state (var/), keeps .venv
 	rm -rf var

@@ -1,0 +1,135 @@
+"""The real-data benchmark: its peers on a small synthetic TalkingData-layout file, how it
+reports a guardrail's refusal, and its command line (the real file only when present)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from models import bench_real
+from models.dataset import load_dataset
+from models.guardrails import GuardrailFailure, GuardrailReport
+from models.importer import TALKINGDATA, import_events
+from models.peers import lightgbm_available
+
+REPO = Path(__file__).parents[2]
+
+
+def write_synthetic(path: Path, n: int = 6_000, seed: int = 11) -> Path:
+    """Three days of clicks: a few click-farm IPs that never download, and humans whose
+    download rate depends on the app (apps 1 and 2 convert, the others rarely)."""
+    rng = np.random.default_rng(seed)
+    start = 1_509_984_000  # 2017-11-06 16:00 UTC, as the real sample
+    lines = ["ip,app,device,os,channel,click_time,attributed_time,is_attributed"]
+    for _ in range(n):
+        farm = rng.random() < 0.4
+        ip = int(rng.integers(1, 6)) if farm else int(rng.integers(100, 3_000))
+        app = int(rng.integers(3, 12)) if farm else int(rng.integers(1, 12))
+        rate = 0.0 if farm else (0.25 if app <= 2 else 0.01)
+        t = start + int(rng.integers(0, 56 * 3600))
+        bought = rng.random() < rate
+        click = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+        later = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t + 600)) if bought else ""
+        lines.append(
+            f"{ip},{app},{1 + int(farm)},{int(rng.integers(10, 14))},{100 + app * 3 + int(rng.integers(0, 2))},"
+            f"{click},{later},{int(bought)}"
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("bench-real")
+    return write_synthetic(tmp / "sample.csv")
+
+
+def test_count_features_count_combinations(tmp_path: Path, synthetic: Path) -> None:
+    import_events(synthetic, tmp_path, TALKINGDATA)
+    clicks = load_dataset(tmp_path).clicks
+    x, names = bench_real.count_features(clicks)
+    assert names == ["hour", "clicks_ip", "clicks_ip_app", "clicks_ip_app_os",
+                     "clicks_ip_device_os_app"]  # fmt: skip
+    assert np.all((x[:, 0] >= 0) & (x[:, 0] < 24))
+    i = 0
+    same_ip = clicks.ip == clicks.ip[i]
+    same_app = same_ip & (clicks.context["app"] == clicks.context["app"][i])
+    assert x[i, 1] == same_ip.sum() and x[i, 2] == same_app.sum()
+    # Each finer combination counts at most as many clicks as the coarser one.
+    assert np.all(x[:, 1] >= x[:, 2]) and np.all(x[:, 2] >= x[:, 3]) and np.all(x[:, 3] >= x[:, 4])
+
+
+def test_peers_beat_chance_on_planted_signal(tmp_path: Path, synthetic: Path) -> None:
+    result = bench_real.run_bench_real(
+        synthetic, tmp_path, with_slidr=False, progress=lambda m: None
+    )
+    split = result["split"]
+    assert split["test"]["days"] == ["2017-11-08"]
+    assert split["train"]["days"] == ["2017-11-06", "2017-11-07"]
+    assert split["train"]["clicks"] + split["test"]["clicks"] == 6_000
+    assert split["test"]["downloads"] > 10
+    rows = {row["model"]: row for row in result["models"]}
+    assert rows["one-hot logistic regression"]["auc"] > 0.8
+    if lightgbm_available():
+        assert rows["LightGBM + counts"]["auc"] > 0.85
+    else:
+        assert "skipped" in rows["LightGBM + counts"]
+    text = bench_real.to_text(result)
+    assert "one-hot logistic regression" in text and "AUC" in text and "downloads" in text
+
+
+def test_guardrail_refusal_is_one_line_and_peers_still_run(
+    tmp_path: Path, synthetic: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.pipeline
+
+    def refuse(directory, registry, options, progress):
+        report = GuardrailReport()
+        report.add("min_purchases", False, 3, 50, "3 purchasing clicks, need 50")
+        raise GuardrailFailure(report)
+
+    monkeypatch.setattr(models.pipeline, "run_training", refuse)
+    messages: list[str] = []
+    result = bench_real.run_bench_real(synthetic, tmp_path, progress=messages.append)
+    slidr = result["models"][0]
+    assert slidr["auc"] is None and slidr["exit"] == bench_real.EXIT_GUARDRAIL
+    assert "guardrail min_purchases refused training" in slidr["error"]
+    assert any(m.startswith("slidr: guardrail min_purchases") for m in messages)
+    assert [row["model"] for row in result["models"][1:]] == [
+        "one-hot logistic regression", "LightGBM + counts",
+    ]  # fmt: skip
+    assert result["models"][1]["auc"] is not None
+    assert "guardrail min_purchases refused training" in bench_real.to_text(result)
+
+
+def test_cli_peers_only_writes_json(tmp_path: Path, synthetic: Path, capsys) -> None:
+    out = tmp_path / "figures.json"
+    code = bench_real.main(["--data", str(synthetic), "--peers-only", "--out", str(out)])
+    assert code == 0
+    figures = orjson.loads(out.read_bytes())
+    assert [row["model"] for row in figures["models"]] == [
+        "one-hot logistic regression", "LightGBM + counts",
+    ]  # fmt: skip
+    assert "figures:" in capsys.readouterr().out
+
+
+def test_missing_data_skips_cleanly(tmp_path: Path, capsys) -> None:
+    assert bench_real.main(["--data", str(tmp_path / "absent.csv")]) == 0
+    assert "bench-real skipped:" in capsys.readouterr().out
+
+
+def test_real_sample_help_runs() -> None:
+    if not bench_real.DEFAULT_DATA.is_file():
+        pytest.skip(f"real TalkingData sample not found at {bench_real.DEFAULT_DATA}")
+    done = subprocess.run(
+        [sys.executable, "-m", "models.bench_real", "--help"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "--data" in done.stdout and "--out" in done.stdout
