@@ -526,6 +526,7 @@ def calibrate_slices(
     method: Method = "quadratic",
     min_purchases: int = 20,
     fit_span: float | None = DEFAULT_FIT_SPAN,
+    max_slice_fpr: float = 1.0,
 ) -> CalibrationResult:
     """Per-slice thresholds maximising overall IVR within an overall FPR budget (SPEC §5).
 
@@ -539,6 +540,10 @@ def calibrate_slices(
         method: ``"quadratic"`` (fitted concave quadratics, QP) or ``"empirical"`` (exact
             on the empirical curves' concave hulls).
         min_purchases: slices with fewer purchasing clicks get the global threshold.
+        max_slice_fpr: the most FPR any one slice may get (f_s <= it). The optimum likes
+            to spend the budget where robots are dense, which can take one slice's
+            humans far past the overall budget; a cap keeps every slice's humans within
+            a bound. Coverage minima above it are cut to it (with a warning).
         fit_span: quadratic method only: each slice's quadratic is fitted on
             [f_min_s, f_min_s + fit_span * budget] (cut at the most FPR the budget could
             give the slice), and f_s stays in that range, since a fit is not extrapolated.
@@ -577,16 +582,25 @@ def calibrate_slices(
     p_s = np.array([int(pur[m].sum()) for m in members])
     calibrated = p_s >= max(min_purchases, 1)
 
-    # Slices on the global threshold spend their share of the budget first.
-    uncalibrated_idx = np.concatenate(
-        [members[i] for i in np.flatnonzero(~calibrated)] + [np.zeros(0, dtype=np.int64)]
-    )
-    fixed_spend = int((pur & (s >= global_t))[uncalibrated_idx].sum()) / p_total
+    # Label-poor slices fall back conservatively: the global threshold, or the slice's
+    # own threshold at the budget where its few purchasing clicks already show the global
+    # one invalidating more of them than the budget allows (a handful of labels cannot
+    # calibrate a slice, but can refuse a threshold that is plainly too low for it).
+    # They spend their share of the budget first.
+    fallback: dict[int, tuple[float, str]] = {}
     for i in np.flatnonzero(~calibrated):
-        warnings.append(
-            f"slice {str(names[i])!r} has {p_s[i]} purchasing clicks (< {min_purchases}): "
-            "global threshold"
-        )
+        m = members[i]
+        own = threshold_for_fpr(s[m], pur[m], budget) if p_s[i] else -np.inf
+        if own > global_t:
+            why = (f"{p_s[i]} purchasing clicks (< {min_purchases}): the slice's own threshold at "
+                   f"FPR {budget}, stricter than the global one")  # fmt: skip
+        else:
+            why = f"{p_s[i]} purchasing clicks (< {min_purchases}): global threshold"
+        fallback[int(i)] = (max(own, global_t), why)
+        warnings.append(f"slice {str(names[i])!r}: {why}")
+    fixed_spend = sum(
+        int((pur[members[i]] & (s[members[i]] >= t)).sum()) for i, (t, _) in fallback.items()
+    ) / p_total
     avail = budget - fixed_spend
 
     cal = np.flatnonzero(calibrated)
@@ -598,6 +612,12 @@ def calibrate_slices(
     for (_, reachable), i in zip(mins, cal, strict=True):
         if not reachable:
             warnings.append(f"slice {str(names[i])!r}: coverage {required[i]} unreachable")
+    for k in np.flatnonzero(lo > max_slice_fpr):
+        warnings.append(
+            f"slice {str(names[cal[k]])!r}: coverage {required[cal[k]]} needs FPR {lo[k]:.4f}, "
+            f"over the slice cap {max_slice_fpr}: capped"
+        )
+    lo = np.minimum(lo, max_slice_fpr)
 
     floor_spend = float(cost @ lo) if cal.size else 0.0
     if floor_spend > avail + _TOL:
@@ -613,7 +633,9 @@ def calibrate_slices(
         )
 
     # The most FPR the budget could give each slice once every other slice sits at its min.
-    feasible_hi = np.minimum(1.0, lo + max(avail - floor_spend, 0.0) / np.maximum(cost, 1e-300))
+    feasible_hi = np.minimum(
+        min(1.0, max_slice_fpr), lo + max(avail - floor_spend, 0.0) / np.maximum(cost, 1e-300)
+    )
     hi = feasible_hi if fit_span is None else np.minimum(feasible_hi, lo + fit_span * budget)
 
     sc = [
@@ -641,8 +663,8 @@ def calibrate_slices(
     for k, i in enumerate(cal):
         m = members[i]
         thresholds[str(names[i])] = threshold_for_fpr(s[m], pur[m], float(f_chosen[k]))
-    for i in np.flatnonzero(~calibrated):
-        thresholds[str(names[i])] = global_t
+    for i, (t, _) in fallback.items():
+        thresholds[str(names[i])] = t
 
     invalid = apply_thresholds(s, slices, thresholds, global_t)
     realised = compute_metrics(invalid, pur, rob, slices)
@@ -685,14 +707,14 @@ def calibrate_slices(
                 f_min=None,
                 coverage_reachable=True,
                 fpr_target=None,
-                threshold=global_t,
+                threshold=fallback[i][0],
                 predicted_ivr=None,
                 coefficients=None,
                 fit_range=None,
                 ivr=got["ivr"],
                 fpr=got["fpr"],
                 coverage=got["coverage"],
-                note=f"fewer than {min_purchases} purchasing clicks: global threshold",
+                note=fallback[i][1],
             )
 
     def on_hulls(f: np.ndarray) -> float:

@@ -18,7 +18,13 @@ class GuardrailConfig:
     min_clicks: int = 1_000  # training clicks (train + validation days)
     min_human_labels: int = 50
     min_slice_clicks: int = 50  # a slice with fewer clicks is ignored, not failed
-    min_slice_human_labels: int = 5  # ... but a slice with clicks needs some human labels
+    # slice_label_share: a slice's human labels must not fall significantly below
+    # ``min_relative_slice_share`` times what the previous version's share of labels in
+    # that slice predicts (one-sided Poisson test at ``density_alpha``). Real traffic has
+    # slices where humans almost never buy (logged-out app visitors) or that are nearly
+    # all robots: few labels there are normal, a collapse against last time is not.
+    # There is no absolute floor: a first training is never blocked by it.
+    min_relative_slice_share: float = 0.1
     # Human-label density: in every hour (each hour of each day, and each hour of the day
     # pooled over days) the labels must not fall significantly below
     # ``min_relative_human_density`` times what the data set's overall label share
@@ -79,8 +85,11 @@ class GuardrailReport:
         return [asdict(r) for r in self.results]
 
 
-def check_training_data(prepared, split, config: GuardrailConfig = GuardrailConfig()) -> GuardrailReport:
-    """Data guardrails on the train and validation days of a prepared data set."""
+def check_training_data(
+    prepared, split, config: GuardrailConfig = GuardrailConfig(), previous: dict | None = None
+) -> GuardrailReport:
+    """Data guardrails on the fit days of a prepared data set; ``previous`` is the active
+    version's manifest, whose label shares per slice say what to expect."""
     report = GuardrailReport()
     idx = np.concatenate([split.train, split.validation])
     human = prepared.labels.human[idx]
@@ -89,16 +98,7 @@ def check_training_data(prepared, split, config: GuardrailConfig = GuardrailConf
         "min_human_labels", human.sum() >= config.min_human_labels, int(human.sum()),
         config.min_human_labels,
     )  # fmt: skip
-    slices = prepared.slices[idx]
-    thin = []
-    for name in sorted(set(slices)):
-        mask = slices == name
-        if mask.sum() >= config.min_slice_clicks and human[mask].sum() < config.min_slice_human_labels:
-            thin.append(f"{name}: {int(human[mask].sum())} human labels in {int(mask.sum())} clicks")
-    report.add(
-        "slice_human_labels", not thin, len(thin), 0,
-        "; ".join(thin) if thin else "every slice has human labels",
-    )  # fmt: skip
+    report.results.append(slice_label_share(prepared.slices[idx], human, previous, config))
     ts = prepared.data.clicks.ts[idx]
     # Purchases count at their own event time, against the clicks of the same hours:
     # attribution spreads a gap in the purchase feed over the 24 h of clicks before it,
@@ -111,6 +111,49 @@ def check_training_data(prepared, split, config: GuardrailConfig = GuardrailConf
     finite = bool(np.isfinite(prepared.features[idx]).all())
     report.add("finite_features", finite, finite, True)
     return report
+
+
+def label_share_by_slice(slices: np.ndarray, human: np.ndarray) -> dict[str, dict]:
+    """Per slice: clicks and the share of them labelled human."""
+    out = {}
+    for name in sorted(set(slices.tolist())):
+        mask = slices == name
+        out[str(name)] = {"clicks": int(mask.sum()), "human_share": float(human[mask].mean())}
+    return out
+
+
+def slice_label_share(
+    slices: np.ndarray, human: np.ndarray, previous: dict | None, config: GuardrailConfig
+) -> GuardrailResult:
+    """``slice_label_share``: each slice's human labels against the previous version's
+    share in that slice. Without a previous version it only reports the label-poor
+    slices (they are trained on and get a fallback threshold, see the calibration)."""
+    from scipy.stats import poisson
+
+    now = label_share_by_slice(slices, human)
+    poor = [f"{k} ({int(round(v['human_share'] * v['clicks']))} in {v['clicks']:,})"
+            for k, v in now.items() if v["clicks"] >= config.min_slice_clicks and v["human_share"] * v["clicks"] < 20]  # fmt: skip
+    before = (previous or {}).get("label_share_by_slice")
+    if not before:
+        detail = "no previous version to compare with"
+        if poor:
+            detail += "; label-poor slices (trained on, fallback threshold): " + ", ".join(poor)
+        return GuardrailResult("slice_label_share", True, None, config.min_relative_slice_share, detail)
+    drops, worst = [], None
+    for name, figures in now.items():
+        if name not in before or figures["clicks"] < config.min_slice_clicks:
+            continue
+        expected = before[name]["human_share"] * figures["clicks"]
+        labelled = figures["human_share"] * figures["clicks"]
+        if expected <= 0:
+            continue
+        worst = min(labelled / expected, worst if worst is not None else np.inf)
+        if poisson.cdf(round(labelled), config.min_relative_slice_share * expected) < config.density_alpha:
+            drops.append(f"{name}: {labelled:.0f} human labels vs ~{expected:.0f} expected from "
+                         f"{previous.get('version', 'the previous version')}")  # fmt: skip
+    detail = "; ".join(drops) if drops else "every slice's human-label share as the previous version's predicts"
+    return GuardrailResult("slice_label_share", not drops, None if worst is None else round(worst, 3),
+                           config.min_relative_slice_share, detail)  # fmt: skip
 
 
 def human_density(

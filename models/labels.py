@@ -9,6 +9,7 @@ false-positive budget on purchasing clicks rather than used at 0.5.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,3 +214,51 @@ def balancing_weights(ts: np.ndarray, logged_in: np.ndarray, label: np.ndarray) 
     _, inverse, counts = np.unique(cell, return_inverse=True, return_counts=True)
     weights = 1.0 / counts[inverse]
     return weights * (len(ts) / weights.sum())
+
+
+def propensity_weights(
+    cells: Sequence[np.ndarray], label: np.ndarray, min_labels: int = 30
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Sample weights under which the human label is independent of the propensity cell.
+
+    Weak labels are selected by who can be labelled: a logged-out visitor or a guest in
+    the app rarely buys, so "has a human label" depends on attributes that say nothing
+    of being a robot. Within each cell (the combination of the arrays in ``cells``, e.g.
+    device, logged-in status and hour of day) the clicks labelled human and the others
+    get equal total weight, and every cell keeps its share of the clicks: the weighted
+    label rate is then 1/2 in every cell, so a model gains nothing by learning which cell
+    a click is in. SLIDR's balancing (every cell the same total) does this too but also
+    blows a cell of 3 labels up to the weight of a cell of 30,000.
+
+    The clicks of cells with fewer than ``min_labels`` human labels (or non-human ones)
+    are pooled with the other such clicks of their coarser cell (the leading arrays of
+    ``cells``) and balanced there, level by level, down to all the clicks left. Returns
+    the weights (mean 1) and how many clicks were balanced at each level (``cells: k``
+    for the k leading arrays).
+    """
+    human = np.asarray(label) < 0.5  # label is the training target: 1 = not human
+    n = len(human)
+    weights = np.zeros(n, dtype=np.float64)
+    assigned = np.zeros(n, dtype=bool)
+    levels: dict[str, int] = {}
+    for depth in range(len(cells), -1, -1):
+        if depth:
+            _, code = np.unique(np.stack([np.unique(c, return_inverse=True)[1] for c in cells[:depth]]),
+                                axis=1, return_inverse=True)  # fmt: skip
+        else:
+            code = np.zeros(n, dtype=np.int64)
+        code = np.asarray(code).reshape(-1)
+        rest = ~assigned
+        size = np.bincount(code[rest], minlength=code.max() + 1).astype(np.float64)
+        humans = np.bincount(code[rest], weights=human[rest].astype(np.float64), minlength=code.max() + 1)
+        others = size - humans
+        enough = (humans >= min_labels) & (others >= min_labels) if depth else np.ones_like(size, bool)
+        take = rest & enough[code]
+        if not take.any():
+            continue
+        c = code[take]
+        half = size[c] / 2.0
+        weights[take] = np.where(human[take], half / np.maximum(humans[c], 1), half / np.maximum(others[c], 1))
+        assigned |= take
+        levels[f"cells: {depth}"] = int(take.sum())
+    return weights * (n / max(weights.sum(), 1e-12)), levels

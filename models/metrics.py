@@ -372,3 +372,17 @@ def recall_at_human_fpr(
         return None
     t = threshold_for_fpr(s, ~bot, target)
     return float(np.mean(s[bot] >= t))
+
+
+def auc(scores: npt.ArrayLike, positive: npt.ArrayLike) -> float | None:
+    """Area under the ROC curve of ``scores`` for ``positive`` (ties count one half);
+    ``None`` when either class is empty."""
+    s = np.asarray(scores, dtype=float)
+    pos = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -83,6 +83,16 @@ def write_report(folder: Path, result: dict, curves: dict[str, Curve]) -> Path:
     comp_rows = [{"measure": k, "value": v} for k, v in comparison.items() if not isinstance(v, dict | list)]
     label_rows = [{"measure": k, "value": v} for k, v in result["labels"].items()]
     guard_rows = result["guardrails"]
+    proxy = result.get("proxy_vs_truth", {"rows": [], "warnings": []})
+    proxy_cols = ["slice", "clicks", "human_label_share", "proxy_fpr", "true_human_fpr", "truth_over_proxy"]
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in proxy["warnings"])
+    representations = result.get("representations", [])
+    rep_cols = ["model", "oof_ivr_at_budget", "test_ivr_at_budget", "test_bot_recall_at_1pct_human_fpr",
+                "seconds", "shipped"]  # fmt: skip
+    propensity = result.get("propensity", {"rows": []})
+    prop_rows = [{k: v for k, v in r.items() if k != "label_rate_by_value"} for r in propensity["rows"]]
+    prop_cols = list(prop_rows[0].keys()) if prop_rows else []
+    poor = result.get("label_poor_slices", [])
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>slidr model report</title>
 <style>
@@ -93,17 +103,35 @@ th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
 figure {{ display: inline-block; margin: 0.3em; }}
 </style></head><body>
 <h1>slidr model report</h1>
-<p>Data {html.escape(", ".join(result["data"]["days"]))}: training on the first days, thresholds
-calibrated on {html.escape(result["data"]["days"][-2])}, figures below on the held-out day
-{html.escape(result["data"]["days"][-1])}. Feature spec {html.escape(result["feature_spec_version"])},
+<p>Data {html.escape(", ".join(result["data"]["days"]))}: the first days cross-fitted (models
+averaged over folds, thresholds calibrated on out-of-fold scores), figures below on the
+held-out day {html.escape(result["data"]["days"][-1])}; architecture shipped:
+{html.escape(str(result.get("architecture", "mlp")))}. Feature spec {html.escape(result["feature_spec_version"])},
 data fingerprint <code>{result["data"]["fingerprint"][:16]}</code>.</p>
 <h2>Baselines at equal overall FPR (held-out day)</h2>
 <p>Every model gets one global threshold giving the same overall FPR as the MLP's slice
 thresholds; bot recall at 1% human FPR uses the ground truth of simulated data.</p>
 {_table(result["baselines"], baseline_cols)}
+<h2>Proxy against truth per slice (held-out day, slice thresholds)</h2>
+<p>The proxy FPR counts invalidated purchasing clicks; the true human FPR (simulated data
+only) counts invalidated human clicks. They disagree where purchasers are not a
+representative sample of a slice's humans.</p>
+{_table(proxy["rows"], proxy_cols)}
+{f"<p><b>Proxy and truth disagree by more than 2x:</b></p><ul>{warnings}</ul>" if warnings else ""}
+<h2>Representations (context as hashed slots or per-field embeddings; MLP or DCN-v2)</h2>
+<p>Each cross-fitted over the fit days; the one with the highest out-of-fold IVR at the FPR
+budget ships. Held-out figures are shown for every one, and were not used to choose.</p>
+{_table(representations, rep_cols)}
+<h2>Label propensity</h2>
+<p>{html.escape(str(propensity.get("note", "")))}. Inputs switched off:
+{html.escape(", ".join(result.get("masked_features", [])))}; weighting
+{html.escape(str(propensity.get("weighting", "")))}.</p>
+{_table(prop_rows, prop_cols)}
+<h2>Label-poor slices</h2>
+{_table(poor, ["slice", "clicks", "purchasing_clicks", "threshold", "why"]) if poor else "<p>none</p>"}
 <h2>Slice calibration against one global threshold (held-out day)</h2>
 {_table(comp_rows, ["measure", "value"])}
-<h2>Calibration ({html.escape(str(result["calibration"].get("method")))}, on the validation day)</h2>
+<h2>Calibration ({html.escape(str(result["calibration"].get("method")))}, on out-of-fold scores of the fit days)</h2>
 {_table(cal_rows, cal_cols)}
 <h2>Metrics per slice (held-out day, slice thresholds)</h2>
 {_table(slice_rows, metric_cols)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,6 +29,11 @@ class TrainConfig:
     patience: int = 2  # epochs without validation improvement before stopping
     seed: int = 7
     threads: int = 2
+    embedding_dim: int = 8  # per categorical field
+    # Embedding rows learn only from the clicks of their value, a few times an epoch for
+    # most ads: a faster rate and no decay let them move within the few epochs that early
+    # stopping allows.
+    embedding_lr_factor: float = 10.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,31 +59,121 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std * self.mask
 
 
-class RobotClassifier(nn.Module):
-    """Standardisation, then a network producing one logit; ``forward`` returns P(robot)."""
+@dataclass(frozen=True)
+class IdColumn:
+    """One input column holding a hashed bucket index (0: absent) of a categorical field,
+    and the embedding table it feeds; columns sharing a table are summed (a bag)."""
 
-    def __init__(self, standardize: Standardize, body: nn.Module) -> None:
+    column: int
+    table: str
+    buckets: int
+
+
+class FieldEmbeddings(nn.Module):
+    """One hashed embedding table per categorical field, inside the exported graph.
+
+    The raw feature row carries each field's bucket index as a float (exact below 2**24),
+    so the ONNX graph keeps its single float input; indices are clamped into the table,
+    so no input can make the lookup fail. No vocabulary travels with the model: an unseen
+    value lands in its hash bucket, whose vector training shaped from the values sharing it.
+    """
+
+    def __init__(self, columns: Sequence[IdColumn], dim: int) -> None:
+        super().__init__()
+        tables: dict[str, list[IdColumn]] = {}
+        for c in columns:
+            tables.setdefault(c.table, []).append(c)
+        self.names = sorted(tables)
+        self.tables = nn.ModuleList()
+        for i, name in enumerate(self.names):
+            cols = tables[name]
+            self.tables.append(nn.Embedding(cols[0].buckets, dim))
+            self.register_buffer(f"cols_{i}", torch.tensor([c.column for c in cols], dtype=torch.long))
+        self.out_dim = dim * len(self.names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for i, table in enumerate(self.tables):
+            ids = x.index_select(1, getattr(self, f"cols_{i}"))
+            ids = ids.clamp(0, table.num_embeddings - 1).long()
+            parts.append(table(ids).sum(dim=1))
+        return torch.cat(parts, dim=1)
+
+
+class CrossNetwork(nn.Module):
+    """DCN-v2 cross layers: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l, explicit feature crosses
+    of bounded degree (one per layer) before the deep part."""
+
+    def __init__(self, width: int, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x
+        return x
+
+
+class RobotClassifier(nn.Module):
+    """Standardisation (and field embeddings, when given), then a network producing one
+    logit; ``forward`` returns P(robot)."""
+
+    def __init__(
+        self, standardize: Standardize, body: nn.Module, embeddings: FieldEmbeddings | None = None
+    ) -> None:
         super().__init__()
         self.standardize = standardize
+        self.embeddings = embeddings
         self.body = body
 
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self.standardize(x)
+        if self.embeddings is None:
+            return dense
+        return torch.cat([dense, self.embeddings(x)], dim=1)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.standardize(x)).squeeze(-1)
+        return self.body(self.inputs(x)).squeeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
 
 
+class AveragedClassifier(nn.Module):
+    """The mean P(robot) of several classifiers: the cross-fitted fold models shipped as
+    one model (one ONNX graph), so that every fit day trains the model that ships while
+    the thresholds come from scores of models that had not seen the clicks."""
+
+    def __init__(self, members: Sequence[RobotClassifier]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members], dim=0).mean(dim=0)
+
+
 def mlp(
-    n_features: int, mean: np.ndarray, std: np.ndarray, config: TrainConfig,
+    n_features: int,
+    mean: np.ndarray,
+    std: np.ndarray,
+    config: TrainConfig,
     mask: np.ndarray | None = None,
-) -> RobotClassifier:  # fmt: skip
-    """SLIDR's model: three fully connected layers with ReLU between them."""
+    ids: Sequence[IdColumn] = (),
+    cross_layers: int = 0,
+) -> RobotClassifier:
+    """SLIDR's model: three fully connected layers with ReLU between them.
+
+    ``ids``: categorical columns looked up in per-field embedding tables whose vectors join
+    the standardised inputs (switch those columns off in ``mask``: their raw values mean
+    nothing as numbers). ``cross_layers`` > 0 puts DCN-v2 cross layers before the MLP.
+    """
+    embeddings = FieldEmbeddings(ids, config.embedding_dim) if ids else None
+    width = n_features + (embeddings.out_dim if embeddings is not None else 0)
     h1, h2 = config.hidden
-    body = nn.Sequential(
-        nn.Linear(n_features, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 1)
-    )
-    return RobotClassifier(Standardize(mean, std, mask), body)
+    deep = nn.Sequential(nn.Linear(width, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 1))
+    body = deep if cross_layers == 0 else nn.Sequential(CrossNetwork(width, cross_layers), deep)
+    return RobotClassifier(Standardize(mean, std, mask), body, embeddings)
 
 
 def logistic(
@@ -111,21 +206,35 @@ def fit(
     x: np.ndarray,
     y: np.ndarray,
     w: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    w_val: np.ndarray,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    w_val: np.ndarray | None,
     config: TrainConfig,
     progress: Callable[[str], None] | None = None,
 ) -> FitLog:
-    """Weighted binary cross-entropy with Adam and L2; keeps the best validation epoch."""
+    """Weighted binary cross-entropy with Adam and L2; keeps the best validation epoch.
+
+    Without validation data (``x_val`` None) it runs exactly ``config.max_epochs``
+    epochs: the refit on all days, whose epoch count the cross-fitted folds chose.
+    """
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
     xt, yt, wt = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (x, y, w))
-    xv, yv, wv = (
-        torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (x_val, y_val, w_val)
-    )
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.l2)
+    # Small data sets get smaller batches: an epoch of 40k clicks in batches of 2,048 is
+    # 20 steps, and early stopping then ends training before it has learnt anything.
+    batch_size = int(min(config.batch_size, max(128, len(x) // 200)))
+    validate = x_val is not None
+    if validate:
+        xv, yv, wv = (
+            torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (x_val, y_val, w_val)
+        )
+    tables = [p for n, p in model.named_parameters() if ".tables." in n or n.startswith("tables.")]
+    others = [p for n, p in model.named_parameters() if not (".tables." in n or n.startswith("tables."))]
+    groups = [{"params": others}]
+    if tables:
+        groups.append({"params": tables, "lr": config.learning_rate * config.embedding_lr_factor, "weight_decay": 0.0})
+    optimiser = torch.optim.Adam(groups, lr=config.learning_rate, weight_decay=config.l2)
     loss_fn = nn.BCEWithLogitsLoss(reduction="none")
     generator = torch.Generator().manual_seed(config.seed)
     best = (math.inf, 0, None)
@@ -134,8 +243,8 @@ def fit(
         model.train()
         order = torch.randperm(len(xt), generator=generator)
         total = 0.0
-        for start in range(0, len(order), config.batch_size):
-            idx = order[start : start + config.batch_size]
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
             loss = (loss_fn(model.logits(xt[idx]), yt[idx]) * wt[idx]).sum() / wt[idx].sum()
             optimiser.zero_grad()
             loss.backward()
@@ -143,6 +252,11 @@ def fit(
             total += loss.item() * len(idx)
         train_losses.append(total / len(order))
         model.eval()
+        if not validate:
+            if progress:
+                progress(f"epoch {epoch}: train loss {train_losses[-1]:.4f}")
+            best = (math.inf, epoch, None)
+            continue
         with torch.no_grad():
             val = float((loss_fn(model.logits(xv), yv) * wv).sum() / wv.sum())
         val_losses.append(val)

@@ -53,6 +53,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         summary = simulate(
             args.out, days=args.days, seed=args.seed, clicks_per_day=args.clicks_per_day,
             new_bot_day=args.new_bot_day, start=args.start, progress=_stage_printer(),
+            world=args.world,
         )  # fmt: skip
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -71,6 +72,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.min_coverage is not None:
         options = dataclasses.replace(options, min_coverage=parse_min_coverage(args.min_coverage))
+    changes: dict = {"weighting": args.weighting, "peers": not args.no_peers}
+    if args.architectures is not None:
+        changes["architectures"] = tuple(a.strip() for a in args.architectures.split(",") if a.strip())
+    if args.propensity_features is not None:
+        changes["propensity_features"] = tuple(
+            f.strip() for f in args.propensity_features.split(",") if f.strip()
+        )
+    try:
+        options = dataclasses.replace(options, **changes)
+    except ValueError as exc:
+        raise CliError(f"slidr train: {exc}") from None
     registry = ModelRegistry(_registry_path(args))
     try:
         result = run_training(args.data, registry, options, progress=_stage_printer())
@@ -117,6 +129,15 @@ def _print_training_summary(result: dict, registry) -> None:
         + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in comp.items()
                     if not isinstance(v, dict | list))  # fmt: skip
     )
+    print(
+        f"architecture shipped: {result['architecture']} (out-of-fold IVR at the budget: "
+        + ", ".join(f"{r['model']} {r['oof_ivr_at_budget']:.4f}" for r in result["representations"])
+        + ")"
+    )
+    for row in result["label_poor_slices"]:
+        print(f"label-poor slice {row['slice']} ({row['clicks']:,} clicks): threshold {row['threshold']:.4f}, {row['why']}")
+    for warning in result["proxy_vs_truth"]["warnings"]:
+        print(f"warning: proxy and true FPR disagree: {warning}")
     print(f"total training time {result['timings_s']['total']:.1f} s")
 
 
@@ -152,6 +173,36 @@ def cmd_score(args: argparse.Namespace) -> int:
         f"IVR {scored.invalid.mean() if n else 0:.4f}) -> {args.out}"
     )
     return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from models.importer import (
+        ColumnMapping,
+        ImportFailure,
+        import_events,
+        load_mapping,
+        preset_mapping,
+    )
+
+    try:
+        mapping = preset_mapping(args.preset) if args.preset else ColumnMapping()
+        if args.mapping is not None:
+            mapping = load_mapping(args.mapping, base=mapping)
+        mapping = mapping.merged({key: getattr(args, key) for key in IMPORT_FLAGS}, "flags")
+        report = import_events(args.src, args.out, mapping, progress=_stage_printer())
+    except ImportFailure as exc:
+        raise CliError(str(exc)) from None
+    print(report.to_text())
+    print(f"report: {Path(args.out) / 'import_report.json'}")
+    return 0
+
+
+# Mapping keys that `slidr import` flags set (user_id by --user, the rest by their name).
+IMPORT_FLAGS = (
+    "ts", "ts_format", "user_id", "user_separator", "ip", "click_id", "session_id",
+    "user_agent", "logged_in", "device", "ad_id", "advertiser_id", "placement", "query",
+    "context", "purchase_flag", "purchase_time", "purchase_time_format",
+)  # fmt: skip
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -200,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-bot-day", type=int, default=None,
                    help="introduce a new robot kind ('mimic') from this day index on (drift)")  # fmt: skip
     p.add_argument("--start", default="2026-11-02", help="first day, YYYY-MM-DD, UTC (default 2026-11-02)")
+    p.add_argument("--world", choices=("standard", "proxy_lies"), default="standard",
+                   help="traffic model; proxy_lies: purchasers are not a representative sample "
+                   "of humans (default standard)")  # fmt: skip
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("train", help="label, featurize, train, calibrate and register a model version")
@@ -216,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slice calibration: SLIDR's concave quadratic fit, or exact on the empirical curves")  # fmt: skip
     p.add_argument("--epochs", type=int, default=8, help="most training epochs (default 8)")
     p.add_argument("--seed", type=int, default=7, help="training seed (default 7)")
+    p.add_argument("--architectures", default=None, metavar="NAME,...",
+                   help="model variants compared out of fold, the best ships "
+                        "(default mlp_embeddings,mlp_hashed,dcn_embeddings)")  # fmt: skip
+    p.add_argument("--propensity-features", default=None, metavar="NAME,...",
+                   help="inputs switched off because they decide who can be labelled human "
+                        "(default logged_in, hour and weekday, device one-hots; '' for none)")  # fmt: skip
+    p.add_argument("--weighting", choices=["propensity", "slidr"], default="propensity",
+                   help="sample weights: label-balanced per (device, logged-in, hour) cell, or "
+                        "SLIDR's equal (hour, weekday, logged-in, label) cells")  # fmt: skip
+    p.add_argument("--no-peers", action="store_true",
+                   help="skip the LightGBM peers in the report (they need the dev extra)")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics JSON of a model version on a data set")
@@ -231,6 +296,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="version to score with (default: the active one)")
     p.add_argument("--out", type=Path, required=True, help="output file, .jsonl or .parquet")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("import", help="import clicks from a CSV or Parquet file as a data set")
+    p.add_argument("src", type=Path, metavar="SRC", help="source file, .csv (optionally compressed) or .parquet")
+    p.add_argument("--out", type=Path, required=True, help="output directory (clicks.parquet, purchases.parquet)")
+    p.add_argument("--preset", choices=["talkingdata"], default=None,
+                   help="a built-in mapping: talkingdata = the TalkingData AdTracking layout")  # fmt: skip
+    p.add_argument("--mapping", type=Path, default=None,
+                   help="JSON or TOML file of mapping keys (ts, user_id, ip, context, ...); "
+                        "flags override it, it overrides --preset")  # fmt: skip
+    p.add_argument("--ts", default=None, metavar="COL", help="click time column")
+    p.add_argument("--ts-format", default=None, metavar="FMT",
+                   help="epoch (seconds, default), epoch_ms or a strptime pattern, read as UTC")  # fmt: skip
+    p.add_argument("--user", dest="user_id", default=None, metavar="COLS",
+                   help="user id column, or columns joined: ip+device+os")  # fmt: skip
+    p.add_argument("--user-separator", default=None, metavar="SEP", help="joins --user columns (default -)")
+    p.add_argument("--ip", default=None, metavar="COL", help="client IP column")
+    p.add_argument("--click-id", default=None, metavar="COL", help="click id column (default: r<row number>)")
+    for name in ("session-id", "user-agent", "logged-in", "device", "ad-id", "advertiser-id",
+                 "placement", "query"):  # fmt: skip
+        p.add_argument(f"--{name}", default=None, metavar="COL", help=f"{name.replace('-', '_')} column")
+    p.add_argument("--context", default=None, metavar="COLS",
+                   help="columns kept as context.<name> strings: app,channel")  # fmt: skip
+    p.add_argument("--purchase-flag", default=None, metavar="COL",
+                   help="column that is 1/true when the click led to a purchase")  # fmt: skip
+    p.add_argument("--purchase-time", default=None, metavar="COL",
+                   help="the purchase's time (default: one second after the click)")  # fmt: skip
+    p.add_argument("--purchase-time-format", default=None, metavar="FMT", help="default: --ts-format")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("models", help="list registered model versions")
     registry_flag(p)

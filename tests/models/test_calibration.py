@@ -20,7 +20,7 @@ from models.calibration import (
     fit_concave_quadratic,
     global_threshold_at_fpr,
 )
-from models.metrics import compute_metrics
+from models.metrics import compute_metrics, threshold_for_fpr
 
 BUDGET = 0.05
 
@@ -190,10 +190,26 @@ def test_small_slices_get_the_global_threshold(traffic):
     assert result.threshold_for("easy") == result.thresholds["easy"] != global_t
 
 
-def test_with_every_slice_too_small_all_get_the_global_threshold(traffic):
+def test_with_every_slice_too_small_each_falls_back_to_the_stricter_threshold(traffic):
+    """Uncalibrated slices get the global threshold, or their own at the budget where
+    their purchasing clicks show the global one is too low for them: never a lower one."""
     result = _calibrate(traffic, budget=BUDGET, min_purchases=10**6)
-    assert set(result.thresholds.values()) == {result.default_threshold}
+    global_t = result.default_threshold
+    for name, threshold in result.thresholds.items():
+        mask = traffic.slices == name
+        own = threshold_for_fpr(traffic.scores[mask], traffic.purchasing[mask], BUDGET)
+        assert threshold == max(global_t, own)
+        assert not result.slices[name].calibrated and result.slices[name].note
+    assert result.thresholds["hard"] > global_t  # its buyers score high: the global one is too low
+    assert "stricter" in result.slices["hard"].note
     assert result.fpr <= BUDGET
+
+
+def test_a_slice_cap_bounds_every_slice_fpr_target(traffic):
+    capped = _calibrate(traffic, budget=BUDGET, min_purchases=20, max_slice_fpr=1.2 * BUDGET)
+    free = _calibrate(traffic, budget=BUDGET, min_purchases=20)
+    assert max(r.fpr_target for r in free.slices.values() if r.calibrated) > 1.2 * BUDGET
+    assert all(r.fpr_target <= 1.2 * BUDGET + 1e-12 for r in capped.slices.values() if r.calibrated)
 
 
 def test_result_to_dict_is_json(traffic):

@@ -10,11 +10,14 @@ import pytest
 
 from features.windows import DAY_S
 from models.guardrails import (
+    GuardrailConfig,
     HeldOut,
     ModelGuardrailConfig,
     check_model,
     check_training_data,
+    label_share_by_slice,
     population_stability_index,
+    slice_label_share,
 )
 
 SLICES = ("desktop/logged_out", "mobile/logged_in")
@@ -211,3 +214,30 @@ def test_population_stability_index(shift: float, low: float, high: float) -> No
     actual = np.clip(rng.beta(2, 5, 20_000) + shift, 0, 1)
     assert low <= population_stability_index(expected, actual) <= high
     assert population_stability_index(expected, expected) == pytest.approx(0.0, abs=1e-12)
+
+
+# -- slice label share: against the previous version, never an absolute floor ------------
+
+
+def _slices_with_labels(shares: dict[str, float], n: int = 10_000, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    names = np.array(list(shares))[rng.integers(0, len(shares), n)]
+    human = rng.random(n) < np.array([shares[s] for s in names])
+    return names, human
+
+
+def test_a_first_training_with_label_poor_slices_is_not_blocked() -> None:
+    slices, human = _slices_with_labels({"app/logged_in": 0.3, "app/logged_out": 0.0005, "other/logged_out": 0.0})
+    result = slice_label_share(slices, human, None, GuardrailConfig())
+    assert result.passed
+    assert "other/logged_out" in result.detail and "app/logged_out" in result.detail
+
+
+def test_a_slice_whose_labels_collapse_against_the_previous_version_fails() -> None:
+    before = {"label_share_by_slice": label_share_by_slice(*_slices_with_labels({"a": 0.2, "b": 0.01})),
+              "version": "v0007"}  # fmt: skip
+    same = slice_label_share(*_slices_with_labels({"a": 0.2, "b": 0.01}, seed=4), before, GuardrailConfig())
+    assert same.passed, same.detail
+    lost = slice_label_share(*_slices_with_labels({"a": 0.005, "b": 0.01}, seed=4), before, GuardrailConfig())
+    assert not lost.passed
+    assert lost.detail.startswith("a:") and "v0007" in lost.detail

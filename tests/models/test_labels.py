@@ -12,6 +12,7 @@ from models.labels import (
     attribute_purchases,
     balancing_weights,
     make_labels,
+    propensity_weights,
     rfm_scores,
 )
 from stream.schemas import parse_click
@@ -199,3 +200,43 @@ def test_balancing_weights_day_of_week_is_utc_monday_zero() -> None:
     w = balancing_weights(ts, np.zeros(3, bool), np.zeros(3))
     np.testing.assert_allclose(w[0] + w[1], w[2])
     assert w.mean() == pytest.approx(1.0)
+
+
+# --- propensity weights ----------------------------------------------------------------
+
+
+def test_propensity_weights_make_the_label_independent_of_the_cell() -> None:
+    """Signed-in visitors are labelled human 30x as often as signed-out ones; under the
+    weights both labels weigh half of every cell, and each cell keeps its share."""
+    rng = np.random.default_rng(4)
+    n = 60_000
+    logged_in = rng.random(n) < 0.3
+    device = rng.integers(0, 3, n)
+    human = rng.random(n) < np.where(logged_in, 0.3, 0.01)
+    label = (~human).astype(np.float32)
+    weights, levels = propensity_weights([logged_in, device], label)
+
+    assert weights.mean() == pytest.approx(1.0)
+    assert levels == {"cells: 2": n}  # every cell has 30 labels of each kind
+    for li in (False, True):
+        for d in range(3):
+            cell = (logged_in == li) & (device == d)
+            assert weights[cell & human].sum() == pytest.approx(weights[cell].sum() / 2)
+            assert weights[cell].sum() == pytest.approx(cell.sum())
+
+
+def test_propensity_weights_pool_label_poor_cells_with_coarser_ones() -> None:
+    rng = np.random.default_rng(5)
+    n = 40_000
+    logged_in = rng.random(n) < 0.5
+    device = rng.integers(0, 4, n)
+    # Signed out, devices 0 and 1 have ~20 human labels each and device 3 none: too few
+    # alone, enough pooled in their signed-out cell (level 1).
+    rate = np.where(logged_in, 0.2, np.choose(device, [0.004, 0.004, 0.05, 0.0]))
+    human = rng.random(n) < rate
+    weights, levels = propensity_weights([logged_in, device], (~human).astype(np.float32), min_labels=30)
+    out = ~logged_in
+    pooled = out & (device != 2)
+    assert levels == {"cells: 2": int((logged_in | (device == 2)).sum()), "cells: 1": int(pooled.sum())}
+    assert weights[pooled & human].sum() == pytest.approx(weights[pooled].sum() / 2)
+    assert np.isfinite(weights).all() and (weights > 0).all()

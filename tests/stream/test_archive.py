@@ -161,7 +161,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         simulate(data, days=3, clicks_per_day=4000, seed=seed)
         try:
             result = run_training(data, ModelRegistry(registry),
-                                  TrainOptions(max_epochs=2, min_coverage=0.0), progress=lambda _m: None)  # fmt: skip
+                                  TrainOptions(max_epochs=2, min_coverage=0.0, architectures=("mlp_embeddings",), peers=False), progress=lambda _m: None)  # fmt: skip
         except Exception as exc:
             failures.append(f"seed {seed}: {exc}")
             continue
@@ -283,7 +283,7 @@ def test_archive_writes_each_event_once_and_exports_an_equal_dataset(
         pc.greater_equal(table["ts"], cols.ts[0]), pc.less_equal(table["ts"], cols.ts[-1])
     )
     pq.write_table(table.filter(in_span), same_events / "purchases.parquet")
-    options = TrainOptions(max_epochs=2, min_coverage=0.0)
+    options = TrainOptions(max_epochs=2, min_coverage=0.0, architectures=("mlp_embeddings",), peers=False)
     runs = [
         run_training(
             source,

@@ -140,7 +140,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         simulate(data, days=3, clicks_per_day=4000, seed=seed)
         registry = ModelRegistry(path)
         try:
-            earlier = run_training(data, registry, TrainOptions(max_epochs=2, min_coverage=0.0),
+            earlier = run_training(data, registry, TrainOptions(max_epochs=2, min_coverage=0.0, architectures=("mlp_embeddings",), peers=False),
                                    progress=lambda _m: None)["version"]  # fmt: skip
         except Exception as exc:
             failures.append(f"seed {seed}: {exc}")

@@ -1,0 +1,84 @@
+"""Training on a world where the purchase proxy lies (``slidr simulate --world proxy_lies``).
+
+There, logged-out visitors and guests almost never buy, app users buy at another rate,
+some humans never buy at all, one slice is nearly all robots and has no human label,
+and robots keep human hours: purchasers are not a representative sample of humans.
+These tests hold slidr to the truth the simulator knows, not to the proxy.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from models.pipeline import TrainOptions, run_training
+from models.registry import ModelRegistry
+from slidr.simulator import simulate
+
+SEED = 2
+BUDGET = TrainOptions().fpr_budget
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    data = tmp_path_factory.mktemp("proxy-lies")
+    simulate(data, days=4, seed=SEED, clicks_per_day=40_000, world="proxy_lies")
+    registry = ModelRegistry(tmp_path_factory.mktemp("registry"))
+    messages: list[str] = []
+    result = run_training(data, registry, TrainOptions(), progress=messages.append)
+    rows = {row["slice"]: row for row in result["proxy_vs_truth"]["rows"]}
+    return SimpleNamespace(result=result, messages=messages, rows=rows, registry=registry)
+
+
+def test_label_poor_slices_are_trained_on_and_said(trained: SimpleNamespace) -> None:
+    result = trained.result
+    assert result["version"] == "v0001" and result["active"] == "v0001"
+    poor = {row["slice"] for row in result["label_poor_slices"]}
+    assert "other/logged_out" in poor  # no purchasing click at all
+    assert any(m.startswith("label-poor slice other/logged_out") for m in trained.messages)
+    label_share = next(g for g in result["guardrails"] if g["name"] == "slice_label_share")
+    assert label_share["passed"] and "other/logged_out" in label_share["detail"]
+
+
+def test_true_human_fpr_within_twice_the_budget(trained: SimpleNamespace) -> None:
+    """Overall, and in every slice with at least 500 human clicks on the held-out day."""
+    overall = trained.rows["overall"]
+    assert overall["true_human_fpr"] <= 2 * BUDGET, overall
+    tested = trained.result["metrics"]["test"]["slices"]
+    judged = 0
+    for name, figures in tested.items():
+        humans = figures["clicks"] - figures["bot_clicks"]
+        if humans >= 500:
+            judged += 1
+            assert figures["human_fpr"] <= 2 * BUDGET, (name, figures)
+    assert judged >= 4
+
+
+def test_the_model_does_not_learn_who_gets_labelled(trained: SimpleNamespace) -> None:
+    """Logged-in status decides who can buy; buyers signed in and signed out must score
+    alike (AUC near 1/2), whereas the label itself depends on it strongly."""
+    row = next(r for r in trained.result["propensity"]["rows"] if r["attribute"] == "logged_in")
+    assert row["label_auc"] > 0.8
+    shipped = trained.result["architecture"]
+    assert abs(row[f"score_auc_{shipped}"] - 0.5) < 0.2, row
+
+
+def test_report_shows_proxy_against_truth_and_the_comparisons(trained: SimpleNamespace) -> None:
+    report = (trained.registry.path_of("v0001") / "report.html").read_text(encoding="utf-8")
+    for heading in ("Proxy against truth", "Representations", "Label propensity"):
+        assert heading in report
+    assert trained.rows["overall"]["proxy_fpr"] is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 11): bot recall at 1% true human FPR is below LightGBM's on the same "
+    "inputs and weak labels in this world (seed 1: 0.35 vs 0.63)",
+)
+def test_recall_at_one_percent_human_fpr_beats_gradient_boosted_trees(trained: SimpleNamespace) -> None:
+    rows = {row["model"]: row for row in trained.result["baselines"]}
+    ours = rows["mlp"]["bot_recall_at_1pct_human_fpr"]
+    for peer in ("lightgbm_all_inputs", "lightgbm_same_inputs"):
+        assert ours > rows[peer]["bot_recall_at_1pct_human_fpr"], peer
+

@@ -1,0 +1,73 @@
+"""The classifiers: per-field embeddings and DCN-v2 layers inside the exported graph, the
+averaged fold models, the day folds of the cross-fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from models.export import export_onnx, max_export_error
+from models.pipeline import split_by_day
+from models.training import AveragedClassifier, IdColumn, TrainConfig, fit, mlp, predict
+
+DAY = 86_400.0
+
+
+def _data(n: int = 4_000, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Two dense columns and two id columns; robots click ads 1-9 of table "ad"."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 4), dtype=np.float32)
+    x[:, :2] = rng.normal(size=(n, 2))
+    x[:, 2] = rng.integers(0, 64, n)  # ad bucket
+    x[:, 3] = rng.integers(0, 16, n)  # publisher bucket
+    y = ((x[:, 2] >= 1) & (x[:, 2] <= 9)).astype(np.float32)
+    return x, y
+
+
+IDS = [IdColumn(2, "ad", 64), IdColumn(3, "publisher", 16)]
+MASK = np.array([1, 1, 0, 0], dtype=np.float32)  # ids are not numbers
+
+
+def test_embeddings_learn_which_ids_are_robotic_and_export_exactly(tmp_path: Path) -> None:
+    x, y = _data()
+    config = TrainConfig(max_epochs=6)
+    model = mlp(4, x.mean(0), x.std(0), config, MASK, IDS)
+    fit(model, x, y, np.ones(len(x)), None, None, None, config)
+    scores = predict(model, x)
+    assert scores[y == 1].min() > scores[y == 0].max() - 0.5
+    assert np.mean((scores > 0.5) == (y == 1)) > 0.95
+    path = export_onnx(model, 4, tmp_path / "model.onnx")
+    # Ids outside their tables (hostile or from another spec) are clamped, never fail.
+    wild = x.copy()
+    wild[:5, 2] = [-3, 64, 10_000, 1e9, 63.0]
+    assert max_export_error(model, path, wild) <= 1e-5
+
+
+def test_dcn_layers_and_the_averaged_folds_export_exactly(tmp_path: Path) -> None:
+    x, y = _data(seed=2)
+    config = TrainConfig(max_epochs=2)
+    members = []
+    for seed in (1, 2):
+        member = mlp(4, x.mean(0), x.std(0), TrainConfig(max_epochs=2, seed=seed), MASK, IDS, cross_layers=2)
+        fit(member, x, y, np.ones(len(x)), x[:500], y[:500], np.ones(500), config)
+        members.append(member)
+    averaged = AveragedClassifier(members).eval()
+    np.testing.assert_allclose(
+        predict(averaged, x), (predict(members[0], x) + predict(members[1], x)) / 2, atol=1e-6
+    )
+    path = export_onnx(averaged, 4, tmp_path / "model.onnx")
+    assert max_export_error(averaged, path, x) <= 1e-5
+
+
+def test_each_fit_day_is_held_out_once_and_the_test_day_never() -> None:
+    ts = np.sort(np.random.default_rng(3).uniform(0, 4 * DAY, 2_000))
+    split = split_by_day(ts)
+    test = set(split.test.tolist())
+    held = [set(h.tolist()) for _, h in split.folds()]
+    assert len(held) == 3
+    assert set().union(*held) == set(split.fit.tolist())
+    assert sum(len(h) for h in held) == len(split.fit)
+    for train, held_out in split.folds():
+        trained_on = set(train.tolist())
+        assert not trained_on & set(held_out.tolist()) and not trained_on & test
