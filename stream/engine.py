@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -75,25 +76,68 @@ class BatchResult:
     model_version: str = ""
 
 
-def dead_letter(message: SourceMessage, error: str) -> bytes:
-    """The dead-letter record: original bytes (text when UTF-8, else base64) and why."""
-    raw = message.value or b""
+# A dead letter carries at most this much of the original message, whatever its size:
+# enough to see what was sent, never enough to make the dead letter itself unproducible.
+DEAD_LETTER_ORIGINAL_BYTES = 16 * 1024
+DEAD_LETTER_ERROR_CHARS = 1024  # an error message quoting its input is cut too
+# The most a dead letter can take once encoded. JSON escapes a byte as at most 6
+# characters (control bytes as \u00XX), base64 takes 4/3; the rest (error, source,
+# digest, keys) is small and bounded. Far under message.max.bytes (1 MB by default).
+MAX_DEAD_LETTER_BYTES = 6 * DEAD_LETTER_ORIGINAL_BYTES + 6 * (DEAD_LETTER_ERROR_CHARS + 1) + 8192
+assert MAX_DEAD_LETTER_BYTES < 256 * 1024
+
+
+def _cut_text(raw: bytes, limit: int) -> str | None:
+    """The longest prefix of ``raw`` of at most ``limit`` bytes that is whole UTF-8
+    (a character cut by the bound is left out), or None when ``raw`` is not UTF-8."""
     try:
-        original, encoding = raw.decode("utf-8"), "utf-8"
+        raw.decode("utf-8")
     except UnicodeDecodeError:
-        original, encoding = base64.b64encode(raw).decode("ascii"), "base64"
-    return orjson.dumps(
+        return None
+    return raw[:limit].decode("utf-8", errors="ignore")  # drops only a cut last character
+
+
+def bounded_dead_letter(
+    raw: bytes | None, error: str, topic: str, partition: int | None, offset: int | None,
+    key: bytes | None = None,
+) -> bytes:  # fmt: skip
+    """A dead-letter record that always fits (``MAX_DEAD_LETTER_BYTES``): the first
+    ``DEAD_LETTER_ORIGINAL_BYTES`` of the original (text when it is UTF-8, else base64),
+    its full length and SHA-256, why it is here and where it came from."""
+    raw = raw or b""
+    cut = len(raw) > DEAD_LETTER_ORIGINAL_BYTES
+    text = _cut_text(raw, DEAD_LETTER_ORIGINAL_BYTES)
+    if text is not None:
+        original, encoding = text, "utf-8"
+    else:
+        original = base64.b64encode(raw[:DEAD_LETTER_ORIGINAL_BYTES]).decode("ascii")
+        encoding = "base64"
+    if len(error) > DEAD_LETTER_ERROR_CHARS:
+        error = error[:DEAD_LETTER_ERROR_CHARS] + "…"
+    error = error.encode("utf-8", "replace").decode("utf-8")  # no lone surrogate for orjson
+    source: dict = {"topic": topic[:256], "partition": partition, "offset": offset}
+    if key is not None:
+        source["key"] = base64.b64encode(key[:256]).decode("ascii")
+    record = orjson.dumps(
         {
             "error": error,
             "original": original,
             "encoding": encoding,
-            "source": {
-                "topic": message.topic,
-                "partition": message.partition,
-                "offset": message.offset,
-            },
+            "original_bytes": len(raw),
+            "original_sha256": hashlib.sha256(raw).hexdigest(),
+            "truncated": cut,
+            "source": source,
             "at": time.time(),
         }
+    )
+    assert len(record) <= MAX_DEAD_LETTER_BYTES, len(record)
+    return record
+
+
+def dead_letter(message: SourceMessage, error: str) -> bytes:
+    """The dead-letter record of a consumed message: see ``bounded_dead_letter``."""
+    return bounded_dead_letter(
+        message.value, error, message.topic, message.partition, message.offset
     )
 
 

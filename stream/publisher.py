@@ -12,18 +12,33 @@ Two ways to know a batch is safe before its offsets are committed (at least once
 Delivery reports are served by whoever calls ``Producer.poll``: here always the thread
 that produces (the worker's event loop). A thread of its own would take the interpreter
 lock once per report, 500 times a batch, from a loop that needs it for everything else.
+
+A message librdkafka refuses at once for its size (MSG_SIZE_TOO_LARGE) is replaced by a
+bounded dead letter saying why, so one message never holds its batch (and partition)
+back; any other failure to queue counts as a refusal of the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Callable
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from slidr.settings import Settings
-from stream.engine import BatchResult
+from stream.engine import BatchResult, bounded_dead_letter
 from stream.kafka import CLICKS_DLQ, DECISIONS, FEATURES_SERVED, producer_config
+
+log = logging.getLogger(__name__)
+
+
+def _too_large(exc: BaseException) -> bool:
+    """``produce`` refused the message at once for its size (over message.max.bytes)."""
+    if not isinstance(exc, KafkaException) or not exc.args:
+        return False
+    err = exc.args[0]
+    return isinstance(err, KafkaError) and err.code() == KafkaError.MSG_SIZE_TOO_LARGE
 
 
 class DeliveryError(RuntimeError):
@@ -47,6 +62,14 @@ class _BatchDelivery:
         if self.remaining == 0:
             self.done(self.error)
 
+    def unsent(self, count: int, error: str) -> None:
+        """``count`` messages of the batch were never queued: they count as refused."""
+        if self.error is None:
+            self.error = error
+        self.remaining -= count
+        if self.remaining == 0:
+            self.done(self.error)
+
 
 class Publisher:
     def __init__(self, settings: Settings, **overrides) -> None:
@@ -60,26 +83,51 @@ class Publisher:
         if err is not None:
             self._errors.append(str(err))
 
-    def _produce(
-        self, topic: str, records: Iterable[tuple[bytes | None, bytes]], on_delivery
-    ) -> None:
-        produce = self.producer.produce
-        for key, value in records:
-            while True:
-                try:
-                    produce(topic, value=value, key=key, on_delivery=on_delivery)
-                    break
-                except BufferError:  # local queue full: serve reports while it drains
-                    self.producer.poll(0.05)
+    def _produce(self, topic: str, key: bytes | None, value: bytes, on_delivery) -> None:
+        """Queue one message. One that librdkafka refuses at once for its size goes to the
+        dead-letter topic instead, cut to a bound and saying why (its delivery report is
+        the dead letter's), so that one message cannot hold its batch back for good."""
+        try:
+            self._produce_waiting(topic, key, value, on_delivery)
+        except KafkaException as exc:
+            if not _too_large(exc):
+                raise
+            log.warning("a %d-byte message for %s is too large; dead-lettered", len(value), topic)
+            letter = bounded_dead_letter(
+                value, f"could not be produced to {topic}: {exc.args[0]}", topic, None, None, key
+            )  # fmt: skip
+            self._produce_waiting(self.dlq_topic, None, letter, on_delivery)
 
-    def _send(self, result: BatchResult, on_delivery) -> None:
-        self._produce(self.decisions_topic, result.decisions, on_delivery)
-        self._produce(self.dlq_topic, result.dead_letters, on_delivery)
-        self._produce(self.features_topic, result.served_features, on_delivery)
+    def _produce_waiting(self, topic: str, key: bytes | None, value: bytes, on_delivery) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                return
+            except BufferError:  # local queue full: serve reports while it drains
+                self.producer.poll(0.05)
+
+    def _send(
+        self, result: BatchResult, on_delivery, on_unsent: Callable[[int, str], None]
+    ) -> None:
+        """Queue a batch; if queueing fails, ``on_unsent(messages not queued, why)``."""
+        parts = (
+            (self.decisions_topic, result.decisions),
+            (self.dlq_topic, result.dead_letters),
+            (self.features_topic, result.served_features),
+        )
+        total = sum(len(records) for _, records in parts)
+        sent = 0
+        try:
+            for topic, records in parts:
+                for key, value in records:
+                    self._produce(topic, key, value, on_delivery)
+                    sent += 1
+        except Exception as exc:  # KafkaException and anything else: those left are lost
+            on_unsent(total - sent, f"producing to {topic} failed: {exc!r}")
 
     def send(self, result: BatchResult) -> None:
         """Queue a batch's messages (non-blocking); ``wait`` reports their fate."""
-        self._send(result, self._on_delivery)
+        self._send(result, self._on_delivery, lambda _count, error: self._errors.append(error))
 
     def wait(self, timeout_s: float = 30.0) -> None:
         """Block until everything queued is acknowledged; raise on any failure."""
@@ -98,7 +146,8 @@ class Publisher:
         if count == 0:
             done(None)
             return
-        self._send(result, _BatchDelivery(count, done).report)
+        delivery = _BatchDelivery(count, done)
+        self._send(result, delivery.report, delivery.unsent)
 
     def serve(self) -> None:
         """Run the delivery reports (and ``send_tracked`` callbacks) that have arrived."""
@@ -149,12 +198,25 @@ class AckPipeline:
             raise DeliveryError(self.failure)
         self.in_flight += 1
         loop = self._loop
+        called = False
 
         def done(error: str | None) -> None:  # inside the producer's poll, on this loop
+            nonlocal called
+            if called:
+                return
+            called = True
             if not loop.is_closed():  # a flush after the loop ended settles nothing
                 loop.call_soon(self._settle, error, on_safe, on_failed)
 
-        self.publisher.send_tracked(result, done)
+        try:
+            self.publisher.send_tracked(result, done)
+        except Exception as exc:  # not one of its refusals (those settle): free the slot
+            if called:
+                raise
+            called = True  # a report arriving later settles nothing
+            reason = f"publishing a batch failed: {exc!r}"
+            self._settle(reason, on_safe, on_failed)
+            raise DeliveryError(reason) from exc
         if not self._serve_now():
             raise DeliveryError(self.failure)
 

@@ -72,9 +72,10 @@ def test_report_shows_proxy_against_truth_and_the_comparisons(trained: SimpleNam
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 11): bot recall at 1% true human FPR is below LightGBM's on the same "
-    "inputs and weak labels in this world (seed 1: 0.35 vs 0.63)",
+    strict=False,
+    reason="open (issue 11): bot recall at 1% true human FPR beats LightGBM on every input but "
+    "not LightGBM on slidr's own inputs in this world (5 days of 40k clicks, seed 1: 0.59 vs "
+    "0.23 and 0.70)",
 )
 def test_recall_at_one_percent_human_fpr_beats_gradient_boosted_trees(trained: SimpleNamespace) -> None:
     rows = {row["model"]: row for row in trained.result["baselines"]}

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import time
 
+import orjson
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from slidr.settings import Settings
 from stream.engine import BatchResult
@@ -100,3 +103,124 @@ def test_a_failure_to_serve_reports_stops_the_pipeline(stream_settings: Settings
         publisher.producer = producer
         publisher.close()
     assert len(stopped) == 1
+
+
+# --- one message that cannot be produced (no broker: a fake producer) -----------------
+
+LIMIT = 1_000_000  # the fake's message.max.bytes, librdkafka's default
+
+
+class FakeProducer:
+    """Queues messages and acknowledges them on ``poll``, as librdkafka would; refuses a
+    message over ``LIMIT`` at once with MSG_SIZE_TOO_LARGE, and any message whose key is
+    in ``broken`` with another KafkaException."""
+
+    def __init__(self, broken: tuple[bytes, ...] = ()) -> None:
+        self.broken = broken
+        self.queued: list[tuple[str, bytes | None, bytes, object]] = []
+        self.delivered: list[tuple[str, bytes | None, bytes]] = []
+
+    def produce(self, topic, value, key=None, on_delivery=None) -> None:
+        if key in self.broken:
+            raise KafkaException(KafkaError(KafkaError._UNKNOWN_PARTITION))
+        if len(value) > LIMIT:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+        self.queued.append((topic, key, value, on_delivery))
+
+    def poll(self, _timeout: float = 0) -> int:
+        queued, self.queued = self.queued, []
+        for topic, key, value, on_delivery in queued:
+            self.delivered.append((topic, key, value))
+            on_delivery(None, None)
+        return len(queued)
+
+    def flush(self, _timeout: float = 0) -> int:
+        self.poll()
+        return 0
+
+
+def _fake_publisher(producer: FakeProducer) -> Publisher:
+    publisher = Publisher.__new__(Publisher)  # no broker, no librdkafka client
+    publisher.producer = producer
+    publisher.decisions_topic, publisher.dlq_topic = "decisions", "clicks.dlq"
+    publisher.features_topic = "features"
+    publisher._errors = []
+    return publisher
+
+
+def test_an_oversized_message_is_dead_lettered_and_its_batch_still_safe() -> None:
+    producer = FakeProducer()
+    pipeline = AckPipeline(_fake_publisher(producer), max_in_flight=2)
+    huge = b"\x01" * 1_200_000
+    safe: list[int] = []
+
+    async def run() -> None:
+        for n in range(20):  # many more such batches than slots: none may leak one
+            result = BatchResult(decisions=[(b"a%d" % n, b"{}"), (b"big%d" % n, huge)])
+            await asyncio.wait_for(pipeline.submit(result, lambda n=n: safe.append(n)), 5)
+        await asyncio.wait_for(pipeline.publish(BatchResult(decisions=[(b"z", b"{}")])), 5)
+
+    asyncio.run(run())
+    assert pipeline.failure is None and pipeline.in_flight == 0
+    assert safe == list(range(20))
+    letters = [orjson.loads(v) for t, _, v in producer.delivered if t == "clicks.dlq"]
+    assert len(letters) == 20
+    letter = letters[0]
+    assert "MSG_SIZE_TOO_LARGE" in letter["error"] and "decisions" in letter["error"]
+    assert letter["original_bytes"] == len(huge) and letter["truncated"] is True
+    assert letter["original_sha256"] == hashlib.sha256(huge).hexdigest()
+    assert letter["source"]["topic"] == "decisions"
+    assert base64.b64decode(letter["source"]["key"]) == b"big0"
+    decided = {k for t, k, _ in producer.delivered if t == "decisions"}
+    assert decided == {b"a%d" % n for n in range(20)} | {b"z"}
+
+
+def test_a_produce_error_frees_the_slot_and_stops_the_pipeline() -> None:
+    producer = FakeProducer(broken=(b"bad",))
+    stopped: list[DeliveryError] = []
+    pipeline = AckPipeline(_fake_publisher(producer), max_in_flight=1, on_failure=stopped.append)
+    safe: list[int] = []
+    failed: list[str] = []
+
+    async def run() -> None:
+        result = BatchResult(decisions=[(b"ok", b"{}"), (b"bad", b"{}"), (b"after", b"{}")])
+        await pipeline.submit(result, lambda: safe.append(1), failed.append)
+        for _ in range(20):  # the reports come in; the batch settles as refused
+            if not pipeline.in_flight:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(DeliveryError, match="_UNKNOWN_PARTITION"):
+            await asyncio.wait_for(pipeline.submit(BatchResult(), lambda: safe.append(2)), 5)
+
+    asyncio.run(run())
+    assert pipeline.in_flight == 0  # the slot is back
+    assert safe == [] and len(failed) == 1 and "_UNKNOWN_PARTITION" in failed[0]
+    assert len(stopped) == 1
+
+
+def test_a_failing_send_frees_the_slot() -> None:
+    publisher = _fake_publisher(FakeProducer())
+    pipeline = AckPipeline(publisher, max_in_flight=1)
+
+    def broken_send(_result, _done) -> None:
+        raise TypeError("not bytes")
+
+    publisher.send_tracked = broken_send
+
+    async def run() -> None:
+        with pytest.raises(DeliveryError, match="not bytes"):
+            await pipeline.submit(BatchResult(decisions=[(b"k", b"{}")]), lambda: None)
+
+    asyncio.run(run())
+    assert pipeline.in_flight == 0 and pipeline.failure is not None
+
+
+def test_send_and_wait_dead_letter_an_oversized_message_and_report_other_errors() -> None:
+    producer = FakeProducer(broken=(b"bad",))
+    publisher = _fake_publisher(producer)
+    publisher.send(BatchResult(decisions=[(b"big", b"x" * 2_000_000), (b"k", b"{}")]))
+    publisher.wait()
+    assert [t for t, _, _ in producer.delivered] == ["clicks.dlq", "decisions"]
+    publisher.send(BatchResult(decisions=[(b"bad", b"{}")]))
+    with pytest.raises(DeliveryError, match="_UNKNOWN_PARTITION"):
+        publisher.wait()
