@@ -243,8 +243,12 @@ class ModelGuardrailConfig:
     # score_psi: population stability index of the new scores against the active
     # version's scores on the same clicks (deciles of the active scores). 0.1 is "some
     # shift", 0.25 "a large shift" by the usual rule; retraining on a newer window moves
-    # scores more than a deployed model drifts, hence the looser default.
-    max_score_psi: float = 0.5
+    # scores more than a deployed model drifts, hence the looser default. Models averaged
+    # over day folds, with embeddings, move their score scale between healthy retrains
+    # more than one MLP did: two consecutive retrains of 20k-click days measured PSI
+    # 0.87-1.12 (tests/models/test_lifecycle.py), each slice's verdicts being recalibrated
+    # anyway; a score distribution squeezed to half its range measures 4.4.
+    max_score_psi: float = 1.5
     psi_bins: int = 10
 
 

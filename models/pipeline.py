@@ -101,6 +101,9 @@ class TrainOptions:
 # Model variants compared by training: (context representation, DCN-v2 cross layers).
 # "hashed": the signed 16-slot hashing of the whole context (ctx_*), SLIDR-style;
 # "embeddings": one hashed embedding table per field (features.definitions.EMBEDDINGS).
+# Out-of-fold IVR (share of all clicks) by which another architecture must beat the active
+# version's to replace it.
+ARCHITECTURE_MARGIN = 0.01
 ARCHITECTURES: dict[str, tuple[str, int]] = {
     "mlp_embeddings": ("embeddings", 0),
     "mlp_hashed": ("hashed", 0),
@@ -467,7 +470,15 @@ def run_training(
             "oof_ivr_at_budget": metrics.ivr_at_fpr(f.oof[fit_idx], purchasing[fit_idx], budget),
             "seconds": round(f.seconds, 1),
         })  # fmt: skip
-    chosen = max(representations, key=lambda r: r["oof_ivr_at_budget"])["model"]
+    best = max(representations, key=lambda r: r["oof_ivr_at_budget"])
+    chosen = best["model"]
+    # A daily retrain keeps the active version's architecture unless another is clearly
+    # better: flipping between near-equal ones moves the score distribution (the
+    # score_psi guardrail then refuses a healthy retrain) for nothing.
+    incumbent = (previous or {}).get("architecture")
+    same = next((r for r in representations if r["model"] == incumbent), None)
+    if same is not None and same["oof_ivr_at_budget"] >= best["oof_ivr_at_budget"] - ARCHITECTURE_MARGIN:
+        chosen = incumbent
     progress(f"architecture: {chosen} (out-of-fold IVR at FPR {budget}: "
              + ", ".join(f"{r['model']} {r['oof_ivr_at_budget']:.4f}" for r in representations) + ")")  # fmt: skip
     model = fits[chosen].model

@@ -10,6 +10,7 @@ deadlines only stop a broken worker from hanging the suite.
 from __future__ import annotations
 
 import base64
+import hashlib
 import signal
 import time
 import zlib
@@ -23,6 +24,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from models.batch_scoring import score_clicks
 from models.registry import ModelRegistry
+from stream.engine import DEAD_LETTER_ORIGINAL_BYTES
 from stream.kafka import consumer_config
 from stream.local_stack import free_port
 from tests.stream.worker_harness import (
@@ -214,11 +216,16 @@ def test_every_click_gets_a_decision_and_malformed_ones_go_to_the_dlq(
             f"{name}: {letter['error']!r}"
         )
         raw = value or b""
+        # The original whole, or its first 16 KiB with its length and digest.
+        assert letter["original_bytes"] == len(raw), name
+        assert letter["original_sha256"] == hashlib.sha256(raw).hexdigest(), name
+        kept = raw[: len(raw) if not letter["truncated"] else DEAD_LETTER_ORIGINAL_BYTES]
+        assert letter["truncated"] == (len(raw) > DEAD_LETTER_ORIGINAL_BYTES), name
         if letter["encoding"] == "utf-8":
-            assert letter["original"] == raw.decode("utf-8"), name
+            assert letter["original"] == kept.decode("utf-8", errors="ignore"), name
         else:
             assert letter["encoding"] == "base64", name
-            assert base64.b64decode(letter["original"]) == raw, name
+            assert base64.b64decode(letter["original"]) == kept, name
     binary = landed_bad[[name for name, *_ in bad].index("binary")]
     assert letters[(source, binary.partition, binary.offset)]["encoding"] == "base64"
 
