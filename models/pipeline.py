@@ -229,6 +229,18 @@ def _baseline_row(
     return row
 
 
+def choose_architecture(rows: list[dict], incumbent: str | None, margin: float = ARCHITECTURE_MARGIN) -> str:
+    """The variant with the highest out-of-fold IVR at the budget (``oof_ivr_at_budget``),
+    unless the active version's (``incumbent``) is within ``margin`` of it: a daily retrain
+    that flips between near-equal architectures moves the score distribution (and the
+    score_psi guardrail refuses a healthy retrain) for nothing."""
+    best = max(rows, key=lambda r: r["oof_ivr_at_budget"])
+    same = next((r for r in rows if r["model"] == incumbent), None)
+    if same is not None and same["oof_ivr_at_budget"] >= best["oof_ivr_at_budget"] - margin:
+        return same["model"]
+    return best["model"]
+
+
 def _input_mask(names: tuple[str, ...], off: set[str]) -> np.ndarray:
     return np.array([0.0 if n in off else 1.0 for n in names], dtype=np.float32)
 
@@ -470,15 +482,7 @@ def run_training(
             "oof_ivr_at_budget": metrics.ivr_at_fpr(f.oof[fit_idx], purchasing[fit_idx], budget),
             "seconds": round(f.seconds, 1),
         })  # fmt: skip
-    best = max(representations, key=lambda r: r["oof_ivr_at_budget"])
-    chosen = best["model"]
-    # A daily retrain keeps the active version's architecture unless another is clearly
-    # better: flipping between near-equal ones moves the score distribution (the
-    # score_psi guardrail then refuses a healthy retrain) for nothing.
-    incumbent = (previous or {}).get("architecture")
-    same = next((r for r in representations if r["model"] == incumbent), None)
-    if same is not None and same["oof_ivr_at_budget"] >= best["oof_ivr_at_budget"] - ARCHITECTURE_MARGIN:
-        chosen = incumbent
+    chosen = choose_architecture(representations, (previous or {}).get("architecture"))
     progress(f"architecture: {chosen} (out-of-fold IVR at FPR {budget}: "
              + ", ".join(f"{r['model']} {r['oof_ivr_at_budget']:.4f}" for r in representations) + ")")  # fmt: skip
     model = fits[chosen].model

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from models.export import export_onnx, max_export_error
-from models.pipeline import split_by_day
+from models.pipeline import choose_architecture, split_by_day
 from models.training import AveragedClassifier, IdColumn, TrainConfig, fit, mlp, predict
 
 DAY = 86_400.0
@@ -71,3 +71,11 @@ def test_each_fit_day_is_held_out_once_and_the_test_day_never() -> None:
     for train, held_out in split.folds():
         trained_on = set(train.tolist())
         assert not trained_on & set(held_out.tolist()) and not trained_on & test
+
+
+def test_a_retrain_keeps_the_active_architecture_unless_another_is_clearly_better() -> None:
+    rows = [{"model": "mlp_hashed", "oof_ivr_at_budget": 0.200}, {"model": "dcn_embeddings", "oof_ivr_at_budget": 0.195}]
+    assert choose_architecture(rows, None) == "mlp_hashed"
+    assert choose_architecture(rows, "dcn_embeddings") == "dcn_embeddings"  # within 0.01
+    assert choose_architecture(rows, "dcn_embeddings", margin=0.001) == "mlp_hashed"
+    assert choose_architecture(rows, "retired_variant") == "mlp_hashed"
