@@ -88,7 +88,6 @@ def fit_lightgbm(
         np.asarray(x_train, dtype=np.float64), np.asarray(y_train, dtype=np.float64),
         weight=None if w_train is None else np.asarray(w_train, dtype=np.float64),
         feature_name=names, categorical_feature=list(categorical), free_raw_data=True,
-        params={"verbose": -1},  # hashed ids are sparse codes: no warning about it per fit
     )  # fmt: skip
     valid = lgb.Dataset(
         np.asarray(x_val, dtype=np.float64), y_val,
