@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         options = dataclasses.replace(options, **changes)
     except ValueError as exc:
-        raise CliError(f"slidr train: {exc}") from None
+        raise CliError(str(exc)) from None
     registry = ModelRegistry(_registry_path(args))
     try:
         result = run_training(args.data, registry, options, progress=_stage_printer())
