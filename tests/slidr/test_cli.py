@@ -310,3 +310,12 @@ def test_worker_without_a_usable_model_fails_fast_naming_it(tmp_path: Path, caps
     (registry / "versions" / "v0001" / "model.onnx").unlink()
     assert main(["worker"]) == 2
     assert "model file not found" in capsys.readouterr().err
+
+
+def test_train_option_errors_are_one_line(capsys, tmp_path: Path) -> None:
+    for flag, value, fragment in (
+        ("--architectures", "mlp_hashed,resnet", "unknown ['resnet']"),
+        ("--propensity-features", "logged_in,shoe_size", "not feature names: ['shoe_size']"),
+    ):
+        result = run(capsys, "train", "--data", tmp_path, "--registry", tmp_path / "r", flag, value)
+        assert_one_line_error(result, "train", fragment)
