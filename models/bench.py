@@ -129,9 +129,9 @@ def run_offline_bench(
         training.update(
             version=result["version"],
             stages_s={k: round(v, 3) for k, v in result["timings_s"].items()},
-            mlp_fit_s=round(result["fit"]["mlp"]["seconds"], 3),
-            mlp_epochs=result["fit"]["mlp"]["epochs"],
-            logistic_fit_s=round(result["fit"]["logistic_regression"]["seconds"], 3),
+            architecture=result["architecture"],
+            fold_epochs=result["fit"][result["architecture"]]["best_epochs"],
+            fit_s={name: round(fit["seconds"], 3) for name, fit in result["fit"].items()},
             report=str(registry.path_of(result["version"]) / "report.html"),
         )
     training["total_s"] = round(time.perf_counter() - started, 3)
@@ -172,9 +172,10 @@ def to_text(figures: dict) -> str:
         lines.append(f"  training    failed after {t['total_s']:.1f} s: {t['error']}")
     else:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in t["stages_s"].items() if k != "total")
+        fits = ", ".join(f"{k} {v:.1f}" for k, v in t["fit_s"].items())
         lines.append(
-            f"  training    {t['total_s']:.1f} s total (MLP {t['mlp_fit_s']:.1f} s over "
-            f"{t['mlp_epochs']} epochs, logistic {t['logistic_fit_s']:.1f} s; {stages} s)"
+            f"  training    {t['total_s']:.1f} s total (shipped {t['architecture']}, folds stopped at "
+            f"epochs {t['fold_epochs']}; cross-fits {fits} s; {stages} s)"
         )
     lines.append(f"  peak memory {figures['peak_rss_mib']:,.0f} MiB")
     return "\n".join(lines)

@@ -22,3 +22,14 @@ def test_offline_bench_reports_figures(tmp_path: Path) -> None:
     assert "features" in text and "clicks/s" in text and "training    failed" in text
     assert messages, "progress is reported"
     assert list(tmp_path.glob("registry-*")), "a fresh registry in the work directory"
+
+
+def test_offline_bench_reports_the_training_it_ran(tmp_path: Path) -> None:
+    figures = run_offline_bench(clicks=16_000, workdir=tmp_path, progress=lambda _m: None)
+    training = figures["training"]
+    assert "error" not in training, training
+    assert training["architecture"] in training["fit_s"]
+    assert {"logistic_regression", training["architecture"]} <= training["fit_s"].keys()
+    assert len(training["fold_epochs"]) == 3  # the three days before the held-out one
+    text = to_text(figures)
+    assert f"shipped {training['architecture']}" in text and "cross-fits" in text
