@@ -299,9 +299,9 @@ def cross_fit(
     return CrossFit(name, AveragedClassifier(members).eval(), oof, best, seconds)
 
 
-def _peer_rows(
-    p: Prepared, split: Split, x: np.ndarray, y: np.ndarray, w: np.ndarray, off: set[str],
-    seed: int, progress: Progress,
+def _peer_scores(
+    split: Split, x: np.ndarray, y: np.ndarray, w: np.ndarray, off: set[str], seed: int,
+    progress: Progress,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Scores of LightGBM on the same features, labels and weights: once with
     every input, once without the propensity inputs (as slidr's models see them)."""
@@ -493,7 +493,7 @@ def run_training(
     scores["velocity_heuristic"] = velocity_scores(x)
     if options.peers:
         progress("gradient-boosted peers (LightGBM) on the same features and labels")
-        scores.update(_peer_rows(p, split, x, y, weights, off, options.seed, progress))
+        scores.update(_peer_scores(split, x, y, weights, off, options.seed, progress))
     scores = {"mlp": scores[chosen], **scores}
 
     progress("calibrating slice thresholds on out-of-fold scores")
