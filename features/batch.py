@@ -194,7 +194,9 @@ def _id_block(cols: ClickColumns, fields: _FieldCodes) -> np.ndarray:
     blocks.append(_per_distinct(fields("query"), query_ids, QUERY_TOKENS))
     for key, b in ID_CONTEXT_KEYS:
         field = f"context.{key}"
-        blocks.append(_per_distinct(fields(field), lambda v, f=field, b=b: (id_bucket(f, v, b),), 1))
+        blocks.append(
+            _per_distinct(fields(field), lambda v, f=field, b=b: (id_bucket(f, v, b),), 1)
+        )
     # Other context keys fill their columns in key order, each click its first ones.
     other = np.zeros((n, OTHER_CONTEXT_IDS), dtype=np.int64)
     filled = np.zeros(n, dtype=np.int64)
@@ -291,4 +293,3 @@ def compute_features(cols: ClickColumns) -> tuple[np.ndarray, np.ndarray]:
         [slice_of(d, li) for d, li in zip(devices, cols.logged_in, strict=True)], dtype=object
     )
     return matrix, slices
-

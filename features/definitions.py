@@ -105,7 +105,9 @@ ID_AGENT_FIELDS: tuple[tuple[str, str, int], ...] = (
 
 def _embeddings() -> tuple[EmbeddingColumn, ...]:
     columns = [EmbeddingColumn(f"id_{field}", field, b) for field, b in ID_FIELDS]
-    columns += [EmbeddingColumn(f"id_query_{i}", "query", QUERY_BUCKETS) for i in range(QUERY_TOKENS)]
+    columns += [
+        EmbeddingColumn(f"id_query_{i}", "query", QUERY_BUCKETS) for i in range(QUERY_TOKENS)
+    ]
     columns += [EmbeddingColumn(f"id_context_{k}", f"context.{k}", b) for k, b in ID_CONTEXT_KEYS]
     columns += [
         EmbeddingColumn(f"id_context_other_{i}", "context_other", OTHER_CONTEXT_BUCKETS)
@@ -134,9 +136,13 @@ def _names() -> tuple[str, ...]:
     names.extend(f"browser_{b}" for b in BROWSERS)
     names.extend(f"ctx_{i}" for i in range(HASH_DIM))
     for combo in COMBOS:
-        unknown = [f for f in combo.fields if not f.startswith("context.") and f not in STRING_FIELDS]
+        unknown = [
+            f for f in combo.fields if not f.startswith("context.") and f not in STRING_FIELDS
+        ]
         if unknown:
-            raise ValueError(f"combination {combo.name}: {unknown} are not string fields of a click")
+            raise ValueError(
+                f"combination {combo.name}: {unknown} are not string fields of a click"
+            )
         names.extend(combo.names)
     names.extend(column.name for column in EMBEDDINGS)
     return tuple(names)
@@ -253,7 +259,9 @@ def state_plan(entity: str, lateness_s: float) -> RowPlan:
     the time of the last click (for the gap)."""
     return RowPlan(
         counts=tuple(
-            (s.window.seconds, f"c{s.window.name}:", s.previous) for s in COUNTS if s.entity == entity
+            (s.window.seconds, f"c{s.window.name}:", s.previous)
+            for s in COUNTS
+            if s.entity == entity
         ),
         last_seen=entity == "user",
         distincts=tuple(
@@ -306,7 +314,11 @@ def combo_entities_function(combos: Sequence[ComboSpec]) -> Callable[[dict], tup
     specs). tests/features/test_parity.py checks it against ``combo_entity``.
     """
     fields = list(dict.fromkeys(f for c in combos for f in c.fields))
-    lines = ["def entities(click):", "    get = click.get", "    cget = (get('context') or EMPTY).get"]
+    lines = [
+        "def entities(click):",
+        "    get = click.get",
+        "    cget = (get('context') or EMPTY).get",
+    ]
     for i, field in enumerate(fields):
         if field.startswith("context."):
             lines.append(f"    v{i} = cget({field[len('context.') :]!r}) or ''")
@@ -444,7 +456,9 @@ class ClickFeaturizer:
         # columns are computed here.
         jobs = [(self.ip_plan, ip_rows)]
         for c, plan in enumerate(self.combo_plans):
-            jobs.append((plan, [(e[c], row[1], ()) for e, row in zip(entities, ip_rows, strict=True)]))
+            jobs.append(
+                (plan, [(e[c], row[1], ()) for e, row in zip(entities, ip_rows, strict=True)])
+            )
         shared_pending = self.ip_store.submit_plans(jobs, now)
         n = len(clicks)
         agents, contexts, ids, slices = [], [], [], []

@@ -102,7 +102,9 @@ class RowPlan:
         return [op for row in rows for op in self.expand_row(row)]
 
 
-def apply_plan(record: dict[str, list], plan: RowPlan, ts: float, members: tuple, out: list) -> None:
+def apply_plan(
+    record: dict[str, list], plan: RowPlan, ts: float, members: tuple, out: list
+) -> None:
     """Apply one row's plan to its entity's record, appending one result per op to
     ``out``: the results of ``apply_op`` over ``plan.expand_row``, without building the
     ops (this runs ~10 ops per click in the worker)."""

@@ -38,9 +38,13 @@ class ScoredClicks:
 
 def score_clicks(model: ModelVersion, clicks: ClickColumns, batch: int = 65_536) -> ScoredClicks:
     features, slices = compute_features(clicks)
-    scores = np.concatenate(
-        [model.scorer.score(features[s : s + batch]) for s in range(0, len(features), batch)]
-    ) if len(features) else np.zeros(0)  # fmt: skip
+    scores = (
+        np.concatenate(
+            [model.scorer.score(features[s : s + batch]) for s in range(0, len(features), batch)]
+        )
+        if len(features)
+        else np.zeros(0)
+    )
     thresholds = model.thresholds_for(slices)
     return ScoredClicks(
         clicks, features, slices, scores, thresholds, decide(scores, thresholds), model.version
@@ -83,7 +87,10 @@ def evaluate(model: ModelVersion, data: Dataset, robotic_k: int = 10) -> dict:
     robotic = metrics.robotic_sessions(data.clicks.session_id, data.clicks.ts, k=robotic_k)
     is_bot = data.clicks.extra.get("is_bot")
     result = metrics.compute_metrics(
-        scored.invalid, labels.purchasing, robotic, scored.slices,
+        scored.invalid,
+        labels.purchasing,
+        robotic,
+        scored.slices,
         None if is_bot is None else is_bot.astype(bool),
-    )  # fmt: skip
+    )
     return {"model_version": model.version, "clicks": len(scored.scores), **result}

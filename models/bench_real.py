@@ -122,17 +122,25 @@ def run_peers(
     ids["app_channel"] = np.char.add(np.char.add(ids["app"], "/"), ids["channel"])
     model = one_hot_logistic({k: v[train] for k, v in ids.items()}, y[train], None, l2=1.0)
     p_robot = model.predict({k: v[test] for k, v in ids.items()})
-    rows.append({
-        "model": "one-hot logistic regression",
-        "auc": auc(1.0 - p_robot, downloaded[test]),
-        "seconds": time.perf_counter() - started,
-        "inputs": list(ids),
-    })  # fmt: skip
+    rows.append(
+        {
+            "model": "one-hot logistic regression",
+            "auc": auc(1.0 - p_robot, downloaded[test]),
+            "seconds": time.perf_counter() - started,
+            "inputs": list(ids),
+        }
+    )
     progress(f"one-hot logistic regression: AUC {rows[-1]['auc']:.4f}")
 
     if not lightgbm_available():
-        rows.append({"model": "LightGBM + counts", "auc": None, "seconds": 0.0,
-                     "skipped": "LightGBM not installed (pip install -e '.[dev]')"})  # fmt: skip
+        rows.append(
+            {
+                "model": "LightGBM + counts",
+                "auc": None,
+                "seconds": 0.0,
+                "skipped": "LightGBM not installed (pip install -e '.[dev]')",
+            }
+        )
         return rows
     started = time.perf_counter()
     counts, count_names = count_features(clicks)
@@ -141,17 +149,26 @@ def run_peers(
     held = _stratified_holdout(y[train], 0.25, seed)
     fit_rows, stop_rows = train[~held], train[held]
     booster = fit_lightgbm(
-        x[fit_rows], y[fit_rows], None, x[stop_rows], y[stop_rows], None,
-        names, categorical=CATEGORICAL, seed=seed,
-    )  # fmt: skip
+        x[fit_rows],
+        y[fit_rows],
+        None,
+        x[stop_rows],
+        y[stop_rows],
+        None,
+        names,
+        categorical=CATEGORICAL,
+        seed=seed,
+    )
     p_robot = predict_lightgbm(booster, x[test])
-    rows.append({
-        "model": "LightGBM + counts",
-        "auc": auc(1.0 - p_robot, downloaded[test]),
-        "seconds": time.perf_counter() - started,
-        "inputs": names,
-        "rounds": int(booster.best_iteration or booster.current_iteration()),
-    })  # fmt: skip
+    rows.append(
+        {
+            "model": "LightGBM + counts",
+            "auc": auc(1.0 - p_robot, downloaded[test]),
+            "seconds": time.perf_counter() - started,
+            "inputs": names,
+            "rounds": int(booster.best_iteration or booster.current_iteration()),
+        }
+    )
     progress(f"LightGBM + counts: AUC {rows[-1]['auc']:.4f} ({rows[-1]['rounds']} rounds)")
     return rows
 
@@ -218,9 +235,13 @@ def run_bench_real(
     downloaded = np.isin(clicks.clicks.click_id, clicks.purchases.click_id)
     train, test, days = day_split(clicks.clicks.ts)
     split = {
-        "train": {"days": days[:-1], "clicks": len(train), "downloads": int(downloaded[train].sum())},
+        "train": {
+            "days": days[:-1],
+            "clicks": len(train),
+            "downloads": int(downloaded[train].sum()),
+        },
         "test": {"days": days[-1:], "clicks": len(test), "downloads": int(downloaded[test].sum())},
-    }  # fmt: skip
+    }
     rows = []
     if with_slidr:
         progress("training slidr")
@@ -233,14 +254,16 @@ def run_bench_real(
     return {
         "data": str(data),
         "import": {
-            "rows_read": imported.rows_read, "clicks": imported.clicks,
-            "purchases": imported.purchases, "rejected": dict(imported.rejected),
+            "rows_read": imported.rows_read,
+            "clicks": imported.clicks,
+            "purchases": imported.purchases,
+            "rejected": dict(imported.rejected),
             "seconds": imported.seconds,
         },
         "split": split,
         "models": rows,
         "metric": "AUC of P(human) against downloads on the last day",
-    }  # fmt: skip
+    }
 
 
 def to_text(result: Mapping[str, Any]) -> str:
@@ -274,13 +297,21 @@ def main(argv: list[str] | None = None) -> int:
         description="AUC of slidr and two peers (one-hot logistic regression, LightGBM with "
         "counts) on the last day of the TalkingData AdTracking sample.",
     )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help=f"TalkingData-layout CSV (default {DEFAULT_DATA})")  # fmt: skip
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help=f"TalkingData-layout CSV (default {DEFAULT_DATA})",
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="also write the figures as JSON here"
     )
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep the imported data and the registry here (default: a temporary directory)")  # fmt: skip
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the imported data and the registry here (default: a temporary directory)",
+    )
     parser.add_argument("--seed", type=int, default=7, help="training seed (default 7)")
     parser.add_argument("--peers-only", action="store_true", help="skip slidr's training")
     args = parser.parse_args(argv)

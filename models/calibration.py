@@ -592,15 +592,18 @@ def calibrate_slices(
         m = members[i]
         own = threshold_for_fpr(s[m], pur[m], budget) if p_s[i] else -np.inf
         if own > global_t:
-            why = (f"{p_s[i]} purchasing clicks (< {min_purchases}): the slice's own threshold at "
-                   f"FPR {budget}, stricter than the global one")  # fmt: skip
+            why = (
+                f"{p_s[i]} purchasing clicks (< {min_purchases}): the slice's own threshold at "
+                f"FPR {budget}, stricter than the global one"
+            )
         else:
             why = f"{p_s[i]} purchasing clicks (< {min_purchases}): global threshold"
         fallback[int(i)] = (max(own, global_t), why)
         warnings.append(f"slice {str(names[i])!r}: {why}")
-    fixed_spend = sum(
-        int((pur[members[i]] & (s[members[i]] >= t)).sum()) for i, (t, _) in fallback.items()
-    ) / p_total
+    fixed_spend = (
+        sum(int((pur[members[i]] & (s[members[i]] >= t)).sum()) for i, (t, _) in fallback.items())
+        / p_total
+    )
     avail = budget - fixed_spend
 
     cal = np.flatnonzero(calibrated)

@@ -132,9 +132,10 @@ def _strings(table: pa.Table, name: str) -> np.ndarray:
 def _ts_column(table: pa.Table, path: Path, report: LoadReport) -> np.ndarray:
     column = table.column("ts")
     if pa.types.is_timestamp(column.type):
-        return pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False) / {
-            "s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9
-        }[column.type.unit]  # fmt: skip
+        return (
+            pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False)
+            / {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}[column.type.unit]
+        )
     if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
         return column.to_numpy(zero_copy_only=False).astype(np.float64)
     out = np.full(table.num_rows, np.nan)
@@ -232,7 +233,9 @@ def clicks_from_rows(rows: list[dict]) -> ClickColumns:
         user_agent=col("user_agent", ""),
         logged_in=np.array([bool(r.get("logged_in")) for r in rows], dtype=bool),
         optional={name: col(name) for name in OPTIONAL_STRINGS},
-        context={k: np.array([(r.get("context") or {}).get(k) for r in rows], dtype=object) for k in keys},
+        context={
+            k: np.array([(r.get("context") or {}).get(k) for r in rows], dtype=object) for k in keys
+        },
         extra={
             name: np.array([r.get(name) for r in rows])
             for name in GROUND_TRUTH
@@ -250,10 +253,16 @@ def load_purchases(path: Path, report: LoadReport | None = None) -> Purchases:
         table = pa.Table.from_pylist(
             rows,
             schema=pa.schema(
-                [("purchase_id", pa.string()), ("ts", pa.float64()), ("user_id", pa.string()),
-                 ("customer_id", pa.string()), ("click_id", pa.string()), ("amount", pa.float64())]
+                [
+                    ("purchase_id", pa.string()),
+                    ("ts", pa.float64()),
+                    ("user_id", pa.string()),
+                    ("customer_id", pa.string()),
+                    ("click_id", pa.string()),
+                    ("amount", pa.float64()),
+                ]
             ),
-        )  # fmt: skip
+        )
     else:
         table = _read_parquet(path)
         missing = [n for n in ("purchase_id", "ts", "user_id") if n not in table.column_names]

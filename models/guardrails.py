@@ -95,9 +95,11 @@ def check_training_data(
     human = prepared.labels.human[idx]
     report.add("min_clicks", len(idx) >= config.min_clicks, len(idx), config.min_clicks)
     report.add(
-        "min_human_labels", human.sum() >= config.min_human_labels, int(human.sum()),
+        "min_human_labels",
+        human.sum() >= config.min_human_labels,
+        int(human.sum()),
         config.min_human_labels,
-    )  # fmt: skip
+    )
     report.results.append(slice_label_share(prepared.slices[idx], human, previous, config))
     ts = prepared.data.clicks.ts[idx]
     # Purchases count at their own event time, against the clicks of the same hours:
@@ -131,14 +133,19 @@ def slice_label_share(
     from scipy.stats import poisson
 
     now = label_share_by_slice(slices, human)
-    poor = [f"{k} ({int(round(v['human_share'] * v['clicks']))} in {v['clicks']:,})"
-            for k, v in now.items() if v["clicks"] >= config.min_slice_clicks and v["human_share"] * v["clicks"] < 20]  # fmt: skip
+    poor = [
+        f"{k} ({int(round(v['human_share'] * v['clicks']))} in {v['clicks']:,})"
+        for k, v in now.items()
+        if v["clicks"] >= config.min_slice_clicks and v["human_share"] * v["clicks"] < 20
+    ]
     before = (previous or {}).get("label_share_by_slice")
     if not before:
         detail = "no previous version to compare with"
         if poor:
             detail += "; label-poor slices (trained on, fallback threshold): " + ", ".join(poor)
-        return GuardrailResult("slice_label_share", True, None, config.min_relative_slice_share, detail)
+        return GuardrailResult(
+            "slice_label_share", True, None, config.min_relative_slice_share, detail
+        )
     drops, worst = [], None
     for name, figures in now.items():
         if name not in before or figures["clicks"] < config.min_slice_clicks:
@@ -148,12 +155,26 @@ def slice_label_share(
         if expected <= 0:
             continue
         worst = min(labelled / expected, worst if worst is not None else np.inf)
-        if poisson.cdf(round(labelled), config.min_relative_slice_share * expected) < config.density_alpha:
-            drops.append(f"{name}: {labelled:.0f} human labels vs ~{expected:.0f} expected from "
-                         f"{previous.get('version', 'the previous version')}")  # fmt: skip
-    detail = "; ".join(drops) if drops else "every slice's human-label share as the previous version's predicts"
-    return GuardrailResult("slice_label_share", not drops, None if worst is None else round(worst, 3),
-                           config.min_relative_slice_share, detail)  # fmt: skip
+        if (
+            poisson.cdf(round(labelled), config.min_relative_slice_share * expected)
+            < config.density_alpha
+        ):
+            drops.append(
+                f"{name}: {labelled:.0f} human labels vs ~{expected:.0f} expected from "
+                f"{previous.get('version', 'the previous version')}"
+            )
+    detail = (
+        "; ".join(drops)
+        if drops
+        else "every slice's human-label share as the previous version's predicts"
+    )
+    return GuardrailResult(
+        "slice_label_share",
+        not drops,
+        None if worst is None else round(worst, 3),
+        config.min_relative_slice_share,
+        detail,
+    )
 
 
 def human_density(
@@ -164,7 +185,9 @@ def human_density(
 
     name = f"{kind}_label_density"
     if len(ts) == 0 or not labels.any():
-        return GuardrailResult(name, False, 0, config.min_relative_human_density, f"no {kind} labels at all")
+        return GuardrailResult(
+            name, False, 0, config.min_relative_human_density, f"no {kind} labels at all"
+        )
     share = labels.mean()
     hour = np.floor_divide(ts, 3600).astype(np.int64)
     holes, worst = [], None
@@ -176,9 +199,17 @@ def human_density(
         relative = labelled / expected
         worst = min(float(relative.min()), worst if worst is not None else np.inf)
         p = poisson.cdf(labelled, config.min_relative_human_density * expected)
-        for c, n, e in zip(cells[p < config.density_alpha], labelled[p < config.density_alpha],
-                           expected[p < config.density_alpha], strict=True):  # fmt: skip
-            where = f"{np.datetime64(int(c) * 3600, 's')}Z" if grouping == "hour" else f"{int(c):02d}:00 UTC daily"
+        for c, n, e in zip(
+            cells[p < config.density_alpha],
+            labelled[p < config.density_alpha],
+            expected[p < config.density_alpha],
+            strict=True,
+        ):
+            where = (
+                f"{np.datetime64(int(c) * 3600, 's')}Z"
+                if grouping == "hour"
+                else f"{int(c):02d}:00 UTC daily"
+            )
             holes.append(f"{where} ({int(n)} vs ~{e:.0f} expected)")
     if config.density_block_hours > 1:
         hours = (hour % 24).astype(np.int64)
@@ -192,8 +223,10 @@ def human_density(
         worst = min(worst, float((labelled[seen] / expected[seen]).min()))
         p = np.where(seen, poisson.cdf(labelled, config.min_relative_human_density * expected), 1.0)
         for h in np.nonzero(p < config.density_alpha)[0]:
-            holes.append(f"{int(h):02d}:00-{int(h + k) % 24:02d}:00 UTC daily "
-                         f"({int(labelled[h])} vs ~{expected[h]:.0f} expected)")  # fmt: skip
+            holes.append(
+                f"{int(h):02d}:00-{int(h + k) % 24:02d}:00 UTC daily "
+                f"({int(labelled[h])} vs ~{expected[h]:.0f} expected)"
+            )
     if not holes:
         detail = f"no hour with too few {kind} labels (overall share {share:.4f})"
     else:
@@ -201,7 +234,9 @@ def human_density(
             f"{len(holes)} hours with significantly under {config.min_relative_human_density:.0%} of the "
             f"{kind} labels expected: " + ", ".join(holes[:6]) + (" ..." if len(holes) > 6 else "")
         )
-    return GuardrailResult(name, not holes, round(worst, 3), config.min_relative_human_density, detail)
+    return GuardrailResult(
+        name, not holes, round(worst, 3), config.min_relative_human_density, detail
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -281,7 +316,9 @@ def population_stability_index(expected: np.ndarray, actual: np.ndarray, bins: i
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def _exceeds(invalid_purchasing: int, purchasing: int, limit: float, alpha: float) -> tuple[bool, float]:
+def _exceeds(
+    invalid_purchasing: int, purchasing: int, limit: float, alpha: float
+) -> tuple[bool, float]:
     """Whether ``invalid_purchasing`` of ``purchasing`` is significantly above rate ``limit``."""
     from scipy.stats import binom
 
@@ -332,7 +369,9 @@ def check_model(
     basis = "no active version"
     if active_manifest is not None:
         if active_scores is not None:
-            active_invalid = _verdicts_of(active_manifest, np.asarray(active_scores), held_out.slices)
+            active_invalid = _verdicts_of(
+                active_manifest, np.asarray(active_scores), held_out.slices
+            )
             active = metrics.compute_metrics(active_invalid, purchasing, zeros, held_out.slices)
             basis = f"{active_manifest['version']} on the same held-out clicks"
         else:
@@ -342,14 +381,24 @@ def check_model(
     # heldout_ivr_ratio
     new_ivr = new["overall"]["ivr"] or 0.0
     if active is None:
-        report.add("heldout_ivr_ratio", True, None, [config.min_ivr_ratio, config.max_ivr_ratio],
-                   f"IVR {new_ivr:.4f}; {basis} to compare with")  # fmt: skip
+        report.add(
+            "heldout_ivr_ratio",
+            True,
+            None,
+            [config.min_ivr_ratio, config.max_ivr_ratio],
+            f"IVR {new_ivr:.4f}; {basis} to compare with",
+        )
     else:
         active_ivr = active["overall"]["ivr"] or 0.0
         ratio = new_ivr / active_ivr if active_ivr > 0 else (1.0 if new_ivr == 0 else float("inf"))
         ok = config.min_ivr_ratio <= ratio <= config.max_ivr_ratio
-        report.add("heldout_ivr_ratio", ok, round(ratio, 4), [config.min_ivr_ratio, config.max_ivr_ratio],
-                   f"IVR {new_ivr:.4f} vs {active_ivr:.4f} ({basis})")  # fmt: skip
+        report.add(
+            "heldout_ivr_ratio",
+            ok,
+            round(ratio, 4),
+            [config.min_ivr_ratio, config.max_ivr_ratio],
+            f"IVR {new_ivr:.4f} vs {active_ivr:.4f} ({basis})",
+        )
 
     # heldout_fpr
     overall = new["overall"]
@@ -358,15 +407,25 @@ def check_model(
     if active_fpr is not None:
         limit = max(limit, config.fpr_active_factor * active_fpr)
     if overall["purchasing_clicks"] < config.min_purchasing_clicks:
-        report.add("heldout_fpr", True, overall["fpr"], round(limit, 4),
-                   f"only {overall['purchasing_clicks']} purchasing clicks on the held-out day: not judged")  # fmt: skip
+        report.add(
+            "heldout_fpr",
+            True,
+            overall["fpr"],
+            round(limit, 4),
+            f"only {overall['purchasing_clicks']} purchasing clicks on the held-out day: not judged",
+        )
     else:
         invalid_purchasing = int(np.count_nonzero(held_out.invalid & purchasing))
         bad, p = _exceeds(invalid_purchasing, overall["purchasing_clicks"], limit, config.fpr_alpha)
-        report.add("heldout_fpr", not bad, round(overall["fpr"], 4), round(limit, 4),
-                   f"FPR {overall['fpr']:.4f} ({invalid_purchasing}/{overall['purchasing_clicks']}) vs limit "
-                   f"{limit:.4f} = max({config.fpr_budget_factor} x budget {budget}, {config.fpr_active_factor} x "
-                   f"active {_fmt(active_fpr)}); p = {p:.3g}")  # fmt: skip
+        report.add(
+            "heldout_fpr",
+            not bad,
+            round(overall["fpr"], 4),
+            round(limit, 4),
+            f"FPR {overall['fpr']:.4f} ({invalid_purchasing}/{overall['purchasing_clicks']}) vs limit "
+            f"{limit:.4f} = max({config.fpr_budget_factor} x budget {budget}, {config.fpr_active_factor} x "
+            f"active {_fmt(active_fpr)}); p = {p:.3g}",
+        )
 
     # slice_fpr_budget
     offenders, judged = [], 0
@@ -383,16 +442,30 @@ def check_model(
         k = int(np.count_nonzero(held_out.invalid[mask] & purchasing[mask]))
         bad, p = _exceeds(k, figures["purchasing_clicks"], limit_s, config.fpr_alpha)
         if bad:
-            offenders.append(f"{name}: FPR {figures['fpr']:.4f} ({k}/{figures['purchasing_clicks']}) "
-                             f"> {limit_s:.4f} (target {target:.4f}, p = {p:.3g})")  # fmt: skip
-    report.add("slice_fpr_budget", not offenders, len(offenders), 0,
-               "; ".join(offenders) if offenders
-               else f"{judged} slices within their FPR target (x{config.slice_fpr_factor} or "
-                    f"+{config.slice_fpr_abs_tolerance})")  # fmt: skip
+            offenders.append(
+                f"{name}: FPR {figures['fpr']:.4f} ({k}/{figures['purchasing_clicks']}) "
+                f"> {limit_s:.4f} (target {target:.4f}, p = {p:.3g})"
+            )
+    report.add(
+        "slice_fpr_budget",
+        not offenders,
+        len(offenders),
+        0,
+        "; ".join(offenders)
+        if offenders
+        else f"{judged} slices within their FPR target (x{config.slice_fpr_factor} or "
+        f"+{config.slice_fpr_abs_tolerance})",
+    )
 
     # slice_ivr_jump
     if active is None:
-        report.add("slice_ivr_jump", True, None, [config.min_slice_ivr_factor, config.max_slice_ivr_factor], basis)
+        report.add(
+            "slice_ivr_jump",
+            True,
+            None,
+            [config.min_slice_ivr_factor, config.max_slice_ivr_factor],
+            basis,
+        )
     else:
         jumps, lowest, highest = [], 1.0, 1.0
         s = config.slice_ivr_smoothing
@@ -407,15 +480,30 @@ def check_model(
                 jumps.append(f"{name}: IVR {b:.4f} -> {a:.4f} (x{factor:.2f} smoothed)")
         limits = [config.min_slice_ivr_factor, config.max_slice_ivr_factor]
         value = highest if highest >= 1 / lowest else lowest
-        report.add("slice_ivr_jump", not jumps, round(value, 3), limits,
-                   "; ".join(jumps) if jumps else f"every slice's IVR within x{limits} ({basis})")  # fmt: skip
+        report.add(
+            "slice_ivr_jump",
+            not jumps,
+            round(value, 3),
+            limits,
+            "; ".join(jumps) if jumps else f"every slice's IVR within x{limits} ({basis})",
+        )
 
     # score_psi
     if active_scores is None:
-        report.add("score_psi", True, None, config.max_score_psi,
-                   f"{basis}: no scores on the same clicks to compare")  # fmt: skip
+        report.add(
+            "score_psi",
+            True,
+            None,
+            config.max_score_psi,
+            f"{basis}: no scores on the same clicks to compare",
+        )
     else:
         value = population_stability_index(active_scores, held_out.scores, config.psi_bins)
-        report.add("score_psi", value <= config.max_score_psi, round(value, 4), config.max_score_psi,
-                   f"PSI {value:.3f} of the new scores vs {basis}")  # fmt: skip
+        report.add(
+            "score_psi",
+            value <= config.max_score_psi,
+            round(value, 4),
+            config.max_score_psi,
+            f"PSI {value:.3f} of the new scores vs {basis}",
+        )
     return report

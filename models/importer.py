@@ -57,8 +57,14 @@ REASONS = (
 
 # Optional string fields of a click copied as they are (SPEC §1).
 PLAIN_FIELDS = (
-    "session_id", "user_agent", "device", "ad_id", "advertiser_id", "placement", "query",
-)  # fmt: skip
+    "session_id",
+    "user_agent",
+    "device",
+    "ad_id",
+    "advertiser_id",
+    "placement",
+    "query",
+)
 
 _TRUE = ("1", "1.0", "true", "t", "yes", "y")
 _FALSE = ("0", "0.0", "false", "f", "no", "n")
@@ -159,8 +165,10 @@ class ColumnMapping:
         return pairs
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in fields(self)}  # fmt: skip
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in fields(self)
+        }
 
 
 def _column_list(value: Any, key: str, origin: str) -> tuple[str, ...]:
@@ -387,8 +395,12 @@ def _flags(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _click_schema(mapping: ColumnMapping) -> pa.Schema:
-    cols = [("click_id", pa.string()), ("ts", pa.float64()), ("user_id", pa.string()),
-            ("ip", pa.string())]  # fmt: skip
+    cols = [
+        ("click_id", pa.string()),
+        ("ts", pa.float64()),
+        ("user_id", pa.string()),
+        ("ip", pa.string()),
+    ]
     cols += [(name, pa.string()) for name in PLAIN_FIELDS if getattr(mapping, name)]
     if mapping.logged_in:
         cols.append(("logged_in", pa.bool_()))
@@ -398,9 +410,13 @@ def _click_schema(mapping: ColumnMapping) -> pa.Schema:
 
 
 PURCHASE_SCHEMA = pa.schema(
-    [("purchase_id", pa.string()), ("ts", pa.float64()), ("user_id", pa.string()),
-     ("click_id", pa.string())]
-)  # fmt: skip
+    [
+        ("purchase_id", pa.string()),
+        ("ts", pa.float64()),
+        ("user_id", pa.string()),
+        ("click_id", pa.string()),
+    ]
+)
 
 
 class _BatchConverter:
@@ -480,8 +496,11 @@ class _BatchConverter:
         ok = reason == None  # noqa: E711
         keep = pa.array(ok)
         data: dict[str, pa.Array] = {
-            "click_id": click_id, "ts": pa.array(ts, pa.float64()), "user_id": user_id, "ip": ip,
-        }  # fmt: skip
+            "click_id": click_id,
+            "ts": pa.array(ts, pa.float64()),
+            "user_id": user_id,
+            "ip": ip,
+        }
         for name in PLAIN_FIELDS:
             if getattr(m, name):
                 data[name] = _text(col(getattr(m, name)))

@@ -243,22 +243,31 @@ def propensity_weights(
     levels: dict[str, int] = {}
     for depth in range(len(cells), -1, -1):
         if depth:
-            _, code = np.unique(np.stack([np.unique(c, return_inverse=True)[1] for c in cells[:depth]]),
-                                axis=1, return_inverse=True)  # fmt: skip
+            _, code = np.unique(
+                np.stack([np.unique(c, return_inverse=True)[1] for c in cells[:depth]]),
+                axis=1,
+                return_inverse=True,
+            )
         else:
             code = np.zeros(n, dtype=np.int64)
         code = np.asarray(code).reshape(-1)
         rest = ~assigned
         size = np.bincount(code[rest], minlength=code.max() + 1).astype(np.float64)
-        humans = np.bincount(code[rest], weights=human[rest].astype(np.float64), minlength=code.max() + 1)
+        humans = np.bincount(
+            code[rest], weights=human[rest].astype(np.float64), minlength=code.max() + 1
+        )
         others = size - humans
-        enough = (humans >= min_labels) & (others >= min_labels) if depth else np.ones_like(size, bool)
+        enough = (
+            (humans >= min_labels) & (others >= min_labels) if depth else np.ones_like(size, bool)
+        )
         take = rest & enough[code]
         if not take.any():
             continue
         c = code[take]
         half = size[c] / 2.0
-        weights[take] = np.where(human[take], half / np.maximum(humans[c], 1), half / np.maximum(others[c], 1))
+        weights[take] = np.where(
+            human[take], half / np.maximum(humans[c], 1), half / np.maximum(others[c], 1)
+        )
         assigned |= take
         levels[f"cells: {depth}"] = int(take.sum())
     return weights * (n / max(weights.sum(), 1e-12)), levels

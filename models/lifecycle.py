@@ -92,7 +92,9 @@ class DataWindow:
         }
 
 
-def training_window(now: float, days: int, delay_s: float, newest_click: float | None = None) -> DataWindow:
+def training_window(
+    now: float, days: int, delay_s: float, newest_click: float | None = None
+) -> DataWindow:
     """The last ``days`` whole UTC days whose labels are complete at ``now``.
 
     A day ``[d, d + 1 day)`` is usable once ``now >= d + 1 day + delay_s``. With
@@ -100,7 +102,9 @@ def training_window(now: float, days: int, delay_s: float, newest_click: float |
     day at the latest, so a source that stopped earlier still gives its last days.
     """
     if days < 3:
-        raise RetrainError(f"--days must be at least 3 (train, validation, held-out test), got {days}")
+        raise RetrainError(
+            f"--days must be at least 3 (train, validation, held-out test), got {days}"
+        )
     end = np.floor((now - delay_s) / DAY_S) * DAY_S
     if newest_click is not None:
         end = min(end, np.floor(newest_click / DAY_S) * DAY_S + DAY_S)
@@ -156,8 +160,13 @@ def _read_rows(path: Path) -> _Rows:
             ts.append(value)
             users.append(row.get("user_id"))
             named.append(row.get("click_id"))
-    return _Rows(path, lines, np.asarray(ts, dtype=np.float64), np.asarray(users, dtype=object),
-                 np.asarray(named, dtype=object))  # fmt: skip
+    return _Rows(
+        path,
+        lines,
+        np.asarray(ts, dtype=np.float64),
+        np.asarray(users, dtype=object),
+        np.asarray(named, dtype=object),
+    )
 
 
 def _source_file(directory: Path, stem: str) -> Path:
@@ -167,7 +176,9 @@ def _source_file(directory: Path, stem: str) -> Path:
     raise RetrainError(f"{directory}: no {stem}.parquet or {stem}.jsonl")
 
 
-def late_purchases_of_window(clicks: _Rows, purchases: _Rows, end: float, until: float) -> np.ndarray:
+def late_purchases_of_window(
+    clicks: _Rows, purchases: _Rows, end: float, until: float
+) -> np.ndarray:
     """Which purchases in ``[end, until)`` may belong to a click before ``end``.
 
     A purchase naming its click is kept (labelling looks the click up). One without is
@@ -205,7 +216,9 @@ def cut_window(
     out_dir.mkdir(parents=True, exist_ok=True)
     n_clicks = clicks.write(out_dir, (clicks.ts >= window.start) & (clicks.ts < window.end))
     until = min(window.labels_until, now)
-    keep = (purchases.ts < window.end) | late_purchases_of_window(clicks, purchases, window.end, until)
+    keep = (purchases.ts < window.end) | late_purchases_of_window(
+        clicks, purchases, window.end, until
+    )
     n_purchases = purchases.write(out_dir, keep)
     inside = clicks.ts[(clicks.ts >= window.start) & (clicks.ts < window.end)]
     if n_clicks == 0:
@@ -213,11 +226,20 @@ def cut_window(
             f"{source_dir}: no clicks in the window {window.days[0]} .. {window.days[-1]} "
             f"(newest click {_day(float(finite.max()))}; now {_day(now)}, delay {delay_s / 3600:g} h)"
         )
-    first, last = (_day(float(inside.min())), _day(float(inside.max()))) if n_clicks else (None, None)
-    return window, {"clicks": n_clicks, "purchases": n_purchases, "first_day": first, "last_day": last}
+    first, last = (
+        (_day(float(inside.min())), _day(float(inside.max()))) if n_clicks else (None, None)
+    )
+    return window, {
+        "clicks": n_clicks,
+        "purchases": n_purchases,
+        "first_day": first,
+        "last_day": last,
+    }
 
 
-def export_archive_window(archive: Path, out_dir: Path, now: float, days: int, delay_s: float) -> tuple[DataWindow, dict]:
+def export_archive_window(
+    archive: Path, out_dir: Path, now: float, days: int, delay_s: float
+) -> tuple[DataWindow, dict]:
     """The training window from the Parquet archive (``stream.archive.export_days``).
 
     The export reaches past the window to ``labels_until``, clicks included: the clicks
@@ -235,8 +257,14 @@ def export_archive_window(archive: Path, out_dir: Path, now: float, days: int, d
 
     window = training_window(now, days, delay_s)
     exported = out_dir.parent / (out_dir.name + "-archive")
-    export_days(archive, window.days[0], _day(max(window.labels_until, window.end + 1) - 1), exported,
-                attribution_delay_s=delay_s, history_s=RfmPolicy().lookback_days * DAY_S)  # fmt: skip
+    export_days(
+        archive,
+        window.days[0],
+        _day(max(window.labels_until, window.end + 1) - 1),
+        exported,
+        attribution_delay_s=delay_s,
+        history_s=RfmPolicy().lookback_days * DAY_S,
+    )
     try:
         return cut_window(exported, out_dir, now, days, delay_s)
     finally:
@@ -273,7 +301,9 @@ class RetrainOutcome:
         return bool(self.record.get("promoted"))
 
 
-def active_scores_on(registry: ModelRegistry, manifest: dict, features: np.ndarray) -> np.ndarray | None:
+def active_scores_on(
+    registry: ModelRegistry, manifest: dict, features: np.ndarray
+) -> np.ndarray | None:
     """The active version's scores on the held-out features; None when its features differ."""
     from features.definitions import FEATURE_NAMES, FEATURE_SPEC_VERSION
 
@@ -285,7 +315,9 @@ def active_scores_on(registry: ModelRegistry, manifest: dict, features: np.ndarr
     if len(features) == 0:
         return np.zeros(0)
     step = 65_536
-    return np.concatenate([scorer.score(features[i : i + step]) for i in range(0, len(features), step)])
+    return np.concatenate(
+        [scorer.score(features[i : i + step]) for i in range(0, len(features), step)]
+    )
 
 
 def model_check_against(registry: ModelRegistry, config: ModelGuardrailConfig):
@@ -294,7 +326,9 @@ def model_check_against(registry: ModelRegistry, config: ModelGuardrailConfig):
     manifest = registry.manifest(active) if active else None
 
     def check(result: dict, held_out: HeldOut) -> GuardrailReport:
-        scores = None if manifest is None else active_scores_on(registry, manifest, held_out.features)
+        scores = (
+            None if manifest is None else active_scores_on(registry, manifest, held_out.features)
+        )
         return check_model(result, manifest, held_out, scores, config)
 
     return check
@@ -365,8 +399,13 @@ def retrain(
     data_dir = workdir / "data"
 
     def finish(code: int, outcome: str, reason: str) -> RetrainOutcome:
-        record.update(outcome=outcome, reason=reason, active_after=registry.active_version(),
-                      finished_at=time.time(), seconds=round(time.time() - started, 1))  # fmt: skip
+        record.update(
+            outcome=outcome,
+            reason=reason,
+            active_after=registry.active_version(),
+            finished_at=time.time(),
+            seconds=round(time.time() - started, 1),
+        )
         append_run(registry.root, record)
         if not options.keep_data:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -382,14 +421,22 @@ def retrain(
             f"{counts['last_day']}: {counts['clicks']:,} clicks, "
             f"{counts['purchases']:,} purchases up to {record['window']['labels_until']})"
         )
-        result = run_training(data_dir, registry, options.train, progress,
-                              model_check=model_check_against(registry, options.model_guardrails))  # fmt: skip
+        result = run_training(
+            data_dir,
+            registry,
+            options.train,
+            progress,
+            model_check=model_check_against(registry, options.model_guardrails),
+        )
     except GuardrailFailure as exc:
         record["guardrails"] = exc.report.to_dict()
         failed = exc.report.failed_names()
-        return finish(EXIT_REJECTED, "rejected",
-                      f"data guardrail {', '.join(failed)} failed: {_failed_text(record['guardrails'])}; "
-                      "nothing trained or registered")  # fmt: skip
+        return finish(
+            EXIT_REJECTED,
+            "rejected",
+            f"data guardrail {', '.join(failed)} failed: {_failed_text(record['guardrails'])}; "
+            "nothing trained or registered",
+        )
     except (RetrainError, TrainingError, CalibrationError, DatasetError, RegistryError) as exc:
         return finish(EXIT_ERROR, "error", str(exc))
     except Exception as exc:  # recorded, then re-raised: a crash still leaves its line
@@ -399,14 +446,21 @@ def retrain(
     version = result["version"]
     record["version"] = version
     record["guardrails"] = result["guardrails"]
-    record["metrics"] = {k: result["metrics"]["test"]["overall"].get(k) for k in ("ivr", "fpr", "coverage")}
+    record["metrics"] = {
+        k: result["metrics"]["test"]["overall"].get(k) for k in ("ivr", "fpr", "coverage")
+    }
     failed = [r["name"] for r in result["guardrails"] if not r["passed"]]
     if failed:
-        return finish(EXIT_REJECTED, "rejected",
-                      f"model guardrail {', '.join(failed)} failed: {_failed_text(result['guardrails'])}; "
-                      f"{version} registered, not promoted")  # fmt: skip
-    reason = (f"retrain {run_id}: {len(result['guardrails'])} guardrails passed on "
-              f"{counts['first_day']}..{counts['last_day']}")  # fmt: skip
+        return finish(
+            EXIT_REJECTED,
+            "rejected",
+            f"model guardrail {', '.join(failed)} failed: {_failed_text(result['guardrails'])}; "
+            f"{version} registered, not promoted",
+        )
+    reason = (
+        f"retrain {run_id}: {len(result['guardrails'])} guardrails passed on "
+        f"{counts['first_day']}..{counts['last_day']}"
+    )
     try:
         if options.publish:
             from stream.control import promote
@@ -415,7 +469,9 @@ def retrain(
         else:
             registry.activate(version, reason=reason + " (not published)")
     except Exception as exc:
-        return finish(EXIT_ERROR, "error", f"{version} passed every guardrail but promotion failed: {exc}")
+        return finish(
+            EXIT_ERROR, "error", f"{version} passed every guardrail but promotion failed: {exc}"
+        )
     record["promoted"] = True
     return finish(EXIT_PROMOTED, "promoted", reason)
 
@@ -434,7 +490,9 @@ def parse_when(text: str) -> float:
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected epoch seconds or an ISO 8601 time, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected epoch seconds or an ISO 8601 time, got {text!r}"
+        ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
@@ -446,7 +504,9 @@ def parse_limit(text: str) -> tuple[str, float]:
     known = {f.name for f in dataclasses.fields(ModelGuardrailConfig)}
     name = name.strip().replace("-", "_")
     if name not in known:
-        raise argparse.ArgumentTypeError(f"unknown guardrail limit {name!r} (known: {', '.join(sorted(known))})")
+        raise argparse.ArgumentTypeError(
+            f"unknown guardrail limit {name!r} (known: {', '.join(sorted(known))})"
+        )
     try:
         return name, float(value)
     except ValueError:
@@ -461,7 +521,11 @@ def format_history(runs: list[dict]) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.get("started_at", 0)))
         w = r.get("window") or {}
         d = r.get("data") or {}
-        span = f"{d.get('first_day') or w.get('from')}..{d.get('last_day') or w.get('to')}" if w else "-"
+        span = (
+            f"{d.get('first_day') or w.get('from')}..{d.get('last_day') or w.get('to')}"
+            if w
+            else "-"
+        )
         fp = (d.get("fingerprint") or "-")[:12]
         guards = r.get("guardrails") or []
         failed = [g["name"] for g in guards if not g["passed"]]
@@ -490,32 +554,55 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         runs = read_runs(settings.registry)
         if args.last:
             runs = runs[-args.last :]
-        print(format_history(runs) if runs else f"no retrain runs in {settings.registry / RUNS_FILE}")
+        print(
+            format_history(runs) if runs else f"no retrain runs in {settings.registry / RUNS_FILE}"
+        )
         return 0
     if (args.data is None) == (args.archive is None):
-        print("slidr retrain: error: give exactly one of --data DIR or --archive DIR", file=sys.stderr)
+        print(
+            "slidr retrain: error: give exactly one of --data DIR or --archive DIR", file=sys.stderr
+        )
         return EXIT_ERROR
-    train = TrainOptions(fpr_budget=args.fpr_budget, seed=args.seed, max_epochs=args.epochs,
-                         calibration_method=args.calibration)  # fmt: skip
+    train = TrainOptions(
+        fpr_budget=args.fpr_budget,
+        seed=args.seed,
+        max_epochs=args.epochs,
+        calibration_method=args.calibration,
+    )
     if args.min_coverage is not None:
         from slidr.cli import parse_min_coverage
 
         train = dataclasses.replace(train, min_coverage=parse_min_coverage(args.min_coverage))
     options = RetrainOptions(
-        days=args.days, delay_s=args.delay_hours * 3600.0, now=args.now, train=train,
+        days=args.days,
+        delay_s=args.delay_hours * 3600.0,
+        now=args.now,
+        train=train,
         model_guardrails=dataclasses.replace(ModelGuardrailConfig(), **dict(args.limit or [])),
-        publish=not args.no_publish, keep_data=args.keep_data,
-    )  # fmt: skip
-    outcome = retrain(args.data or args.archive, settings, options, archive=args.archive is not None,
-                      work_dir=args.work_dir, progress=_progress)  # fmt: skip
+        publish=not args.no_publish,
+        keep_data=args.keep_data,
+    )
+    outcome = retrain(
+        args.data or args.archive,
+        settings,
+        options,
+        archive=args.archive is not None,
+        work_dir=args.work_dir,
+        progress=_progress,
+    )
     r = outcome.record
     if outcome.exit_code == EXIT_PROMOTED:
         print(f"promoted {r['version']} (was {r['active_before'] or 'none'}): {r['reason']}")
     elif outcome.exit_code == EXIT_REJECTED:
-        print(f"slidr retrain: rejected: {r['reason']}; active version unchanged ({r['active_after'] or 'none'})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"slidr retrain: rejected: {r['reason']}; active version unchanged ({r['active_after'] or 'none'})",
+            file=sys.stderr,
+        )
     else:
-        print(f"slidr retrain: error: {r['reason']}; active version {r['active_after'] or 'none'}", file=sys.stderr)
+        print(
+            f"slidr retrain: error: {r['reason']}; active version {r['active_after'] or 'none'}",
+            file=sys.stderr,
+        )
     for g in r["guardrails"]:
         print(f"  {'ok  ' if g['passed'] else 'FAIL'} {g['name']:24} {g['detail'] or g['value']}")
     print(f"run {r['run']} recorded in {settings.registry / RUNS_FILE}")
@@ -524,30 +611,81 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 def register_lifecycle_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``slidr retrain`` to the CLI's subparsers."""
-    p = sub.add_parser("retrain", help="train on the last days, check guardrails, promote only if all pass",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "retrain",
+        help="train on the last days, check guardrails, promote only if all pass",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_argument_group("data source (one of)")
-    src.add_argument("--data", type=Path, default=None, help="data directory (clicks and purchases, Parquet or JSONL)")
-    src.add_argument("--archive", type=Path, default=None, help="the Parquet archive (stream.archive)")
-    p.add_argument("--registry", type=Path, default=None, help="model registry (default: SLIDR_REGISTRY or var/registry)")
-    p.add_argument("--days", type=int, default=8,
-                   help="UTC days to train on, the last held out (default 8: the held-out weekday is also trained on)")  # fmt: skip
-    p.add_argument("--delay-hours", type=float, default=ATTRIBUTION_WINDOW_S / 3600,
-                   help="attribution delay: a day is used once this long has passed after it (default 24)")  # fmt: skip
-    p.add_argument("--now", type=parse_when, default=None,
-                   help="the clock, epoch seconds or ISO time (default: now); for backfills and tests")  # fmt: skip
-    p.add_argument("--fpr-budget", type=float, default=0.02, help="overall FPR budget B (default 0.02)")
-    p.add_argument("--min-coverage", default=None, metavar="SHARE|SLICE=SHARE,...",
-                   help="minimum robotic coverage per slice (default: as `slidr train`)")  # fmt: skip
+    src.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data directory (clicks and purchases, Parquet or JSONL)",
+    )
+    src.add_argument(
+        "--archive", type=Path, default=None, help="the Parquet archive (stream.archive)"
+    )
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="model registry (default: SLIDR_REGISTRY or var/registry)",
+    )
+    p.add_argument(
+        "--days",
+        type=int,
+        default=8,
+        help="UTC days to train on, the last held out (default 8: the held-out weekday is also trained on)",
+    )
+    p.add_argument(
+        "--delay-hours",
+        type=float,
+        default=ATTRIBUTION_WINDOW_S / 3600,
+        help="attribution delay: a day is used once this long has passed after it (default 24)",
+    )
+    p.add_argument(
+        "--now",
+        type=parse_when,
+        default=None,
+        help="the clock, epoch seconds or ISO time (default: now); for backfills and tests",
+    )
+    p.add_argument(
+        "--fpr-budget", type=float, default=0.02, help="overall FPR budget B (default 0.02)"
+    )
+    p.add_argument(
+        "--min-coverage",
+        default=None,
+        metavar="SHARE|SLICE=SHARE,...",
+        help="minimum robotic coverage per slice (default: as `slidr train`)",
+    )
     p.add_argument("--calibration", choices=["quadratic", "empirical"], default="empirical")
     p.add_argument("--epochs", type=int, default=8, help="most training epochs (default 8)")
     p.add_argument("--seed", type=int, default=7, help="training seed (default 7)")
-    p.add_argument("--limit", type=parse_limit, action="append", metavar="NAME=VALUE",
-                   help="a model guardrail limit, e.g. max_score_psi=0.3 (repeatable; see ModelGuardrailConfig)")  # fmt: skip
-    p.add_argument("--no-publish", action="store_true",
-                   help="activate in the registry only, without telling the workers on slidr.control")  # fmt: skip
-    p.add_argument("--work-dir", type=Path, default=None, help="where the window is copied (default SLIDR_HOME/retrain)")
+    p.add_argument(
+        "--limit",
+        type=parse_limit,
+        action="append",
+        metavar="NAME=VALUE",
+        help="a model guardrail limit, e.g. max_score_psi=0.3 (repeatable; see ModelGuardrailConfig)",
+    )
+    p.add_argument(
+        "--no-publish",
+        action="store_true",
+        help="activate in the registry only, without telling the workers on slidr.control",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="where the window is copied (default SLIDR_HOME/retrain)",
+    )
     p.add_argument("--keep-data", action="store_true", help="keep the window's copy after the run")
-    p.add_argument("--history", action="store_true", help="print the run history (REGISTRY/runs.jsonl) and exit")
+    p.add_argument(
+        "--history",
+        action="store_true",
+        help="print the run history (REGISTRY/runs.jsonl) and exit",
+    )
     p.add_argument("--last", type=int, default=0, help="with --history: only the last N runs")
     p.set_defaults(func=cmd_retrain)

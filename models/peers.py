@@ -85,18 +85,27 @@ def fit_lightgbm(
     if len(np.unique(y_val)) < 2:
         params["metric"] = "binary_logloss"
     train = lgb.Dataset(
-        np.asarray(x_train, dtype=np.float64), np.asarray(y_train, dtype=np.float64),
+        np.asarray(x_train, dtype=np.float64),
+        np.asarray(y_train, dtype=np.float64),
         weight=None if w_train is None else np.asarray(w_train, dtype=np.float64),
-        feature_name=names, categorical_feature=list(categorical), free_raw_data=True,
-    )  # fmt: skip
+        feature_name=names,
+        categorical_feature=list(categorical),
+        free_raw_data=True,
+    )
     valid = lgb.Dataset(
-        np.asarray(x_val, dtype=np.float64), y_val,
-        weight=None if w_val is None else np.asarray(w_val, dtype=np.float64), reference=train,
-    )  # fmt: skip
+        np.asarray(x_val, dtype=np.float64),
+        y_val,
+        weight=None if w_val is None else np.asarray(w_val, dtype=np.float64),
+        reference=train,
+    )
     return lgb.train(
-        params, train, num_boost_round=MAX_ROUNDS, valid_sets=[valid], valid_names=["validation"],
+        params,
+        train,
+        num_boost_round=MAX_ROUNDS,
+        valid_sets=[valid],
+        valid_names=["validation"],
         callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)],
-    )  # fmt: skip
+    )
 
 
 def predict_lightgbm(model: Any, x: npt.ArrayLike) -> np.ndarray:

@@ -75,9 +75,16 @@ class TrainOptions:
     # the device off as well took the true human FPR of the unlabelled "other" slice
     # from 100% to 11% (seed 1). Feature names; see FEATURE_NAMES.
     propensity_features: tuple[str, ...] = (
-        "logged_in", "hour_sin", "hour_cos", "dow_sin", "dow_cos",
-        "device_desktop", "device_mobile", "device_app", "device_other",
-    )  # fmt: skip
+        "logged_in",
+        "hour_sin",
+        "hour_cos",
+        "dow_sin",
+        "dow_cos",
+        "device_desktop",
+        "device_mobile",
+        "device_app",
+        "device_other",
+    )
     # "propensity": human and other labels weigh the same within each (device,
     # logged-in, hour) cell (models.labels.propensity_weights); "slidr": SLIDR's equal
     # (hour, weekday, logged-in, label) cells.
@@ -90,7 +97,9 @@ class TrainOptions:
     def __post_init__(self) -> None:
         unknown = [a for a in self.architectures if a not in ARCHITECTURES]
         if unknown or not self.architectures:
-            raise ValueError(f"architectures: unknown {unknown or 'none given'}; known: {sorted(ARCHITECTURES)}")
+            raise ValueError(
+                f"architectures: unknown {unknown or 'none given'}; known: {sorted(ARCHITECTURES)}"
+            )
         if self.weighting not in ("propensity", "slidr"):
             raise ValueError(f"weighting must be 'propensity' or 'slidr', got {self.weighting!r}")
         bad = [f for f in self.propensity_features if f not in FEATURE_NAMES]
@@ -203,33 +212,43 @@ def prepare(directory: Path, options: TrainOptions, progress: Progress) -> Prepa
     )
     is_bot = data.clicks.extra.get("is_bot")
     return Prepared(
-        data, features, slices, labels, robotic,
-        None if is_bot is None else is_bot.astype(bool), seconds,
-    )  # fmt: skip
+        data,
+        features,
+        slices,
+        labels,
+        robotic,
+        None if is_bot is None else is_bot.astype(bool),
+        seconds,
+    )
 
 
-def _baseline_row(
-    name: str, scores: np.ndarray, p: Prepared, idx: np.ndarray, fpr: float
-) -> dict:
+def _baseline_row(name: str, scores: np.ndarray, p: Prepared, idx: np.ndarray, fpr: float) -> dict:
     """A model's figures on the held-out day with one global threshold at overall FPR ``fpr``."""
     purchasing = p.labels.purchasing[idx]
     threshold = metrics.threshold_for_fpr(scores, purchasing, fpr)
     invalid = scores >= threshold
     figures = metrics.compute_metrics(
-        invalid, purchasing, p.robotic[idx], p.slices[idx],
+        invalid,
+        purchasing,
+        p.robotic[idx],
+        p.slices[idx],
         None if p.is_bot is None else p.is_bot[idx],
-    )["overall"]  # fmt: skip
+    )["overall"]
     # Scores with ties cannot hit an FPR exactly: also read the IVR at exactly ``fpr`` off
     # the curve (linear interpolation, i.e. randomising at the tied threshold).
     c = metrics.curve(scores, purchasing, p.robotic[idx])
     ivr_at = float(np.interp(fpr, np.nan_to_num(c.fpr, nan=0.0), c.ivr))
     row = {"model": name, "ivr_at_equal_fpr": ivr_at, "threshold": float(threshold), **figures}
     if p.is_bot is not None:
-        row["bot_recall_at_1pct_human_fpr"] = metrics.recall_at_human_fpr(scores, p.is_bot[idx], 0.01)
+        row["bot_recall_at_1pct_human_fpr"] = metrics.recall_at_human_fpr(
+            scores, p.is_bot[idx], 0.01
+        )
     return row
 
 
-def choose_architecture(rows: list[dict], incumbent: str | None, margin: float = ARCHITECTURE_MARGIN) -> str:
+def choose_architecture(
+    rows: list[dict], incumbent: str | None, margin: float = ARCHITECTURE_MARGIN
+) -> str:
     """The variant with the highest out-of-fold IVR at the budget (``oof_ivr_at_budget``),
     unless the active version's (``incumbent``) is within ``margin`` of it: a daily retrain
     that flips between near-equal architectures moves the score distribution (and the
@@ -264,9 +283,15 @@ class CrossFit:
 
 
 def cross_fit(
-    name: str, make_model: Callable[[], object], x: np.ndarray, y: np.ndarray, w: np.ndarray,
-    split: Split, config, progress: Progress,
-) -> CrossFit:  # fmt: skip
+    name: str,
+    make_model: Callable[[], object],
+    x: np.ndarray,
+    y: np.ndarray,
+    w: np.ndarray,
+    split: Split,
+    config,
+    progress: Progress,
+) -> CrossFit:
     """One model per fit day held out: trained on the other fit days, stopped early on the
     held-out day, which it scores (out of fold). The model that ships averages them, so
     every fit day trains it.
@@ -300,9 +325,14 @@ def cross_fit(
 
 
 def _peer_scores(
-    split: Split, x: np.ndarray, y: np.ndarray, w: np.ndarray, off: set[str], seed: int,
+    split: Split,
+    x: np.ndarray,
+    y: np.ndarray,
+    w: np.ndarray,
+    off: set[str],
+    seed: int,
     progress: Progress,
-) -> dict[str, np.ndarray]:  # fmt: skip
+) -> dict[str, np.ndarray]:
     """Scores of LightGBM on the same features, labels and weights: once with
     every input, once without the propensity inputs (as slidr's models see them)."""
     from models import peers
@@ -330,7 +360,10 @@ def _peer_scores(
 
 
 def _propensity_diagnostics(
-    p: Prepared, idx: np.ndarray, scores: dict[str, np.ndarray], propensity_cells: dict[str, np.ndarray]
+    p: Prepared,
+    idx: np.ndarray,
+    scores: dict[str, np.ndarray],
+    propensity_cells: dict[str, np.ndarray],
 ) -> dict:
     """How much labelling depends on who the user is, and how much of it each model learnt.
 
@@ -350,7 +383,9 @@ def _propensity_diagnostics(
         rate = np.bincount(inverse, weights=human.astype(float)) / np.bincount(inverse)
         row: dict = {
             "attribute": attribute,
-            "label_rate_by_value": {str(k): round(float(r), 5) for k, r in zip(keys, rate, strict=True)},
+            "label_rate_by_value": {
+                str(k): round(float(r), 5) for k, r in zip(keys, rate, strict=True)
+            },
             "label_auc": metrics.auc(rate[inverse], human),
         }
         poor = rate[inverse] < np.median(rate[inverse][purchasing]) if purchasing.any() else None
@@ -360,20 +395,29 @@ def _propensity_diagnostics(
             else:
                 row[f"score_auc_{name}"] = metrics.auc(s[idx][purchasing], poor[purchasing])
         rows.append(row)
-    return {"rows": rows, "note": (
-        "label_auc near 0.5: labelling does not depend on the attribute; score_auc: AUC of the "
-        "score between buyers from label-poor and label-rich values (0.5: the model does not "
-        "hold the attribute against a buyer)")}  # fmt: skip
+    return {
+        "rows": rows,
+        "note": (
+            "label_auc near 0.5: labelling does not depend on the attribute; score_auc: AUC of the "
+            "score between buyers from label-poor and label-rich values (0.5: the model does not "
+            "hold the attribute against a buyer)"
+        ),
+    }
 
 
-def _proxy_vs_truth(test_metrics: dict, p: Prepared, te: np.ndarray) -> tuple[list[dict], list[str]]:
+def _proxy_vs_truth(
+    test_metrics: dict, p: Prepared, te: np.ndarray
+) -> tuple[list[dict], list[str]]:
     """Per slice of the held-out day: share of clicks with a human label, the proxy FPR
     (purchasing clicks) and, on simulated data, the true human FPR; warns when they
     disagree by more than 2x."""
     rows, warnings = [], []
     slices = p.slices[te]
     human = p.labels.human[te]
-    for name, figures in [("overall", test_metrics["overall"]), *sorted(test_metrics["slices"].items())]:
+    for name, figures in [
+        ("overall", test_metrics["overall"]),
+        *sorted(test_metrics["slices"].items()),
+    ]:
         mask = np.ones(len(te), bool) if name == "overall" else slices == name
         row = {
             "slice": name,
@@ -387,7 +431,9 @@ def _proxy_vs_truth(test_metrics: dict, p: Prepared, te: np.ndarray) -> tuple[li
             ratio = (truth + 1e-3) / (proxy + 1e-3)
             row["truth_over_proxy"] = round(ratio, 2)
             if ratio > 2 or ratio < 0.5:
-                warnings.append(f"{name}: proxy FPR {proxy:.4f} vs true human FPR {truth:.4f} (x{ratio:.1f})")
+                warnings.append(
+                    f"{name}: proxy FPR {proxy:.4f} vs true human FPR {truth:.4f} (x{ratio:.1f})"
+                )
         rows.append(row)
     return rows, warnings
 
@@ -447,7 +493,9 @@ def run_training(
     config = TrainConfig(seed=options.seed, max_epochs=options.max_epochs)
 
     weekday_mask = unseen_weekday_mask(clicks.ts[fit_idx], FEATURE_NAMES)
-    off = set(options.propensity_features) | {n for n, m in zip(FEATURE_NAMES, weekday_mask, strict=True) if m == 0}
+    off = set(options.propensity_features) | {
+        n for n, m in zip(FEATURE_NAMES, weekday_mask, strict=True) if m == 0
+    }
     masked = [n for n in FEATURE_NAMES if n in off]
     progress(f"inputs switched off (who gets labelled, not who is a robot): {masked}")
     id_names = {e.name for e in EMBEDDINGS}
@@ -467,24 +515,41 @@ def run_training(
     fits: dict[str, CrossFit] = {}
     for architecture in options.architectures:
         progress(f"cross-fitting {architecture} over {len(split.folds())} fit days")
-        fits[architecture] = cross_fit(architecture, factory(architecture), x, y, weights, split, config, progress)
+        fits[architecture] = cross_fit(
+            architecture, factory(architecture), x, y, weights, split, config, progress
+        )
     progress("cross-fitting logistic regression")
     lr_mask = _input_mask(FEATURE_NAMES, off | id_names)
-    lr_fit = cross_fit("logistic_regression", lambda: logistic(N_FEATURES, mean, std, lr_mask),
-                       x, y, weights, split, config, progress)  # fmt: skip
+    lr_fit = cross_fit(
+        "logistic_regression",
+        lambda: logistic(N_FEATURES, mean, std, lr_mask),
+        x,
+        y,
+        weights,
+        split,
+        config,
+        progress,
+    )
 
     # The architecture ships that invalidates most of the fit days' clicks at the FPR
     # budget, out of fold: chosen without looking at the held-out day.
     representations = []
     for name, f in fits.items():
-        representations.append({
-            "model": name,
-            "oof_ivr_at_budget": metrics.ivr_at_fpr(f.oof[fit_idx], purchasing[fit_idx], budget),
-            "seconds": round(f.seconds, 1),
-        })  # fmt: skip
+        representations.append(
+            {
+                "model": name,
+                "oof_ivr_at_budget": metrics.ivr_at_fpr(
+                    f.oof[fit_idx], purchasing[fit_idx], budget
+                ),
+                "seconds": round(f.seconds, 1),
+            }
+        )
     chosen = choose_architecture(representations, (previous or {}).get("architecture"))
-    progress(f"architecture: {chosen} (out-of-fold IVR at FPR {budget}: "
-             + ", ".join(f"{r['model']} {r['oof_ivr_at_budget']:.4f}" for r in representations) + ")")  # fmt: skip
+    progress(
+        f"architecture: {chosen} (out-of-fold IVR at FPR {budget}: "
+        + ", ".join(f"{r['model']} {r['oof_ivr_at_budget']:.4f}" for r in representations)
+        + ")"
+    )
     model = fits[chosen].model
     oof = fits[chosen].oof
 
@@ -502,37 +567,55 @@ def run_training(
     slice_cap = min(1.0, options.max_slice_fpr_factor * budget)
     try:
         cal = calibration.calibrate_slices(
-            *calibration_inputs, budget=budget, min_coverage=min_coverage,
-            method=options.calibration_method, min_purchases=options.min_slice_purchases,
+            *calibration_inputs,
+            budget=budget,
+            min_coverage=min_coverage,
+            method=options.calibration_method,
+            min_purchases=options.min_slice_purchases,
             max_slice_fpr=slice_cap,
-        )  # fmt: skip
+        )
     except calibration.CalibrationError as exc:
         # Coverage minima are a wish per deployment; a budget that cannot pay for them
         # must not stop a version from shipping: drop them, and say so.
         progress(f"WARNING coverage minima dropped: {exc}")
         min_coverage = 0.0
         cal = calibration.calibrate_slices(
-            *calibration_inputs, budget=budget, min_coverage=min_coverage,
-            method=options.calibration_method, min_purchases=options.min_slice_purchases,
+            *calibration_inputs,
+            budget=budget,
+            min_coverage=min_coverage,
+            method=options.calibration_method,
+            min_purchases=options.min_slice_purchases,
             max_slice_fpr=slice_cap,
-        )  # fmt: skip
+        )
         cal.warnings.insert(0, f"coverage minima dropped: {exc}")
     other_method = "empirical" if options.calibration_method == "quadratic" else "quadratic"
     try:
         alt = calibration.calibrate_slices(
-            *calibration_inputs, budget=budget, min_coverage=min_coverage,
-            method=other_method, min_purchases=options.min_slice_purchases, max_slice_fpr=slice_cap,
-        )  # fmt: skip
+            *calibration_inputs,
+            budget=budget,
+            min_coverage=min_coverage,
+            method=other_method,
+            min_purchases=options.min_slice_purchases,
+            max_slice_fpr=slice_cap,
+        )
     except calibration.CalibrationError:
         alt = None
     label_poor = [
-        {"slice": row.name, "clicks": row.n, "purchasing_clicks": row.p, "threshold": row.threshold,
-         "why": row.note or ""}
-        for row in cal.slices.values() if not row.calibrated
-    ]  # fmt: skip
+        {
+            "slice": row.name,
+            "clicks": row.n,
+            "purchasing_clicks": row.p,
+            "threshold": row.threshold,
+            "why": row.note or "",
+        }
+        for row in cal.slices.values()
+        if not row.calibrated
+    ]
     for row in label_poor:
-        progress(f"label-poor slice {row['slice']} ({row['clicks']:,} clicks): trained on and scored; "
-                 f"threshold {row['threshold']:.4f}, {row['why']}")  # fmt: skip
+        progress(
+            f"label-poor slice {row['slice']} ({row['clicks']:,} clicks): trained on and scored; "
+            f"threshold {row['threshold']:.4f}, {row['why']}"
+        )
 
     # Held-out day: the slice thresholds against one global threshold at the same FPR.
     test_scores = scores["mlp"][te]
@@ -554,15 +637,21 @@ def run_training(
         row["test_bot_recall_at_1pct_human_fpr"] = test_row.get("bot_recall_at_1pct_human_fpr")
         row["shipped"] = row["model"] == chosen
     fit_metrics = metrics.compute_metrics(
-        calibration.apply_thresholds(oof[fit_idx], p.slices[fit_idx], cal.thresholds, cal.default_threshold),
-        purchasing[fit_idx], p.robotic[fit_idx], p.slices[fit_idx],
+        calibration.apply_thresholds(
+            oof[fit_idx], p.slices[fit_idx], cal.thresholds, cal.default_threshold
+        ),
+        purchasing[fit_idx],
+        p.robotic[fit_idx],
+        p.slices[fit_idx],
         None if p.is_bot is None else p.is_bot[fit_idx],
-    )  # fmt: skip
+    )
     proxy_rows, proxy_warnings = _proxy_vs_truth(test_metrics, p, te)
     for warning in proxy_warnings:
         progress(f"WARNING proxy and truth disagree: {warning}")
     propensity = _propensity_diagnostics(
-        p, te, {k: scores[k] for k in (*fits, *(n for n in scores if n.startswith("lightgbm")))},
+        p,
+        te,
+        {k: scores[k] for k in (*fits, *(n for n in scores if n.startswith("lightgbm")))},
         {"logged_in": clicks.logged_in.astype(np.int8), "device": devices, "hour": hour},
     )
     propensity["weight_levels"] = weight_levels
@@ -586,12 +675,13 @@ def run_training(
     pq.write_table(pa.table(snapshot), staging / "rfm_snapshot.parquet", compression="zstd")
     curves = {
         s: metrics.curve(
-            test_scores[p.slices[te] == s], purchasing[te][p.slices[te] == s],
+            test_scores[p.slices[te] == s],
+            purchasing[te][p.slices[te] == s],
             p.robotic[te][p.slices[te] == s],
             None if truth_te is None else truth_te[p.slices[te] == s],
         )
         for s in sorted(set(p.slices[te]))
-    }  # fmt: skip
+    }
     result = {
         "feature_spec_version": FEATURE_SPEC_VERSION,
         "feature_names": list(FEATURE_NAMES),
@@ -633,15 +723,27 @@ def run_training(
             result, HeldOut(x[te], p.slices[te], purchasing[te], test_scores, test_invalid)
         )
         result["guardrails"] = result["guardrails"] + model_report.to_dict()
-        result["model_guardrails"] = {"passed": model_report.passed, "failed": model_report.failed_names()}
+        result["model_guardrails"] = {
+            "passed": model_report.passed,
+            "failed": model_report.failed_names(),
+        }
     progress("writing report")
     write_report(staging, result, curves)
     result["timings_s"]["total"] = time.perf_counter() - total_started
     metrics_doc = {
         k: result[k]
-        for k in ("metrics", "baselines", "global_comparison", "calibration", "labels",
-                  "representations", "proxy_vs_truth", "propensity", "label_poor_slices")
-    }  # fmt: skip
+        for k in (
+            "metrics",
+            "baselines",
+            "global_comparison",
+            "calibration",
+            "labels",
+            "representations",
+            "proxy_vs_truth",
+            "propensity",
+            "label_poor_slices",
+        )
+    }
     (staging / "metrics.json").write_bytes(
         orjson.dumps(metrics_doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
     )

@@ -92,7 +92,9 @@ class ModelRegistry:
         """Move an assembled version into the registry under the next version name."""
         with self._lock():
             self.versions_dir.mkdir(parents=True, exist_ok=True)
-            numbers = [int(p.name[1:]) for p in self.versions_dir.glob("v[0-9]*") if p.name[1:].isdigit()]
+            numbers = [
+                int(p.name[1:]) for p in self.versions_dir.glob("v[0-9]*") if p.name[1:].isdigit()
+            ]
             version = f"v{max(numbers, default=0) + 1:04d}"
             manifest = {**manifest, "version": version, "registered_at": time.time()}
             _write_json(staging / "manifest.json", manifest)

@@ -41,7 +41,9 @@ def plot_curve(name: str, c: Curve, path: Path, thresholds: dict) -> None:
     ax.plot(fpr, c.ivr, label="IVR", color="#1f77b4")
     if c.bot_recall is not None:
         ax.plot(fpr, c.bot_recall, label="bot recall (truth)", color="#2ca02c", ls="--")
-    ax.plot(fpr, np.nan_to_num(c.coverage, nan=0.0), label="robotic coverage", color="#ff7f0e", ls=":")
+    ax.plot(
+        fpr, np.nan_to_num(c.coverage, nan=0.0), label="robotic coverage", color="#ff7f0e", ls=":"
+    )
     t = thresholds.get(name)
     if t is not None and len(c.threshold):
         i = int(np.searchsorted(-c.threshold, -t, side="right")) - 1
@@ -72,25 +74,68 @@ def write_report(folder: Path, result: dict, curves: dict[str, Curve]) -> Path:
     test = result["metrics"]["test"]
     slice_rows = [{"slice": k, **v} for k, v in sorted(test["slices"].items())]
     slice_rows.insert(0, {"slice": "overall", **test["overall"]})
-    metric_cols = [c for c in ("slice", "clicks", "purchasing_clicks", "ivr", "fpr", "coverage",
-                               "bot_recall", "human_fpr", "precision") if c == "slice" or c in test["overall"]]  # fmt: skip
-    baseline_cols = [c for c in ("model", "ivr_at_equal_fpr", "threshold", "ivr", "fpr", "coverage", "bot_recall",
-                                 "human_fpr", "precision", "bot_recall_at_1pct_human_fpr")
-                     if any(c in r for r in result["baselines"])]  # fmt: skip
+    metric_cols = [
+        c
+        for c in (
+            "slice",
+            "clicks",
+            "purchasing_clicks",
+            "ivr",
+            "fpr",
+            "coverage",
+            "bot_recall",
+            "human_fpr",
+            "precision",
+        )
+        if c == "slice" or c in test["overall"]
+    ]
+    baseline_cols = [
+        c
+        for c in (
+            "model",
+            "ivr_at_equal_fpr",
+            "threshold",
+            "ivr",
+            "fpr",
+            "coverage",
+            "bot_recall",
+            "human_fpr",
+            "precision",
+            "bot_recall_at_1pct_human_fpr",
+        )
+        if any(c in r for r in result["baselines"])
+    ]
     cal_rows = result["calibration"].get("slices", [])
     cal_cols = list(cal_rows[0].keys()) if cal_rows else []
     comparison = result["global_comparison"]
-    comp_rows = [{"measure": k, "value": v} for k, v in comparison.items() if not isinstance(v, dict | list)]
+    comp_rows = [
+        {"measure": k, "value": v} for k, v in comparison.items() if not isinstance(v, dict | list)
+    ]
     label_rows = [{"measure": k, "value": v} for k, v in result["labels"].items()]
     guard_rows = result["guardrails"]
     proxy = result.get("proxy_vs_truth", {"rows": [], "warnings": []})
-    proxy_cols = ["slice", "clicks", "human_label_share", "proxy_fpr", "true_human_fpr", "truth_over_proxy"]
+    proxy_cols = [
+        "slice",
+        "clicks",
+        "human_label_share",
+        "proxy_fpr",
+        "true_human_fpr",
+        "truth_over_proxy",
+    ]
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in proxy["warnings"])
     representations = result.get("representations", [])
-    rep_cols = ["model", "oof_ivr_at_budget", "test_ivr_at_budget", "test_bot_recall_at_1pct_human_fpr",
-                "seconds", "shipped"]  # fmt: skip
+    rep_cols = [
+        "model",
+        "oof_ivr_at_budget",
+        "test_ivr_at_budget",
+        "test_bot_recall_at_1pct_human_fpr",
+        "seconds",
+        "shipped",
+    ]
     propensity = result.get("propensity", {"rows": []})
-    prop_rows = [{k: v for k, v in r.items() if k != "label_rate_by_value"} for r in propensity["rows"]]
+    prop_rows = [
+        {k: v for k, v in r.items() if k != "label_rate_by_value"} for r in propensity["rows"]
+    ]
     prop_cols = list(prop_rows[0].keys()) if prop_rows else []
     poor = result.get("label_poor_slices", [])
     page = f"""<!doctype html>

@@ -52,7 +52,9 @@ class Standardize(nn.Module):
         super().__init__()
         mask = np.ones_like(mean) if mask is None else mask.astype(np.float32)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(np.where(std > 1e-6, std, 1.0), dtype=torch.float32))
+        self.register_buffer(
+            "std", torch.tensor(np.where(std > 1e-6, std, 1.0), dtype=torch.float32)
+        )
         self.register_buffer("mask", torch.tensor(mask, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,9 @@ class FieldEmbeddings(nn.Module):
         for i, name in enumerate(self.names):
             cols = tables[name]
             self.tables.append(nn.Embedding(cols[0].buckets, dim))
-            self.register_buffer(f"cols_{i}", torch.tensor([c.column for c in cols], dtype=torch.long))
+            self.register_buffer(
+                f"cols_{i}", torch.tensor([c.column for c in cols], dtype=torch.long)
+            )
         self.out_dim = dim * len(self.names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +175,9 @@ def mlp(
     embeddings = FieldEmbeddings(ids, config.embedding_dim) if ids else None
     width = n_features + (embeddings.out_dim if embeddings is not None else 0)
     h1, h2 = config.hidden
-    deep = nn.Sequential(nn.Linear(width, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 1))
+    deep = nn.Sequential(
+        nn.Linear(width, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 1)
+    )
     body = deep if cross_layers == 0 else nn.Sequential(CrossNetwork(width, cross_layers), deep)
     return RobotClassifier(Standardize(mean, std, mask), body, embeddings)
 
@@ -227,13 +233,22 @@ def fit(
     validate = x_val is not None
     if validate:
         xv, yv, wv = (
-            torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (x_val, y_val, w_val)
+            torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            for a in (x_val, y_val, w_val)
         )
     tables = [p for n, p in model.named_parameters() if ".tables." in n or n.startswith("tables.")]
-    others = [p for n, p in model.named_parameters() if not (".tables." in n or n.startswith("tables."))]
+    others = [
+        p for n, p in model.named_parameters() if not (".tables." in n or n.startswith("tables."))
+    ]
     groups = [{"params": others}]
     if tables:
-        groups.append({"params": tables, "lr": config.learning_rate * config.embedding_lr_factor, "weight_decay": 0.0})
+        groups.append(
+            {
+                "params": tables,
+                "lr": config.learning_rate * config.embedding_lr_factor,
+                "weight_decay": 0.0,
+            }
+        )
     optimiser = torch.optim.Adam(groups, lr=config.learning_rate, weight_decay=config.l2)
     loss_fn = nn.BCEWithLogitsLoss(reduction="none")
     generator = torch.Generator().manual_seed(config.seed)
@@ -269,7 +284,9 @@ def fit(
     if best[2] is not None:
         model.load_state_dict(best[2])
     model.eval()
-    return FitLog(len(train_losses), best[1], train_losses, val_losses, time.perf_counter() - started)
+    return FitLog(
+        len(train_losses), best[1], train_losses, val_losses, time.perf_counter() - started
+    )
 
 
 def predict(model: RobotClassifier, x: np.ndarray, batch: int = 65_536) -> np.ndarray:
@@ -277,7 +294,9 @@ def predict(model: RobotClassifier, x: np.ndarray, batch: int = 65_536) -> np.nd
     out = []
     with torch.no_grad():
         for start in range(0, len(x), batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(x[start : start + batch], dtype=np.float32))
+            chunk = torch.from_numpy(
+                np.ascontiguousarray(x[start : start + batch], dtype=np.float32)
+            )
             out.append(model(chunk).numpy())
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
@@ -295,6 +314,9 @@ VELOCITY_LIMITS = {
 
 def velocity_scores(x: np.ndarray) -> np.ndarray:
     """Velocity-heuristic robot score per row of a feature matrix."""
-    ratios = [np.expm1(x[:, INDEX[name]].astype(np.float64)) / limit for name, limit in VELOCITY_LIMITS.items()]
+    ratios = [
+        np.expm1(x[:, INDEX[name]].astype(np.float64)) / limit
+        for name, limit in VELOCITY_LIMITS.items()
+    ]
     v = np.max(np.stack(ratios, axis=1), axis=1)
     return v / (1.0 + v)

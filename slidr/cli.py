@@ -51,10 +51,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     try:
         summary = simulate(
-            args.out, days=args.days, seed=args.seed, clicks_per_day=args.clicks_per_day,
-            new_bot_day=args.new_bot_day, start=args.start, progress=_stage_printer(),
+            args.out,
+            days=args.days,
+            seed=args.seed,
+            clicks_per_day=args.clicks_per_day,
+            new_bot_day=args.new_bot_day,
+            start=args.start,
+            progress=_stage_printer(),
             world=args.world,
-        )  # fmt: skip
+        )
     except ValueError as exc:
         raise CliError(str(exc)) from None
     print(summary.to_text())
@@ -67,14 +72,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from models.registry import ModelRegistry
 
     options = TrainOptions(
-        fpr_budget=args.fpr_budget, robotic_k=args.robotic_k,
-        calibration_method=args.calibration, seed=args.seed, max_epochs=args.epochs,
-    )  # fmt: skip
+        fpr_budget=args.fpr_budget,
+        robotic_k=args.robotic_k,
+        calibration_method=args.calibration,
+        seed=args.seed,
+        max_epochs=args.epochs,
+    )
     if args.min_coverage is not None:
         options = dataclasses.replace(options, min_coverage=parse_min_coverage(args.min_coverage))
     changes: dict = {"weighting": args.weighting, "peers": not args.no_peers}
     if args.architectures is not None:
-        changes["architectures"] = tuple(a.strip() for a in args.architectures.split(",") if a.strip())
+        changes["architectures"] = tuple(
+            a.strip() for a in args.architectures.split(",") if a.strip()
+        )
     if args.propensity_features is not None:
         changes["propensity_features"] = tuple(
             f.strip() for f in args.propensity_features.split(",") if f.strip()
@@ -87,7 +97,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = run_training(args.data, registry, options, progress=_stage_printer())
     except GuardrailFailure as exc:
-        raise CliError(f"{exc}; nothing registered, active version unchanged", EXIT_GUARDRAIL) from None
+        raise CliError(
+            f"{exc}; nothing registered, active version unchanged", EXIT_GUARDRAIL
+        ) from None
     _print_training_summary(result, registry)
     return 0
 
@@ -116,18 +128,32 @@ def parse_min_coverage(text: str) -> float | dict[str, float]:
 def _print_training_summary(result: dict, registry) -> None:
     print(f"registered {result['version']} (active: {result['active']})")
     print(f"report: {registry.path_of(result['version']) / 'report.html'}")
-    cols = ["model", "ivr_at_equal_fpr", "ivr", "fpr", "coverage", "bot_recall", "human_fpr",
-            "bot_recall_at_1pct_human_fpr"]  # fmt: skip
+    cols = [
+        "model",
+        "ivr_at_equal_fpr",
+        "ivr",
+        "fpr",
+        "coverage",
+        "bot_recall",
+        "human_fpr",
+        "bot_recall_at_1pct_human_fpr",
+    ]
     print("held-out day, equal overall FPR:")
     print("  " + " ".join(f"{c:>14.14}" for c in cols))
     for row in result["baselines"]:
         cells = [row.get(c) for c in cols]
-        print("  " + " ".join(f"{v:>14.4f}" if isinstance(v, float) else f"{v!s:>14.14}" for v in cells))
+        print(
+            "  "
+            + " ".join(f"{v:>14.4f}" if isinstance(v, float) else f"{v!s:>14.14}" for v in cells)
+        )
     comp = result["global_comparison"]
     print(
         "slice thresholds vs one global threshold: "
-        + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in comp.items()
-                    if not isinstance(v, dict | list))  # fmt: skip
+        + ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in comp.items()
+            if not isinstance(v, dict | list)
+        )
     )
     print(
         f"architecture shipped: {result['architecture']} (out-of-fold IVR at the budget: "
@@ -135,7 +161,9 @@ def _print_training_summary(result: dict, registry) -> None:
         + ")"
     )
     for row in result["label_poor_slices"]:
-        print(f"label-poor slice {row['slice']} ({row['clicks']:,} clicks): threshold {row['threshold']:.4f}, {row['why']}")
+        print(
+            f"label-poor slice {row['slice']} ({row['clicks']:,} clicks): threshold {row['threshold']:.4f}, {row['why']}"
+        )
     for warning in result["proxy_vs_truth"]["warnings"]:
         print(f"warning: proxy and true FPR disagree: {warning}")
     print(f"total training time {result['timings_s']['total']:.1f} s")
@@ -199,10 +227,25 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 # Mapping keys that `slidr import` flags set (user_id by --user, the rest by their name).
 IMPORT_FLAGS = (
-    "ts", "ts_format", "user_id", "user_separator", "ip", "click_id", "session_id",
-    "user_agent", "logged_in", "device", "ad_id", "advertiser_id", "placement", "query",
-    "context", "purchase_flag", "purchase_time", "purchase_time_format",
-)  # fmt: skip
+    "ts",
+    "ts_format",
+    "user_id",
+    "user_separator",
+    "ip",
+    "click_id",
+    "session_id",
+    "user_agent",
+    "logged_in",
+    "device",
+    "ad_id",
+    "advertiser_id",
+    "placement",
+    "query",
+    "context",
+    "purchase_flag",
+    "purchase_time",
+    "purchase_time_format",
+)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -215,11 +258,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not versions:
         print(f"no versions in {registry.root} (train one with `slidr train`)")
         return 0
-    print(f"{'':2}{'version':8} {'registered':20} {'test IVR':>9} {'test FPR':>9} {'data':>16}  status")
+    print(
+        f"{'':2}{'version':8} {'registered':20} {'test IVR':>9} {'test FPR':>9} {'data':>16}  status"
+    )
     for m in versions:
         overall = m["metrics"]["test"]["overall"]
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["registered_at"]))
-        status = "active" if m["version"] == active else ("stable" if m["version"] in stable else "")
+        status = (
+            "active" if m["version"] == active else ("stable" if m["version"] in stable else "")
+        )
         mark = "* " if m["version"] == active else "  "
         print(
             f"{mark}{m['version']:8} {when:20} {overall['ivr'] or 0:9.4f} {overall['fpr'] or 0:9.4f} "
@@ -240,54 +287,115 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def registry_flag(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--registry", type=Path, default=None,
-                       help="model registry directory (default: $SLIDR_REGISTRY or var/registry)")  # fmt: skip
+        p.add_argument(
+            "--registry",
+            type=Path,
+            default=None,
+            help="model registry directory (default: $SLIDR_REGISTRY or var/registry)",
+        )
 
     p = sub.add_parser("simulate", help="write synthetic click and purchase traffic")
-    p.add_argument("--out", type=Path, required=True, help="output directory (clicks.parquet, purchases.parquet)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output directory (clicks.parquet, purchases.parquet)",
+    )
     p.add_argument("--days", type=int, default=4, help="days of traffic (default 4)")
-    p.add_argument("--seed", type=int, default=7, help="random seed; the same seed gives the same data")
-    p.add_argument("--clicks-per-day", type=int, default=250_000, help="approximate clicks per day (default 250000)")
-    p.add_argument("--new-bot-day", type=int, default=None,
-                   help="introduce a new robot kind ('mimic') from this day index on (drift)")  # fmt: skip
-    p.add_argument("--start", default="2026-11-02", help="first day, YYYY-MM-DD, UTC (default 2026-11-02)")
-    p.add_argument("--world", choices=("standard", "proxy_lies"), default="standard",
-                   help="traffic model; proxy_lies: purchasers are not a representative sample "
-                   "of humans (default standard)")  # fmt: skip
+    p.add_argument(
+        "--seed", type=int, default=7, help="random seed; the same seed gives the same data"
+    )
+    p.add_argument(
+        "--clicks-per-day",
+        type=int,
+        default=250_000,
+        help="approximate clicks per day (default 250000)",
+    )
+    p.add_argument(
+        "--new-bot-day",
+        type=int,
+        default=None,
+        help="introduce a new robot kind ('mimic') from this day index on (drift)",
+    )
+    p.add_argument(
+        "--start", default="2026-11-02", help="first day, YYYY-MM-DD, UTC (default 2026-11-02)"
+    )
+    p.add_argument(
+        "--world",
+        choices=("standard", "proxy_lies"),
+        default="standard",
+        help="traffic model; proxy_lies: purchasers are not a representative sample "
+        "of humans (default standard)",
+    )
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("train", help="label, featurize, train, calibrate and register a model version")
+    p = sub.add_parser(
+        "train", help="label, featurize, train, calibrate and register a model version"
+    )
     p.add_argument("--data", type=Path, required=True, help="data directory (clicks and purchases)")
     registry_flag(p)
-    p.add_argument("--fpr-budget", type=float, default=0.02,
-                   help="overall FPR budget B on purchasing clicks (default 0.02)")  # fmt: skip
-    p.add_argument("--min-coverage", default=None, metavar="SHARE|SLICE=SHARE,...",
-                   help="minimum robotic coverage: one share for every slice, or per slice "
-                        "(default desktop/logged_out=0.8,mobile/logged_out=0.7)")  # fmt: skip
-    p.add_argument("--robotic-k", type=int, default=10,
-                   help="a session with more than k clicks in an hour is robotic (default 10)")  # fmt: skip
-    p.add_argument("--calibration", choices=["quadratic", "empirical"], default="empirical",
-                   help="slice calibration: SLIDR's concave quadratic fit, or exact on the empirical curves")  # fmt: skip
+    p.add_argument(
+        "--fpr-budget",
+        type=float,
+        default=0.02,
+        help="overall FPR budget B on purchasing clicks (default 0.02)",
+    )
+    p.add_argument(
+        "--min-coverage",
+        default=None,
+        metavar="SHARE|SLICE=SHARE,...",
+        help="minimum robotic coverage: one share for every slice, or per slice "
+        "(default desktop/logged_out=0.8,mobile/logged_out=0.7)",
+    )
+    p.add_argument(
+        "--robotic-k",
+        type=int,
+        default=10,
+        help="a session with more than k clicks in an hour is robotic (default 10)",
+    )
+    p.add_argument(
+        "--calibration",
+        choices=["quadratic", "empirical"],
+        default="empirical",
+        help="slice calibration: SLIDR's concave quadratic fit, or exact on the empirical curves",
+    )
     p.add_argument("--epochs", type=int, default=8, help="most training epochs (default 8)")
     p.add_argument("--seed", type=int, default=7, help="training seed (default 7)")
-    p.add_argument("--architectures", default=None, metavar="NAME,...",
-                   help="model variants compared out of fold, the best ships "
-                        "(default mlp_embeddings,mlp_hashed,dcn_embeddings)")  # fmt: skip
-    p.add_argument("--propensity-features", default=None, metavar="NAME,...",
-                   help="inputs switched off because they decide who can be labelled human "
-                        "(default logged_in, hour and weekday, device one-hots; '' for none)")  # fmt: skip
-    p.add_argument("--weighting", choices=["propensity", "slidr"], default="propensity",
-                   help="sample weights: label-balanced per (device, logged-in, hour) cell, or "
-                        "SLIDR's equal (hour, weekday, logged-in, label) cells")  # fmt: skip
-    p.add_argument("--no-peers", action="store_true",
-                   help="skip the LightGBM peers in the report (they need the dev extra)")  # fmt: skip
+    p.add_argument(
+        "--architectures",
+        default=None,
+        metavar="NAME,...",
+        help="model variants compared out of fold, the best ships "
+        "(default mlp_embeddings,mlp_hashed,dcn_embeddings)",
+    )
+    p.add_argument(
+        "--propensity-features",
+        default=None,
+        metavar="NAME,...",
+        help="inputs switched off because they decide who can be labelled human "
+        "(default logged_in, hour and weekday, device one-hots; '' for none)",
+    )
+    p.add_argument(
+        "--weighting",
+        choices=["propensity", "slidr"],
+        default="propensity",
+        help="sample weights: label-balanced per (device, logged-in, hour) cell, or "
+        "SLIDR's equal (hour, weekday, logged-in, label) cells",
+    )
+    p.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="skip the LightGBM peers in the report (they need the dev extra)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics JSON of a model version on a data set")
     p.add_argument("--data", type=Path, required=True, help="data directory")
     registry_flag(p)
     p.add_argument("--model", default=None, help="version to evaluate (default: the active one)")
-    p.add_argument("--robotic-k", type=int, default=10, help="robotic-session threshold k (default 10)")
+    p.add_argument(
+        "--robotic-k", type=int, default=10, help="robotic-session threshold k (default 10)"
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("score", help="score every click of a data set with a model version")
@@ -298,31 +406,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("import", help="import clicks from a CSV or Parquet file as a data set")
-    p.add_argument("src", type=Path, metavar="SRC", help="source file, .csv (optionally compressed) or .parquet")
-    p.add_argument("--out", type=Path, required=True, help="output directory (clicks.parquet, purchases.parquet)")
-    p.add_argument("--preset", choices=["talkingdata"], default=None,
-                   help="a built-in mapping: talkingdata = the TalkingData AdTracking layout")  # fmt: skip
-    p.add_argument("--mapping", type=Path, default=None,
-                   help="JSON or TOML file of mapping keys (ts, user_id, ip, context, ...); "
-                        "flags override it, it overrides --preset")  # fmt: skip
+    p.add_argument(
+        "src",
+        type=Path,
+        metavar="SRC",
+        help="source file, .csv (optionally compressed) or .parquet",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output directory (clicks.parquet, purchases.parquet)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=["talkingdata"],
+        default=None,
+        help="a built-in mapping: talkingdata = the TalkingData AdTracking layout",
+    )
+    p.add_argument(
+        "--mapping",
+        type=Path,
+        default=None,
+        help="JSON or TOML file of mapping keys (ts, user_id, ip, context, ...); "
+        "flags override it, it overrides --preset",
+    )
     p.add_argument("--ts", default=None, metavar="COL", help="click time column")
-    p.add_argument("--ts-format", default=None, metavar="FMT",
-                   help="epoch (seconds, default), epoch_ms or a strptime pattern, read as UTC")  # fmt: skip
-    p.add_argument("--user", dest="user_id", default=None, metavar="COLS",
-                   help="user id column, or columns joined: ip+device+os")  # fmt: skip
-    p.add_argument("--user-separator", default=None, metavar="SEP", help="joins --user columns (default -)")
+    p.add_argument(
+        "--ts-format",
+        default=None,
+        metavar="FMT",
+        help="epoch (seconds, default), epoch_ms or a strptime pattern, read as UTC",
+    )
+    p.add_argument(
+        "--user",
+        dest="user_id",
+        default=None,
+        metavar="COLS",
+        help="user id column, or columns joined: ip+device+os",
+    )
+    p.add_argument(
+        "--user-separator", default=None, metavar="SEP", help="joins --user columns (default -)"
+    )
     p.add_argument("--ip", default=None, metavar="COL", help="client IP column")
-    p.add_argument("--click-id", default=None, metavar="COL", help="click id column (default: r<row number>)")
-    for name in ("session-id", "user-agent", "logged-in", "device", "ad-id", "advertiser-id",
-                 "placement", "query"):  # fmt: skip
-        p.add_argument(f"--{name}", default=None, metavar="COL", help=f"{name.replace('-', '_')} column")
-    p.add_argument("--context", default=None, metavar="COLS",
-                   help="columns kept as context.<name> strings: app,channel")  # fmt: skip
-    p.add_argument("--purchase-flag", default=None, metavar="COL",
-                   help="column that is 1/true when the click led to a purchase")  # fmt: skip
-    p.add_argument("--purchase-time", default=None, metavar="COL",
-                   help="the purchase's time (default: one second after the click)")  # fmt: skip
-    p.add_argument("--purchase-time-format", default=None, metavar="FMT", help="default: --ts-format")
+    p.add_argument(
+        "--click-id", default=None, metavar="COL", help="click id column (default: r<row number>)"
+    )
+    for name in (
+        "session-id",
+        "user-agent",
+        "logged-in",
+        "device",
+        "ad-id",
+        "advertiser-id",
+        "placement",
+        "query",
+    ):
+        p.add_argument(
+            f"--{name}", default=None, metavar="COL", help=f"{name.replace('-', '_')} column"
+        )
+    p.add_argument(
+        "--context",
+        default=None,
+        metavar="COLS",
+        help="columns kept as context.<name> strings: app,channel",
+    )
+    p.add_argument(
+        "--purchase-flag",
+        default=None,
+        metavar="COL",
+        help="column that is 1/true when the click led to a purchase",
+    )
+    p.add_argument(
+        "--purchase-time",
+        default=None,
+        metavar="COL",
+        help="the purchase's time (default: one second after the click)",
+    )
+    p.add_argument(
+        "--purchase-time-format", default=None, metavar="FMT", help="default: --ts-format"
+    )
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("models", help="list registered model versions")
@@ -343,7 +506,14 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from models.scoring import ModelFileError
     from slidr.settings import SettingsError
 
-    return (CalibrationError, DatasetError, TrainingError, RegistryError, ModelFileError, SettingsError)
+    return (
+        CalibrationError,
+        DatasetError,
+        TrainingError,
+        RegistryError,
+        ModelFileError,
+        SettingsError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

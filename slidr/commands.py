@@ -50,8 +50,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from stream.app import run_worker
 
-    settings = _settings(args, group_id=args.group_id, metrics_port=args.metrics_port,
-                         model_version=args.model, batch_size=args.batch_size)  # fmt: skip
+    settings = _settings(
+        args,
+        group_id=args.group_id,
+        metrics_port=args.metrics_port,
+        model_version=args.model,
+        batch_size=args.batch_size,
+    )
     print("slidr worker settings:\n" + settings.describe(), file=sys.stderr, flush=True)
     run_worker(settings, loglevel=args.loglevel)
     return 0
@@ -61,8 +66,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from stream.producer import produce_dataset
 
     settings = _settings(args)
-    report = produce_dataset(settings, args.data, rate=args.rate, limit=args.limit,
-                             progress=not args.quiet)  # fmt: skip
+    report = produce_dataset(
+        settings, args.data, rate=args.rate, limit=args.limit, progress=not args.quiet
+    )
     print(report)
     return 0
 
@@ -89,11 +95,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from stream.bench import BenchOptions, run_bench
 
     options = BenchOptions(
-        offline_clicks=args.clicks, stream_clicks=args.stream_clicks, rate=args.rate,
-        latency_seconds=args.seconds, offline=not args.stream_only, stream=not args.offline_only,
+        offline_clicks=args.clicks,
+        stream_clicks=args.stream_clicks,
+        rate=args.rate,
+        latency_seconds=args.seconds,
+        offline=not args.stream_only,
+        stream=not args.offline_only,
         transports=tuple(t.strip() for t in args.transports.split(",") if t.strip()),
-    )  # fmt: skip
-    report = run_bench(_settings(args), options, progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
+    )
+    report = run_bench(
+        _settings(args),
+        options,
+        progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True),
+    )
     text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
     print(text)
     if args.out:
@@ -138,36 +152,73 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("worker", help="run the stream processor (Faust worker)")
-    p.add_argument("--group-id", default=None, help="consumer group (default $SLIDR_GROUP_ID or slidr-worker)")
-    p.add_argument("--model", default=None, help="pin a model version (default: the registry's active one)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    p.add_argument("--batch-size", type=int, default=None, help="clicks per micro-batch (default 500)")
+    p.add_argument(
+        "--group-id", default=None, help="consumer group (default $SLIDR_GROUP_ID or slidr-worker)"
+    )
+    p.add_argument(
+        "--model", default=None, help="pin a model version (default: the registry's active one)"
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="clicks per micro-batch (default 500)"
+    )
     p.add_argument("--loglevel", default="info", help="log level (default info)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("produce", help="publish a data set's clicks and purchases in time order")
     p.add_argument("--data", type=Path, required=True, help="data directory (clicks and purchases)")
-    p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
-    p.add_argument("--limit", type=int, default=None, help="publish only the first N clicks (and purchases up to then)")
+    p.add_argument(
+        "--rate", type=float, default=None, help="events per second (default: as fast as possible)"
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="publish only the first N clicks (and purchases up to then)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_produce)
 
-    p = sub.add_parser("billing", help="example billing consumer: billable vs invalid clicks per advertiser")
-    p.add_argument("--data", type=Path, default=None,
-                   help="data directory to map click_id to advertiser (default: use the decision only)")  # fmt: skip
-    p.add_argument("--idle", type=float, default=5.0, help="stop after this many seconds without decisions")
-    p.add_argument("--follow", action="store_true", help="keep running (print totals every few seconds)")
+    p = sub.add_parser(
+        "billing", help="example billing consumer: billable vs invalid clicks per advertiser"
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data directory to map click_id to advertiser (default: use the decision only)",
+    )
+    p.add_argument(
+        "--idle", type=float, default=5.0, help="stop after this many seconds without decisions"
+    )
+    p.add_argument(
+        "--follow", action="store_true", help="keep running (print totals every few seconds)"
+    )
     p.add_argument("--top", type=int, default=15, help="advertisers to print (default 15)")
     p.set_defaults(func=cmd_billing)
 
-    p = sub.add_parser("promote", help="make a registered version active; running workers switch to it")
+    p = sub.add_parser(
+        "promote", help="make a registered version active; running workers switch to it"
+    )
     p.add_argument("version", help="version to activate, e.g. v0002")
-    p.add_argument("--reason", default="promoted by hand", help="why (kept in the history and on the control topic)")
+    p.add_argument(
+        "--reason",
+        default="promoted by hand",
+        help="why (kept in the history and on the control topic)",
+    )
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("rollback", help="return to the last stable version (or --to VERSION)")
-    p.add_argument("--to", default=None, help="version to return to (default: the newest stable one before)")
-    p.add_argument("--reason", default="rolled back by hand", help="why (kept in the history and on the control topic)")
+    p.add_argument(
+        "--to", default=None, help="version to return to (default: the newest stable one before)"
+    )
+    p.add_argument(
+        "--reason",
+        default="rolled back by hand",
+        help="why (kept in the history and on the control topic)",
+    )
     p.set_defaults(func=cmd_rollback)
 
     register_archive_commands(sub)
@@ -175,22 +226,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     register_lifecycle_commands(sub)
     register_monitor_commands(sub)
 
-    p = sub.add_parser("demo", help="the whole loop: stack, simulate, train, stream, decide, report")
-    p.add_argument("--dir", type=Path, default=Path("var/demo"), help="working directory (default var/demo)")
-    p.add_argument("--clicks-per-day", type=int, default=60_000, help="simulated clicks a day (default 60000)")
-    p.add_argument("--rate", type=float, default=5000.0, help="clicks/s produced to the worker; 0 = as fast as possible")
+    p = sub.add_parser(
+        "demo", help="the whole loop: stack, simulate, train, stream, decide, report"
+    )
+    p.add_argument(
+        "--dir", type=Path, default=Path("var/demo"), help="working directory (default var/demo)"
+    )
+    p.add_argument(
+        "--clicks-per-day", type=int, default=60_000, help="simulated clicks a day (default 60000)"
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=5000.0,
+        help="clicks/s produced to the worker; 0 = as fast as possible",
+    )
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="throughput and latency of the scoring path and the whole pipeline")
-    p.add_argument("--clicks", type=int, default=1_000_000, help="simulated clicks for the offline figures (default 1M)")
-    p.add_argument("--stream-clicks", type=int, default=100_000, help="clicks for the stream throughput run (default 100k)")
-    p.add_argument("--rate", type=float, default=2000.0, help="clicks/s for the latency run (default 2000)")
-    p.add_argument("--seconds", type=float, default=30.0, help="length of the latency run (default 30)")
+    p = sub.add_parser(
+        "bench", help="throughput and latency of the scoring path and the whole pipeline"
+    )
+    p.add_argument(
+        "--clicks",
+        type=int,
+        default=1_000_000,
+        help="simulated clicks for the offline figures (default 1M)",
+    )
+    p.add_argument(
+        "--stream-clicks",
+        type=int,
+        default=100_000,
+        help="clicks for the stream throughput run (default 100k)",
+    )
+    p.add_argument(
+        "--rate", type=float, default=2000.0, help="clicks/s for the latency run (default 2000)"
+    )
+    p.add_argument(
+        "--seconds", type=float, default=30.0, help="length of the latency run (default 30)"
+    )
     p.add_argument("--offline-only", action="store_true", help="only featurization and training")
     p.add_argument("--stream-only", action="store_true", help="only the stream benchmarks")
-    p.add_argument("--transports", default="aiokafka",
-                   help="faust-streaming Kafka drivers to measure, comma-separated: aiokafka, confluent "
-                        "(default aiokafka; confluent stalls before its first assignment on the embedded broker)")  # fmt: skip
+    p.add_argument(
+        "--transports",
+        default="aiokafka",
+        help="faust-streaming Kafka drivers to measure, comma-separated: aiokafka, confluent "
+        "(default aiokafka; confluent stalls before its first assignment on the embedded broker)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     p.set_defaults(func=cmd_bench)
-

@@ -56,7 +56,9 @@ def write_day(data_dir: Path, out: Path) -> Path:
     return out
 
 
-def live_view(settings: Settings, expected: int, worker: subprocess.Popen, timeout_s: float) -> BillingLedger:
+def live_view(
+    settings: Settings, expected: int, worker: subprocess.Popen, timeout_s: float
+) -> BillingLedger:
     """Follow the decision topic, one status line a second, until every click is decided."""
     ledger = BillingLedger()
     started = time.monotonic()
@@ -65,8 +67,15 @@ def live_view(settings: Settings, expected: int, worker: subprocess.Popen, timeo
         s = led.summary()
         ivr = s["invalid"] / max(1, s["clicks"])
         rate = s["clicks"] / max(1e-9, time.monotonic() - started)
-        print(f"  decided {s['clicks']:>8,} / {expected:,}  IVR {ivr:6.2%}  {rate:8,.0f} clicks/s", flush=True)
-        if s["clicks"] >= expected or worker.poll() is not None or time.monotonic() - started > timeout_s:
+        print(
+            f"  decided {s['clicks']:>8,} / {expected:,}  IVR {ivr:6.2%}  {rate:8,.0f} clicks/s",
+            flush=True,
+        )
+        if (
+            s["clicks"] >= expected
+            or worker.poll() is not None
+            or time.monotonic() - started > timeout_s
+        ):
             raise _AllDecided
 
     with contextlib.suppress(_AllDecided):
@@ -90,14 +99,18 @@ def _retrain(settings: Settings, directory: Path, now: float, days: int) -> str:
     outcome = retrain(directory / "data", settings, options, progress=lambda m: print(f"   {m}"))
     record = outcome.record
     passed = sum(1 for g in record["guardrails"] if g.get("passed"))
-    print(f"   {record['outcome']}: {record['reason']} ({passed}/{len(record['guardrails'])} guardrails passed)")
+    print(
+        f"   {record['outcome']}: {record['reason']} ({passed}/{len(record['guardrails'])} guardrails passed)"
+    )
     active = ModelRegistry(settings.registry).active_version()
     if active is None:
         raise RuntimeError(f"no active model after retraining: {record['reason']}")
     return active
 
 
-def _await_switch(settings: Settings, day: Path, version: str, worker: subprocess.Popen) -> float | None:
+def _await_switch(
+    settings: Settings, day: Path, version: str, worker: subprocess.Popen
+) -> float | None:
     """Send a few fresh clicks and time until the worker decides them with ``version``."""
     from confluent_kafka import Producer
 
@@ -109,7 +122,9 @@ def _await_switch(settings: Settings, day: Path, version: str, worker: subproces
     for i in range(200):
         row = data.clicks.row(i)
         row["click_id"] = f"after-promotion-{i}"
-        producer.produce(settings.topic("clicks"), key=row["user_id"].encode(), value=orjson.dumps(row))
+        producer.produce(
+            settings.topic("clicks"), key=row["user_id"].encode(), value=orjson.dumps(row)
+        )
     producer.flush(10)
     seen: dict[str, str] = {}
 
@@ -141,8 +156,11 @@ def run_demo(directory: Path, clicks_per_day: int = 60_000, rate: float | None =
     try:
         say("1/7 starting the embedded stack (Tansu broker + Valkey)")
         info = stack.up()
-        settings = settings.replace(kafka_bootstrap=info.bootstrap, redis_url=info.redis_url,
-                                    topic_prefix=f"demo{int(time.time())}-")  # fmt: skip
+        settings = settings.replace(
+            kafka_bootstrap=info.bootstrap,
+            redis_url=info.redis_url,
+            topic_prefix=f"demo{int(time.time())}-",
+        )
         ensure_topics(settings)
         print(f"   broker {info.bootstrap}, redis {info.redis_url}")
 
@@ -158,14 +176,24 @@ def run_demo(directory: Path, clicks_per_day: int = 60_000, rate: float | None =
 
         say("4/8 starting the stream worker")
         day = write_day(directory / "data", directory / "stream-day")
-        env = {**os.environ, "SLIDR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-               "SLIDR_REDIS_URL": settings.redis_url, "SLIDR_REGISTRY": str(registry_path),
-               "SLIDR_HOME": str(home), "SLIDR_TOPIC_PREFIX": settings.topic_prefix,
-               "SLIDR_REDIS_KEY_PREFIX": f"slidr:{settings.topic_prefix}"}  # fmt: skip
+        env = {
+            **os.environ,
+            "SLIDR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "SLIDR_REDIS_URL": settings.redis_url,
+            "SLIDR_REGISTRY": str(registry_path),
+            "SLIDR_HOME": str(home),
+            "SLIDR_TOPIC_PREFIX": settings.topic_prefix,
+            "SLIDR_REDIS_KEY_PREFIX": f"slidr:{settings.topic_prefix}",
+        }
         log_path = directory / "worker.log"
         with log_path.open("wb") as log:
-            worker = subprocess.Popen([sys.executable, "-m", "slidr", "worker"], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "slidr", "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         print(f"   pid {worker.pid}, log {log_path}")
 
         say(f"5/8 producing day 5's clicks{f' at {rate:,.0f}/s' if rate else ''}")
@@ -185,25 +213,40 @@ def run_demo(directory: Path, clicks_per_day: int = 60_000, rate: float | None =
         robotic = robotic_sessions(data.clicks.session_id, data.clicks.ts)
         is_bot = data.clicks.extra.get("is_bot")
         offline = evaluate(registry.load(version), data)
-        online = compute_metrics(invalid, labels.purchasing, robotic, None,
-                                 None if is_bot is None else is_bot.astype(bool))["overall"]  # fmt: skip
-        rows = [("clicks decided", f"{decided.sum():,} / {len(decided):,}", f"{offline['clicks']:,}")]
+        online = compute_metrics(
+            invalid,
+            labels.purchasing,
+            robotic,
+            None,
+            None if is_bot is None else is_bot.astype(bool),
+        )["overall"]
+        rows = [
+            ("clicks decided", f"{decided.sum():,} / {len(decided):,}", f"{offline['clicks']:,}")
+        ]
         for key in ("ivr", "fpr", "coverage", "bot_recall", "human_fpr", "precision"):
             a, b = online.get(key), offline["overall"].get(key)
             if a is not None or b is not None:
-                rows.append((key, "–" if a is None else f"{a:.4f}", "–" if b is None else f"{b:.4f}"))
+                rows.append(
+                    (key, "–" if a is None else f"{a:.4f}", "–" if b is None else f"{b:.4f}")
+                )
         print(f"   {'':16} {'stream':>16} {'offline':>12}")
         for name, a, b in rows:
             print(f"   {name:16} {a:>16} {b:>12}")
         print("\n   billing view (latest decision per click):")
         print("   " + ledger.render(8).replace("\n", "\n   "))
 
-        say("8/8 the daily job: retrain on days 2-5 once day 5's purchases are in, guardrails, promote")
+        say(
+            "8/8 the daily job: retrain on days 2-5 once day 5's purchases are in, guardrails, promote"
+        )
         new_version = _retrain(settings, directory, now=first_day + 6 * DAY_S, days=4)
-        switched = _await_switch(settings, day, new_version, worker) if new_version != version else None
+        switched = (
+            _await_switch(settings, day, new_version, worker) if new_version != version else None
+        )
         if switched is not None:
-            print(f"   the running worker, not restarted, decided fresh clicks with {new_version} "
-                  f"within {switched:.1f} s")  # fmt: skip
+            print(
+                f"   the running worker, not restarted, decided fresh clicks with {new_version} "
+                f"within {switched:.1f} s"
+            )
         print(f"   run history: slidr retrain --history --registry {registry_path}")
         return 0 if decided.all() else 1
     finally:

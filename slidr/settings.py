@@ -89,7 +89,9 @@ class Settings:
             raise SettingsError(f"SLIDR_BATCH_SIZE must be at least 1, got {self.batch_size}")
         for name in ("batch_wait_ms", "fetch_wait_ms", "linger_ms", "decision_linger_ms"):
             if getattr(self, name) < 0:
-                raise SettingsError(f"SLIDR_{name.upper()} must not be negative, got {getattr(self, name)}")
+                raise SettingsError(
+                    f"SLIDR_{name.upper()} must not be negative, got {getattr(self, name)}"
+                )
         if self.session_timeout_ms < 1000:
             raise SettingsError(
                 f"SLIDR_SESSION_TIMEOUT_MS must be at least 1000, got {self.session_timeout_ms}"

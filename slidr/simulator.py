@@ -149,46 +149,160 @@ _PL_OTHER_DEVICE_CLICKS = 0.0005  # smart-TV / console humans, share of all clic
 # Rhythms (UTC). Hour weights are relative; day-of-week volume multiplies the human budget.
 # --------------------------------------------------------------------------------------
 _WEEKDAY_HOURS = np.array(
-    [0.55, 0.35, 0.20, 0.16, 0.16, 0.20, 0.40, 0.70, 0.95, 1.00, 1.00, 1.05,
-     1.10, 1.05, 1.00, 1.00, 1.05, 1.15, 1.35, 1.60, 1.75, 1.70, 1.35, 0.90]
-)  # fmt: skip
+    [
+        0.55,
+        0.35,
+        0.20,
+        0.16,
+        0.16,
+        0.20,
+        0.40,
+        0.70,
+        0.95,
+        1.00,
+        1.00,
+        1.05,
+        1.10,
+        1.05,
+        1.00,
+        1.00,
+        1.05,
+        1.15,
+        1.35,
+        1.60,
+        1.75,
+        1.70,
+        1.35,
+        0.90,
+    ]
+)
 # Weekends: later start, long midday plateau, flatter evening peak.
 _WEEKEND_HOURS = np.array(
-    [0.70, 0.50, 0.28, 0.20, 0.18, 0.20, 0.28, 0.42, 0.65, 0.95, 1.15, 1.25,
-     1.30, 1.30, 1.25, 1.20, 1.20, 1.25, 1.40, 1.50, 1.55, 1.45, 1.20, 0.90]
-)  # fmt: skip
+    [
+        0.70,
+        0.50,
+        0.28,
+        0.20,
+        0.18,
+        0.20,
+        0.28,
+        0.42,
+        0.65,
+        0.95,
+        1.15,
+        1.25,
+        1.30,
+        1.30,
+        1.25,
+        1.20,
+        1.20,
+        1.25,
+        1.40,
+        1.50,
+        1.55,
+        1.45,
+        1.20,
+        0.90,
+    ]
+)
 # Hijacked accounts are worked while their owners sleep.
 _NIGHT_HOURS = np.array(
-    [1.6, 1.8, 1.9, 1.9, 1.7, 1.4, 1.0, 0.7, 0.5, 0.4, 0.4, 0.4,
-     0.4, 0.4, 0.4, 0.4, 0.4, 0.5, 0.5, 0.6, 0.7, 0.8, 1.0, 1.3]
-)  # fmt: skip
+    [
+        1.6,
+        1.8,
+        1.9,
+        1.9,
+        1.7,
+        1.4,
+        1.0,
+        0.7,
+        0.5,
+        0.4,
+        0.4,
+        0.4,
+        0.4,
+        0.4,
+        0.4,
+        0.4,
+        0.4,
+        0.5,
+        0.5,
+        0.6,
+        0.7,
+        0.8,
+        1.0,
+        1.3,
+    ]
+)
 _DOW_VOLUME = np.array([1.00, 0.98, 0.97, 0.99, 0.94, 1.08, 1.12])  # Monday .. Sunday
 
 # --------------------------------------------------------------------------------------
 # User agents (weights within a device class).
 # --------------------------------------------------------------------------------------
 _DESKTOP_UAS = (
-    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36", 0.22),
-    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/129.0.0.0 Safari/537.36", 0.08),
-    ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36", 0.10),
-    ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36", 0.03),
-    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36 Edg/130.0.0.0", 0.12),
-    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/129.0.0.0 Safari/537.36 Edg/129.0.0.0", 0.03),
+    (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36",
+        0.22,
+    ),
+    (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/129.0.0.0 Safari/537.36",
+        0.08,
+    ),
+    (
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36",
+        0.10,
+    ),
+    (
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36",
+        0.03,
+    ),
+    (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36 Edg/130.0.0.0",
+        0.12,
+    ),
+    (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/129.0.0.0 Safari/537.36 Edg/129.0.0.0",
+        0.03,
+    ),
     ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:132.0) Gecko/20100101 Firefox/132.0", 0.06),
     ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10.15; rv:131.0) Gecko/20100101 Firefox/131.0", 0.02),
     ("Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0", 0.02),
-    ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Safari/605.1.15", 0.09),
-    ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.6 Safari/605.1.15", 0.05),
-)  # fmt: skip
+    (
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Safari/605.1.15",
+        0.09,
+    ),
+    (
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.6 Safari/605.1.15",
+        0.05,
+    ),
+)
 _MOBILE_UAS = (
-    ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1", 0.22),
-    ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.6 Mobile/15E148 Safari/604.1", 0.14),
-    ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) CriOS/130.0.6723.90 Mobile/15E148 Safari/604.1", 0.05),
-    ("Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Mobile Safari/537.36", 0.34),
-    ("Mozilla/5.0 (Linux; Android 14; SAMSUNG SM-S911B) AppleWebKit/537.36 (KHTML, like Gecko) SamsungBrowser/26.0 Chrome/122.0.0.0 Mobile Safari/537.36", 0.10),
-    ("Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/129.0.0.0 Mobile Safari/537.36", 0.10),
+    (
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1",
+        0.22,
+    ),
+    (
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.6 Mobile/15E148 Safari/604.1",
+        0.14,
+    ),
+    (
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) CriOS/130.0.6723.90 Mobile/15E148 Safari/604.1",
+        0.05,
+    ),
+    (
+        "Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Mobile Safari/537.36",
+        0.34,
+    ),
+    (
+        "Mozilla/5.0 (Linux; Android 14; SAMSUNG SM-S911B) AppleWebKit/537.36 (KHTML, like Gecko) SamsungBrowser/26.0 Chrome/122.0.0.0 Mobile Safari/537.36",
+        0.10,
+    ),
+    (
+        "Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/129.0.0.0 Mobile Safari/537.36",
+        0.10,
+    ),
     ("Mozilla/5.0 (Android 14; Mobile; rv:132.0) Gecko/132.0 Firefox/132.0", 0.05),
-)  # fmt: skip
+)
 _APP_UAS = (
     ("ShopApp/5.2.1 (iPhone; iOS 17.1; Scale/3.00)", 0.12),
     ("ShopApp/5.3.0 (iPhone; iOS 18.1; Scale/3.00)", 0.22),
@@ -199,55 +313,154 @@ _APP_UAS = (
     ("ShopApp/5.3.0 (Linux; Android 13; SM-A546B)", 0.14),
     ("ShopApp/5.1.4 (Linux; Android 12; moto g(30))", 0.06),
     ("ShopApp/5.3.0 (Linux; Android 14; 23049PCD8G)", 0.06),
-)  # fmt: skip
+)
 _HEADLESS_UAS = (
-    ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/130.0.6723.58 Safari/537.36", 0.6),
-    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/129.0.6668.70 Safari/537.36", 0.4),
-)  # fmt: skip
+    (
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/130.0.6723.58 Safari/537.36",
+        0.6,
+    ),
+    (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/129.0.6668.70 Safari/537.36",
+        0.4,
+    ),
+)
 # Declared crawlers: (weight, user agents, address prefixes they crawl from).
 _CRAWLERS = (
-    (0.33, ("Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
-            "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.6723.69 Mobile Safari/537.36 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"),
-     ((66, 249, 66), (66, 249, 68), (66, 249, 79))),
-    (0.20, ("Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",),
-     ((157, 55, 39), (40, 77, 167), (207, 46, 13))),
-    (0.15, ("Mozilla/5.0 (compatible; AhrefsBot/7.0; +http://ahrefs.com/robot/)",),
-     ((54, 36, 148), (54, 36, 149), (51, 222, 253))),
-    (0.10, ("Mozilla/5.0 (compatible; SemrushBot/7~bl; +http://www.semrush.com/bot.html)",),
-     ((185, 191, 171),)),
-    (0.08, ("Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)",),
-     ((5, 255, 231), (213, 180, 203))),
-    (0.06, ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/13.1.1 Safari/605.1.15 (Applebot/0.1; +http://www.apple.com/go/applebot)",),
-     ((17, 241, 219), (17, 241, 75))),
-    (0.04, ("Mozilla/5.0 (compatible; DotBot/1.2; +https://opensiteexplorer.org/dotbot; help@moz.com)",),
-     ((216, 244, 66),)),
-    (0.04, ("Mozilla/5.0 (compatible; MJ12bot/v1.4.8; http://mj12bot.com/)",),
-     ((136, 243, 228),)),
-)  # fmt: skip
+    (
+        0.33,
+        (
+            "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+            "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.6723.69 Mobile Safari/537.36 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+        ),
+        ((66, 249, 66), (66, 249, 68), (66, 249, 79)),
+    ),
+    (
+        0.20,
+        ("Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",),
+        ((157, 55, 39), (40, 77, 167), (207, 46, 13)),
+    ),
+    (
+        0.15,
+        ("Mozilla/5.0 (compatible; AhrefsBot/7.0; +http://ahrefs.com/robot/)",),
+        ((54, 36, 148), (54, 36, 149), (51, 222, 253)),
+    ),
+    (
+        0.10,
+        ("Mozilla/5.0 (compatible; SemrushBot/7~bl; +http://www.semrush.com/bot.html)",),
+        ((185, 191, 171),),
+    ),
+    (
+        0.08,
+        ("Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)",),
+        ((5, 255, 231), (213, 180, 203)),
+    ),
+    (
+        0.06,
+        (
+            "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/13.1.1 Safari/605.1.15 (Applebot/0.1; +http://www.apple.com/go/applebot)",
+        ),
+        ((17, 241, 219), (17, 241, 75)),
+    ),
+    (
+        0.04,
+        (
+            "Mozilla/5.0 (compatible; DotBot/1.2; +https://opensiteexplorer.org/dotbot; help@moz.com)",
+        ),
+        ((216, 244, 66),),
+    ),
+    (0.04, ("Mozilla/5.0 (compatible; MJ12bot/v1.4.8; http://mj12bot.com/)",), ((136, 243, 228),)),
+)
 # Bare HTTP clients; "" is a request without a User-Agent header.
 _SCRIPT_UAS = (
-    ("python-requests/2.32.3", 0.22), ("python-requests/2.31.0", 0.08), ("curl/8.5.0", 0.12),
-    ("curl/7.81.0", 0.05), ("Go-http-client/1.1", 0.14), ("Go-http-client/2.0", 0.05),
-    ("Wget/1.21.4", 0.04), ("Java/17.0.9", 0.04), ("python-urllib3/2.2.3", 0.04),
-    ("axios/1.7.7", 0.04), ("", 0.18),
-)  # fmt: skip
+    ("python-requests/2.32.3", 0.22),
+    ("python-requests/2.31.0", 0.08),
+    ("curl/8.5.0", 0.12),
+    ("curl/7.81.0", 0.05),
+    ("Go-http-client/1.1", 0.14),
+    ("Go-http-client/2.0", 0.05),
+    ("Wget/1.21.4", 0.04),
+    ("Java/17.0.9", 0.04),
+    ("python-urllib3/2.2.3", 0.04),
+    ("axios/1.7.7", 0.04),
+    ("", 0.18),
+)
 # Smart TVs and game consoles: real people on devices the device classes do not cover.
 _OTHER_DEVICE_UAS = (
-    ("Mozilla/5.0 (SMART-TV; Linux; Tizen 7.0) AppleWebKit/537.36 (KHTML, like Gecko) SamsungBrowser/6.2 Chrome/94.0.4606.31 TV Safari/537.36", 0.35),
-    ("Mozilla/5.0 (Web0S; Linux/SmartTV) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/94.0.4606.128 Safari/537.36 WebAppManager", 0.25),
-    ("Mozilla/5.0 (PlayStation; PlayStation 5/8.20) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/15.4 Safari/605.1.15", 0.15),
-    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; Xbox; Xbox Series X) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36 Edge/130.0.0.0", 0.15),
-    ("Mozilla/5.0 (Nintendo Switch; WifiWebAuthApplet) AppleWebKit/606.4 (KHTML, like Gecko) NF/6.0.1.15.4 NintendoBrowser/5.1.0.20389", 0.10),
-)  # fmt: skip
+    (
+        "Mozilla/5.0 (SMART-TV; Linux; Tizen 7.0) AppleWebKit/537.36 (KHTML, like Gecko) SamsungBrowser/6.2 Chrome/94.0.4606.31 TV Safari/537.36",
+        0.35,
+    ),
+    (
+        "Mozilla/5.0 (Web0S; Linux/SmartTV) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/94.0.4606.128 Safari/537.36 WebAppManager",
+        0.25,
+    ),
+    (
+        "Mozilla/5.0 (PlayStation; PlayStation 5/8.20) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/15.4 Safari/605.1.15",
+        0.15,
+    ),
+    (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64; Xbox; Xbox Series X) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36 Edge/130.0.0.0",
+        0.15,
+    ),
+    (
+        "Mozilla/5.0 (Nintendo Switch; WifiWebAuthApplet) AppleWebKit/606.4 (KHTML, like Gecko) NF/6.0.1.15.4 NintendoBrowser/5.1.0.20389",
+        0.10,
+    ),
+)
 
 # --------------------------------------------------------------------------------------
 # Address space. Prefixes are realistic-looking ISP / carrier / cloud blocks.
 # --------------------------------------------------------------------------------------
-_RESIDENTIAL = tuple((o,) for o in (24, 50, 67, 68, 69, 71, 72, 73, 75, 76, 96, 98, 99, 108,
-                                     81, 82, 84, 86, 90, 92, 109, 176, 188))  # fmt: skip
-_DATACENTER = ((3, 80), (18, 204), (34, 82), (34, 145), (35, 186), (52, 14), (54, 210),
-               (104, 196), (159, 65), (167, 99), (138, 68), (5, 9), (95, 216), (51, 15),
-               (45, 77), (139, 59), (20, 42), (13, 66), (172, 105), (64, 225))  # fmt: skip
+_RESIDENTIAL = tuple(
+    (o,)
+    for o in (
+        24,
+        50,
+        67,
+        68,
+        69,
+        71,
+        72,
+        73,
+        75,
+        76,
+        96,
+        98,
+        99,
+        108,
+        81,
+        82,
+        84,
+        86,
+        90,
+        92,
+        109,
+        176,
+        188,
+    )
+)
+_DATACENTER = (
+    (3, 80),
+    (18, 204),
+    (34, 82),
+    (34, 145),
+    (35, 186),
+    (52, 14),
+    (54, 210),
+    (104, 196),
+    (159, 65),
+    (167, 99),
+    (138, 68),
+    (5, 9),
+    (95, 216),
+    (51, 15),
+    (45, 77),
+    (139, 59),
+    (20, 42),
+    (13, 66),
+    (172, 105),
+    (64, 225),
+)
 # Public CGNAT gateways of three mobile carriers.
 _CARRIERS = (((172, 56), (172, 58)), ((107, 77), (166, 137)), ((174, 192), (174, 205)))
 _CARRIER_SHARE = np.array([0.40, 0.35, 0.25])
@@ -256,41 +469,156 @@ _CARRIER_SHARE = np.array([0.40, 0.35, 0.25])
 # Ads context: product categories with search terms, publishers.
 # --------------------------------------------------------------------------------------
 _CATEGORIES = {
-    "electronics": ("wireless headphones", "bluetooth speaker", "4k tv", "laptop", "gaming mouse",
-                    "usb c charger", "smart watch", "tablet", "mechanical keyboard", "earbuds"),
-    "fashion": ("running shoes", "winter jacket", "jeans", "sneakers", "dress", "leather boots",
-                "hoodie", "sunglasses", "handbag", "wool sweater"),
-    "home": ("air fryer", "coffee maker", "vacuum cleaner", "mattress", "desk lamp",
-             "office chair", "blender", "cookware set", "bed sheets", "robot vacuum"),
-    "beauty": ("moisturizer", "shampoo", "perfume", "lipstick", "sunscreen", "hair dryer",
-               "face serum", "electric toothbrush", "razor", "nail polish"),
-    "sports": ("yoga mat", "dumbbells", "bike helmet", "tent", "treadmill", "hiking backpack",
-               "protein powder", "tennis racket", "ski goggles", "fitness tracker"),
-    "toys": ("lego set", "board game", "dollhouse", "rc car", "puzzle 1000 pieces",
-             "stuffed animal", "building blocks", "toy kitchen", "kids scooter", "action figure"),
-    "grocery": ("coffee beans", "green tea", "dark chocolate", "olive oil", "protein bars",
-                "dog food", "cat litter", "baby formula", "sparkling water", "pasta"),
-    "travel": ("suitcase", "travel pillow", "carry on luggage", "packing cubes", "travel adapter",
-               "backpack", "passport holder", "luggage scale", "duffel bag", "neck pillow"),
-}  # fmt: skip
+    "electronics": (
+        "wireless headphones",
+        "bluetooth speaker",
+        "4k tv",
+        "laptop",
+        "gaming mouse",
+        "usb c charger",
+        "smart watch",
+        "tablet",
+        "mechanical keyboard",
+        "earbuds",
+    ),
+    "fashion": (
+        "running shoes",
+        "winter jacket",
+        "jeans",
+        "sneakers",
+        "dress",
+        "leather boots",
+        "hoodie",
+        "sunglasses",
+        "handbag",
+        "wool sweater",
+    ),
+    "home": (
+        "air fryer",
+        "coffee maker",
+        "vacuum cleaner",
+        "mattress",
+        "desk lamp",
+        "office chair",
+        "blender",
+        "cookware set",
+        "bed sheets",
+        "robot vacuum",
+    ),
+    "beauty": (
+        "moisturizer",
+        "shampoo",
+        "perfume",
+        "lipstick",
+        "sunscreen",
+        "hair dryer",
+        "face serum",
+        "electric toothbrush",
+        "razor",
+        "nail polish",
+    ),
+    "sports": (
+        "yoga mat",
+        "dumbbells",
+        "bike helmet",
+        "tent",
+        "treadmill",
+        "hiking backpack",
+        "protein powder",
+        "tennis racket",
+        "ski goggles",
+        "fitness tracker",
+    ),
+    "toys": (
+        "lego set",
+        "board game",
+        "dollhouse",
+        "rc car",
+        "puzzle 1000 pieces",
+        "stuffed animal",
+        "building blocks",
+        "toy kitchen",
+        "kids scooter",
+        "action figure",
+    ),
+    "grocery": (
+        "coffee beans",
+        "green tea",
+        "dark chocolate",
+        "olive oil",
+        "protein bars",
+        "dog food",
+        "cat litter",
+        "baby formula",
+        "sparkling water",
+        "pasta",
+    ),
+    "travel": (
+        "suitcase",
+        "travel pillow",
+        "carry on luggage",
+        "packing cubes",
+        "travel adapter",
+        "backpack",
+        "passport holder",
+        "luggage scale",
+        "duffel bag",
+        "neck pillow",
+    ),
+}
 # Query variants of a term and how often people type them (it is November: Black Friday).
-_QUERY_FORMS = (("{}", 0.42), ("best {}", 0.14), ("cheap {}", 0.12), ("{} sale", 0.10),
-                ("{} black friday", 0.12), ("{} reviews", 0.10))  # fmt: skip
+_QUERY_FORMS = (
+    ("{}", 0.42),
+    ("best {}", 0.14),
+    ("cheap {}", 0.12),
+    ("{} sale", 0.10),
+    ("{} black friday", 0.12),
+    ("{} reviews", 0.10),
+)
 _WEB_PUBLISHERS = (
-    "shop.example", "search.example", "dailynews.example", "techreview.example", "dealhunter.example",
-    "recipes.example", "sportscenter.example", "weathernow.example", "moviebuzz.example",
-    "travelguide.example", "homeandgarden.example", "parenting.example", "autoworld.example",
-    "fashionista.example", "gamerhub.example", "financetoday.example", "healthline.example",
-    "localnews.example", "petlovers.example", "diyprojects.example", "couponsite.example",
-    "forum-talk.example", "lyricsworld.example", "freegames.example", "wallpapers.example",
-    "horoscope.example", "quizzes.example", "celebgossip.example", "pricecompare.example",
+    "shop.example",
+    "search.example",
+    "dailynews.example",
+    "techreview.example",
+    "dealhunter.example",
+    "recipes.example",
+    "sportscenter.example",
+    "weathernow.example",
+    "moviebuzz.example",
+    "travelguide.example",
+    "homeandgarden.example",
+    "parenting.example",
+    "autoworld.example",
+    "fashionista.example",
+    "gamerhub.example",
+    "financetoday.example",
+    "healthline.example",
+    "localnews.example",
+    "petlovers.example",
+    "diyprojects.example",
+    "couponsite.example",
+    "forum-talk.example",
+    "lyricsworld.example",
+    "freegames.example",
+    "wallpapers.example",
+    "horoscope.example",
+    "quizzes.example",
+    "celebgossip.example",
+    "pricecompare.example",
     "blogring.example",
-)  # fmt: skip
+)
 _APP_PUBLISHERS = (
-    "com.shopapp.ios", "com.shopapp.android", "com.newsfeed.reader", "com.puzzle.match3",
-    "com.weather.live", "com.recipes.cook", "com.fitness.steps", "com.video.shorts",
-    "com.chat.messenger", "com.deals.daily",
-)  # fmt: skip
+    "com.shopapp.ios",
+    "com.shopapp.android",
+    "com.newsfeed.reader",
+    "com.puzzle.match3",
+    "com.weather.live",
+    "com.recipes.cook",
+    "com.fitness.steps",
+    "com.video.shorts",
+    "com.chat.messenger",
+    "com.deals.daily",
+)
 _PUBLISHERS = _WEB_PUBLISHERS + _APP_PUBLISHERS
 _N_WEB = len(_WEB_PUBLISHERS)
 _PUBLISHER_CHANNEL = np.array([0] * _N_WEB + [1] * len(_APP_PUBLISHERS))
@@ -299,11 +627,13 @@ _CHANNELS = ("web", "app")
 # Placement mix per device (rows follow DEVICES, columns PLACEMENTS). No side column on
 # phones; the feed exists only in the app.
 _PLACEMENT_MIX = np.array(
-    [[0.35, 0.15, 0.28, 0.22, 0.00],
-     [0.45, 0.00, 0.33, 0.22, 0.00],
-     [0.15, 0.00, 0.10, 0.00, 0.75],
-     [0.30, 0.15, 0.33, 0.22, 0.00]]
-)  # fmt: skip
+    [
+        [0.35, 0.15, 0.28, 0.22, 0.00],
+        [0.45, 0.00, 0.33, 0.22, 0.00],
+        [0.15, 0.00, 0.10, 0.00, 0.75],
+        [0.30, 0.15, 0.33, 0.22, 0.00],
+    ]
+)
 
 N_ADS = 2_000
 N_ADVERTISERS = 200
@@ -600,8 +930,20 @@ class _IdPool:
 class _Clicks:
     """Accumulates click rows as integer codes, per column."""
 
-    COLUMNS = ("ts", "user", "ip", "session", "ua", "logged_in", "cust", "device", "ad",
-               "placement", "publisher", "kind")  # fmt: skip
+    COLUMNS = (
+        "ts",
+        "user",
+        "ip",
+        "session",
+        "ua",
+        "logged_in",
+        "cust",
+        "device",
+        "ad",
+        "placement",
+        "publisher",
+        "kind",
+    )
 
     def __init__(self) -> None:
         self.parts: dict[str, list[np.ndarray]] = {c: [] for c in self.COLUMNS}
@@ -916,12 +1258,21 @@ def _gen_humans(
     sess, ts = _expand_sessions(rng, starts, sizes, lambda n: rng.lognormal(np.log(40), 1.1, n))
     dev = s_dev[sess]
     clicks.add(
-        "human", ts, world.t0, world.end,
-        user=pop.user[s_user[sess]], ip=s_ip[sess], session=s_id[sess], ua=pop.ua[s_user[sess]],
-        logged_in=s_logged[sess], cust=np.where(s_logged[sess], s_cust[sess], -1), device=dev,
+        "human",
+        ts,
+        world.t0,
+        world.end,
+        user=pop.user[s_user[sess]],
+        ip=s_ip[sess],
+        session=s_id[sess],
+        ua=pop.ua[s_user[sess]],
+        logged_in=s_logged[sess],
+        cust=np.where(s_logged[sess], s_cust[sess], -1),
+        device=dev,
         ad=_weighted(rng, len(ts), ads.popularity),
-        placement=_weighted_by_row(rng, dev, _PLACEMENT_MIX), publisher=s_pub[sess],
-    )  # fmt: skip
+        placement=_weighted_by_row(rng, dev, _PLACEMENT_MIX),
+        publisher=s_pub[sess],
+    )
 
 
 def _gen_comparison_browsers(
@@ -956,11 +1307,19 @@ def _gen_comparison_browsers(
             ad[rows] = pool[_weighted(rng, len(rows), ads.popularity[pool])]
     dev = pop.device[s_user[sess]]
     clicks.add(
-        "human", ts, world.t0, world.end,
-        user=pop.user[s_user[sess]], ip=s_ip[sess], session=s_id[sess], ua=pop.ua[s_user[sess]],
-        device=dev, ad=ad, placement=_weighted_by_row(rng, dev, _PLACEMENT_MIX),
+        "human",
+        ts,
+        world.t0,
+        world.end,
+        user=pop.user[s_user[sess]],
+        ip=s_ip[sess],
+        session=s_id[sess],
+        ua=pop.ua[s_user[sess]],
+        device=dev,
+        ad=ad,
+        placement=_weighted_by_row(rng, dev, _PLACEMENT_MIX),
         publisher=s_pub[sess],
-    )  # fmt: skip
+    )
 
 
 def _gen_other_device_humans(
@@ -987,11 +1346,19 @@ def _gen_other_device_humans(
     k = len(ts)
     u = s_u[sess]
     clicks.add(
-        "human", ts, world.t0, world.end,
-        user=u_user[u], ip=u_ip[u], session=s_id[sess], ua=u_ua[u], device=OTHER,
-        ad=_weighted(rng, k, ads.popularity), placement=_weighted(rng, k, _PLACEMENT_MIX[OTHER]),
+        "human",
+        ts,
+        world.t0,
+        world.end,
+        user=u_user[u],
+        ip=u_ip[u],
+        session=s_id[sess],
+        ua=u_ua[u],
+        device=OTHER,
+        ad=_weighted(rng, k, ads.popularity),
+        placement=_weighted(rng, k, _PLACEMENT_MIX[OTHER]),
         publisher=s_pub[sess],
-    )  # fmt: skip
+    )
 
 
 def _human_segments(pop: _Population, cols: dict[str, np.ndarray]) -> dict[str, int]:
@@ -1037,12 +1404,19 @@ def _gen_burst(world: _World, pop: _Population, ads: _Ads, clicks: _Clicks, budg
     sess, ts = _expand_sessions(rng, starts, sizes, _exp_gaps(rng, 1.2, 0.15))
     ident = b_ident[sess]
     clicks.add(
-        "burst", ts, world.t0, world.end,
-        user=i_user[ident], ip=i_ip[ident], session=b_sess[sess], ua=i_ua[ident],
-        device=i_dev[ident], ad=_ads_of(rng, ads, b_adv[sess]),
+        "burst",
+        ts,
+        world.t0,
+        world.end,
+        user=i_user[ident],
+        ip=i_ip[ident],
+        session=b_sess[sess],
+        ua=i_ua[ident],
+        device=i_dev[ident],
+        ad=_ads_of(rng, ads, b_adv[sess]),
         placement=np.where((i_dev[ident] == MOBILE) | (rng.random(len(ts)) < 0.7), 0, 1),
         publisher=b_pub[sess],
-    )  # fmt: skip
+    )
 
 
 def _gen_low_slow(
@@ -1079,12 +1453,19 @@ def _gen_low_slow(
     sess_codes = world.sessions.new(rng, n * world.days)
     dev = i_dev[ident]
     clicks.add(
-        "low_slow", ts, world.t0, world.end,
-        user=i_user[ident], ip=i_ip[ident], session=sess_codes[ident * world.days + day],
-        ua=i_ua[ident], device=dev, ad=rng.integers(N_ADS, size=len(ts)),
+        "low_slow",
+        ts,
+        world.t0,
+        world.end,
+        user=i_user[ident],
+        ip=i_ip[ident],
+        session=sess_codes[ident * world.days + day],
+        ua=i_ua[ident],
+        device=dev,
+        ad=rng.integers(N_ADS, size=len(ts)),
         placement=_weighted_by_row(rng, dev, _PLACEMENT_MIX),
         publisher=rng.integers(_N_WEB, size=len(ts)),
-    )  # fmt: skip
+    )
 
 
 def _gen_proxy_rotator(
@@ -1112,12 +1493,19 @@ def _gen_proxy_rotator(
     k = len(ts)
     c = camp[sess]
     clicks.add(
-        "proxy_rotator", ts, world.t0, world.end,
-        user=i_user[sess], ip=i_ip[sess], session=i_sess[sess], ua=i_ua[sess], device=i_dev[sess],
+        "proxy_rotator",
+        ts,
+        world.t0,
+        world.end,
+        user=i_user[sess],
+        ip=i_ip[sess],
+        session=i_sess[sess],
+        ua=i_ua[sess],
+        device=i_dev[sess],
         ad=_ads_of(rng, ads, targets[c, rng.integers(3, size=k)]),
         placement=_weighted_by_row(rng, i_dev[sess], _PLACEMENT_MIX),
         publisher=outlets[c, rng.integers(3, size=k)],
-    )  # fmt: skip
+    )
 
 
 def _gen_hijacked(
@@ -1146,12 +1534,21 @@ def _gen_hijacked(
     k = len(ts)
     a = s_acc[sess]
     clicks.add(
-        "hijacked", ts, world.t0, world.end,
-        user=acc_user[a], ip=s_ip[sess], session=s_id[sess], ua=acc_ua[a],
-        logged_in=True, cust=acc_cust[a], device=DESKTOP, ad=rng.integers(N_ADS, size=k),
+        "hijacked",
+        ts,
+        world.t0,
+        world.end,
+        user=acc_user[a],
+        ip=s_ip[sess],
+        session=s_id[sess],
+        ua=acc_ua[a],
+        logged_in=True,
+        cust=acc_cust[a],
+        device=DESKTOP,
+        ad=rng.integers(N_ADS, size=k),
         placement=_weighted(rng, k, _PLACEMENT_MIX[DESKTOP]),
         publisher=rng.integers(_N_WEB, size=k),
-    )  # fmt: skip
+    )
 
 
 def _gen_crawler(
@@ -1175,11 +1572,19 @@ def _gen_crawler(
     sess, ts = _expand_sessions(rng, starts, sizes, _exp_gaps(rng, 4.0, 0.5))
     k = len(ts)
     clicks.add(
-        "crawler", ts, world.t0, world.end,
-        user=s_user[sess], ip=s_ip[sess], session=s_id[sess], ua=s_ua[sess], device=DESKTOP,
-        ad=rng.integers(N_ADS, size=k), placement=np.where(rng.random(k) < 0.5, 2, 3),
+        "crawler",
+        ts,
+        world.t0,
+        world.end,
+        user=s_user[sess],
+        ip=s_ip[sess],
+        session=s_id[sess],
+        ua=s_ua[sess],
+        device=DESKTOP,
+        ad=rng.integers(N_ADS, size=k),
+        placement=np.where(rng.random(k) < 0.5, 2, 3),
         publisher=rng.integers(_N_WEB, size=k),
-    )  # fmt: skip
+    )
 
 
 def _gen_datacenter(
@@ -1204,12 +1609,19 @@ def _gen_datacenter(
     k = len(ts)
     i = s_ident[sess]
     clicks.add(
-        "datacenter", ts, world.t0, world.end,
-        user=i_user[i], ip=i_ip[i], session=s_id[sess], ua=i_ua[i], device=DESKTOP,
+        "datacenter",
+        ts,
+        world.t0,
+        world.end,
+        user=i_user[i],
+        ip=i_ip[i],
+        session=s_id[sess],
+        ua=i_ua[i],
+        device=DESKTOP,
         ad=_weighted(rng, k, ads.popularity),  # they copy what humans click
         placement=_weighted(rng, k, _PLACEMENT_MIX[DESKTOP]),
         publisher=rng.integers(_N_WEB, size=k),
-    )  # fmt: skip
+    )
 
 
 def _gen_mimic(
@@ -1235,12 +1647,19 @@ def _gen_mimic(
     k = len(ts)
     i = s_ident[sess]
     clicks.add(
-        "mimic", ts, world.t0 + first_day * DAY, world.end,
-        user=i_user[i], ip=s_ip[sess], session=s_id[sess], ua=i_ua[i], device=APP,
+        "mimic",
+        ts,
+        world.t0 + first_day * DAY,
+        world.end,
+        user=i_user[i],
+        ip=s_ip[sess],
+        session=s_id[sess],
+        ua=i_ua[i],
+        device=APP,
         ad=_ads_of(rng, ads, targets[rng.integers(4, size=k)]),
         placement=_weighted(rng, k, _PLACEMENT_MIX[APP]),
         publisher=_N_WEB + rng.integers(len(_APP_PUBLISHERS), size=k),
-    )  # fmt: skip
+    )
 
 
 def _gen_infected_pc(
@@ -1269,12 +1688,19 @@ def _gen_infected_pc(
     k = len(ts)
     h = s_host[sess]
     clicks.add(
-        "infected_pc", ts, world.t0, world.end,
-        user=h_user[h], ip=pop.home_ip[host[h]], session=s_id[sess], ua=pop.ua[host[h]],
-        device=DESKTOP, ad=_ads_of(rng, ads, targets[rng.integers(6, size=k)]),
+        "infected_pc",
+        ts,
+        world.t0,
+        world.end,
+        user=h_user[h],
+        ip=pop.home_ip[host[h]],
+        session=s_id[sess],
+        ua=pop.ua[host[h]],
+        device=DESKTOP,
+        ad=_ads_of(rng, ads, targets[rng.integers(6, size=k)]),
         placement=_weighted(rng, k, _PLACEMENT_MIX[DESKTOP]),
         publisher=outlets[rng.integers(4, size=k)],
-    )  # fmt: skip
+    )
 
 
 def _gen_script(world: _World, pop: _Population, ads: _Ads, clicks: _Clicks, budget: float) -> None:
@@ -1296,11 +1722,19 @@ def _gen_script(world: _World, pop: _Population, ads: _Ads, clicks: _Clicks, bud
     k = len(ts)
     i = s_ident[sess]
     clicks.add(
-        "script", ts, world.t0, world.end,
-        user=s_user[sess], ip=i_ip[i], session=s_id[sess], ua=i_ua[i], device=OTHER,
-        ad=rng.integers(N_ADS, size=k), placement=_weighted(rng, k, _PLACEMENT_MIX[OTHER]),
+        "script",
+        ts,
+        world.t0,
+        world.end,
+        user=s_user[sess],
+        ip=i_ip[i],
+        session=s_id[sess],
+        ua=i_ua[i],
+        device=OTHER,
+        ad=rng.integers(N_ADS, size=k),
+        placement=_weighted(rng, k, _PLACEMENT_MIX[OTHER]),
         publisher=rng.integers(_N_WEB, size=k),
-    )  # fmt: skip
+    )
 
 
 # ======================================================================================

@@ -104,9 +104,10 @@ class ControlFollower(threading.Thread):
         # asks less often than the clicks' one: at the clicks' 20 ms fetch wait an idle
         # worker cost Tansu 15.9% of a core; at 500 ms here, 6.9% (CPU time over 10 s).
         config = consumer_config(
-            settings, group_id=f"{settings.group_id}-control-{time.time_ns()}",
+            settings,
+            group_id=f"{settings.group_id}-control-{time.time_ns()}",
             fetch_wait_max_ms=_CONTROL_FETCH_WAIT_MS,
-        )  # fmt: skip
+        )
         self.consumer = Consumer(config)
         self.topic = settings.topic(CONTROL)
         self.ready = threading.Event()
@@ -169,9 +170,11 @@ def _faust_credentials(settings: Settings):
             else None
         )
         return faust.SASLCredentials(
-            username=settings.kafka_sasl_username, password=settings.kafka_sasl_password,
-            mechanism=settings.kafka_sasl_mechanism, ssl_context=context,
-        )  # fmt: skip
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password,
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=context,
+        )
     if protocol == "SSL":
         import ssl
 
@@ -219,10 +222,20 @@ def build_worker(settings: Settings) -> Worker:
         broker_max_poll_records=settings.batch_size,  # one fetch is one micro-batch at most
         stream_buffer_maxsize=max(4096, settings.batch_size * 4),
     )
-    clicks = app.topic(settings.topic(CLICKS), key_type=bytes, value_type=bytes,
-                       key_serializer="raw", value_serializer="raw")  # fmt: skip
-    purchases = app.topic(settings.topic(PURCHASES), key_type=bytes, value_type=bytes,
-                          key_serializer="raw", value_serializer="raw")  # fmt: skip
+    clicks = app.topic(
+        settings.topic(CLICKS),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    purchases = app.topic(
+        settings.topic(PURCHASES),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
     click_batches = app.batch_channel(clicks)
     last_offsets: dict[int, int] = {}
     failures: list[BaseException] = []
@@ -248,7 +261,10 @@ def build_worker(settings: Settings) -> Worker:
             # and its clicks are fetched again by their new owner from the committed
             # offsets. Deciding it here would reopen the state of partitions this worker
             # just gave away.
-            if not app.flow_control.is_active() or fetched[0].generation_id != app.consumer_generation_id:
+            if (
+                not app.flow_control.is_active()
+                or fetched[0].generation_id != app.consumer_generation_id
+            ):
                 app.consumer.untrack(fetched)
                 metrics.stale_batches.inc()
                 continue
@@ -322,9 +338,11 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         worker.metrics.serve(settings.metrics_port)
     worker.control.start()
     log.warning(
-        "slidr worker: model %s, group %s, topics %s*", worker.engine.model.version,
-        settings.group_id, settings.topic_prefix,
-    )  # fmt: skip
+        "slidr worker: model %s, group %s, topics %s*",
+        worker.engine.model.version,
+        settings.group_id,
+        settings.topic_prefix,
+    )
     try:
         faust.Worker(
             worker.app, loglevel=loglevel, redirect_stdouts=False, quiet=True

@@ -66,23 +66,47 @@ _STRING = pa.string()
 _CONTEXT = pa.map_(pa.string(), pa.string())
 
 CLICK_SCHEMA = pa.schema(
-    [("click_id", _STRING), ("ts", pa.float64()), ("user_id", _STRING), ("ip", _STRING),
-     ("session_id", _STRING), ("user_agent", _STRING), ("logged_in", pa.bool_())]
+    [
+        ("click_id", _STRING),
+        ("ts", pa.float64()),
+        ("user_id", _STRING),
+        ("ip", _STRING),
+        ("session_id", _STRING),
+        ("user_agent", _STRING),
+        ("logged_in", pa.bool_()),
+    ]
     + [(name, _STRING) for name in OPTIONAL_STRINGS]
     + [("context", _CONTEXT), ("extra", _STRING)]
-)  # fmt: skip
+)
 PURCHASE_SCHEMA = pa.schema(
-    [("purchase_id", _STRING), ("ts", pa.float64()), ("user_id", _STRING),
-     ("customer_id", _STRING), ("click_id", _STRING), ("amount", pa.float64()),
-     ("extra", _STRING)]
-)  # fmt: skip
+    [
+        ("purchase_id", _STRING),
+        ("ts", pa.float64()),
+        ("user_id", _STRING),
+        ("customer_id", _STRING),
+        ("click_id", _STRING),
+        ("amount", pa.float64()),
+        ("extra", _STRING),
+    ]
+)
 DECISION_SCHEMA = pa.schema(
-    [("click_id", _STRING), ("ts", pa.float64()), ("verdict", _STRING), ("score", pa.float64()),
-     ("threshold", pa.float64()), ("slice", _STRING), ("model_version", _STRING),
-     ("reasons", pa.list_(_STRING)), ("decided_at", pa.float64()), ("degraded", pa.bool_()),
-     ("replay", pa.bool_()), ("late", pa.bool_()), ("customer_rfm", pa.float64()),
-     ("extra", _STRING)]
-)  # fmt: skip
+    [
+        ("click_id", _STRING),
+        ("ts", pa.float64()),
+        ("verdict", _STRING),
+        ("score", pa.float64()),
+        ("threshold", pa.float64()),
+        ("slice", _STRING),
+        ("model_version", _STRING),
+        ("reasons", pa.list_(_STRING)),
+        ("decided_at", pa.float64()),
+        ("degraded", pa.bool_()),
+        ("replay", pa.bool_()),
+        ("late", pa.bool_()),
+        ("customer_rfm", pa.float64()),
+        ("extra", _STRING),
+    ]
+)
 SCHEMAS = {"clicks": CLICK_SCHEMA, "purchases": PURCHASE_SCHEMA, "decisions": DECISION_SCHEMA}
 # Columns that make up an event's id, per kind.
 ID_COLUMNS = {
@@ -205,8 +229,9 @@ def _partition_start(directory: Path) -> float | None:
     return start + hour * HOUR_S
 
 
-def hour_partitions(root: Path | str, kind: str, since: float | None = None,
-                    until: float | None = None) -> list[Path]:  # fmt: skip
+def hour_partitions(
+    root: Path | str, kind: str, since: float | None = None, until: float | None = None
+) -> list[Path]:
     """Hour partition directories of ``kind`` overlapping [since, until), oldest first."""
     base = Path(root) / kind
     out = []
@@ -344,8 +369,9 @@ class ArchiveWriter:
 # -- reading ----------------------------------------------------------------------------
 
 
-def read_archive(root: Path | str, kind: str, since: float | None = None,
-                 until: float | None = None) -> pa.Table:  # fmt: skip
+def read_archive(
+    root: Path | str, kind: str, since: float | None = None, until: float | None = None
+) -> pa.Table:
     """Events of ``kind`` with ``since <= ts < until`` (epoch seconds), each id once,
     sorted by event time. An empty table (with the schema) when there are none."""
     if kind not in KINDS:
@@ -514,9 +540,14 @@ class ArchiveReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "out": str(self.out), "seconds": round(self.seconds, 3), "files": self.files,
-            **{name: dict(getattr(self, name)) for name in ("consumed", "written", "duplicates", "malformed")},
-        }  # fmt: skip
+            "out": str(self.out),
+            "seconds": round(self.seconds, 3),
+            "files": self.files,
+            **{
+                name: dict(getattr(self, name))
+                for name in ("consumed", "written", "duplicates", "malformed")
+            },
+        }
 
     def __str__(self) -> str:
         parts = []
@@ -619,8 +650,16 @@ def run_archive(
     finally:
         consumer.close()
     c = writer.counts
-    report = ArchiveReport(consumed, c.written, c.duplicates, c.malformed, c.files,
-                           time.monotonic() - started, options.out, c.examples)  # fmt: skip
+    report = ArchiveReport(
+        consumed,
+        c.written,
+        c.duplicates,
+        c.malformed,
+        c.files,
+        time.monotonic() - started,
+        options.out,
+        c.examples,
+    )
     return report
 
 
@@ -642,10 +681,13 @@ def cmd_archive(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     out = args.out or settings.home / "archive"
     options = ArchiveOptions(
-        out=out, group_id=args.group_id, kinds=args.kinds,
+        out=out,
+        group_id=args.group_id,
+        kinds=args.kinds,
         idle_s=None if args.follow or args.idle is None else args.idle,
-        flush_interval_s=args.flush_interval, max_buffered=args.batch,
-    )  # fmt: skip
+        flush_interval_s=args.flush_interval,
+        max_buffered=args.batch,
+    )
 
     def progress(message: str) -> None:
         if not args.quiet:
@@ -679,10 +721,14 @@ def cmd_archive_export(args: argparse.Namespace) -> int:
     archive = args.archive or settings.home / "archive"
     try:
         counts = export_days(
-            archive, args.start_day, args.end_day or args.start_day, args.out,
+            archive,
+            args.start_day,
+            args.end_day or args.start_day,
+            args.out,
             attribution_delay_s=args.attribution_delay * 3600.0,
-            history_s=args.history_days * DAY_S, include_decisions=args.with_decisions,
-        )  # fmt: skip
+            history_s=args.history_days * DAY_S,
+            include_decisions=args.with_decisions,
+        )
     except ArchiveError as exc:
         from slidr.cli import CliError
 
@@ -700,21 +746,41 @@ def register_archive_commands(sub: argparse._SubParsersAction) -> None:
         "own) into OUT/<kind>/date=YYYY-MM-DD/hour=HH/part-<uuid>.parquet, partitioned by event "
         "time. Each event is written once, also when re-consumed after a crash or restart.",
     )
-    p.add_argument("--out", type=Path, default=None,
-                   help="archive directory (default $SLIDR_HOME/archive)")  # fmt: skip
+    p.add_argument(
+        "--out", type=Path, default=None, help="archive directory (default $SLIDR_HOME/archive)"
+    )
     p.add_argument(
         "--group-id", default="slidr-archive", help="consumer group (default slidr-archive)"
     )
-    p.add_argument("--kinds", type=_kinds, default=KINDS,
-                   help="what to archive, comma-separated (default clicks,purchases,decisions)")  # fmt: skip
+    p.add_argument(
+        "--kinds",
+        type=_kinds,
+        default=KINDS,
+        help="what to archive, comma-separated (default clicks,purchases,decisions)",
+    )
     stop = p.add_mutually_exclusive_group()
-    stop.add_argument("--idle", type=float, default=None, metavar="SECONDS",
-                      help="stop after this many seconds without messages (default: run forever)")  # fmt: skip
+    stop.add_argument(
+        "--idle",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this many seconds without messages (default: run forever)",
+    )
     stop.add_argument("--follow", action="store_true", help="run until interrupted (the default)")
-    p.add_argument("--flush-interval", type=float, default=10.0, metavar="SECONDS",
-                   help="write files and commit offsets at least this often (default 10)")  # fmt: skip
-    p.add_argument("--batch", type=int, default=50_000, metavar="EVENTS",
-                   help="write earlier when this many events are buffered (default 50000)")  # fmt: skip
+    p.add_argument(
+        "--flush-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="write files and commit offsets at least this often (default 10)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=50_000,
+        metavar="EVENTS",
+        help="write earlier when this many events are buffered (default 50000)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
     p.set_defaults(func=cmd_archive)
@@ -723,14 +789,24 @@ def register_archive_commands(sub: argparse._SubParsersAction) -> None:
         "archive-export",
         help="write a data set directory (clicks.parquet, purchases.parquet) from archived days",
     )
-    p.add_argument("--archive", type=Path, default=None,
-                   help="archive directory (default $SLIDR_HOME/archive)")  # fmt: skip
+    p.add_argument(
+        "--archive", type=Path, default=None, help="archive directory (default $SLIDR_HOME/archive)"
+    )
     p.add_argument("--start-day", required=True, help="first day, YYYY-MM-DD (UTC)")
     p.add_argument("--end-day", default=None, help="last day, inclusive (default: the start day)")
     p.add_argument("--out", type=Path, required=True, help="output data set directory")
-    p.add_argument("--attribution-delay", type=float, default=DEFAULT_ATTRIBUTION_DELAY_S / 3600,
-                   metavar="HOURS", help="purchases up to this long after the last day (default 24)")  # fmt: skip
-    p.add_argument("--history-days", type=float, default=0.0,
-                   help="purchases this many days before the first day, for RFM (default 0)")  # fmt: skip
+    p.add_argument(
+        "--attribution-delay",
+        type=float,
+        default=DEFAULT_ATTRIBUTION_DELAY_S / 3600,
+        metavar="HOURS",
+        help="purchases up to this long after the last day (default 24)",
+    )
+    p.add_argument(
+        "--history-days",
+        type=float,
+        default=0.0,
+        help="purchases this many days before the first day, for RFM (default 0)",
+    )
     p.add_argument("--with-decisions", action="store_true", help="also write decisions.parquet")
     p.set_defaults(func=cmd_archive_export)

@@ -126,7 +126,9 @@ def _unique(settings: Settings, label: str) -> Settings:
 
 def _engine(settings: Settings, registry: Path, state_dir: Path) -> DecisionEngine:
     model = ModelRegistry(registry).load()
-    return DecisionEngine(model, PartitionStores(state_dir), shared_ip_state(settings, settings.redis_url))
+    return DecisionEngine(
+        model, PartitionStores(state_dir), shared_ip_state(settings, settings.redis_url)
+    )
 
 
 def bench_scoring_path(settings: Settings, registry: Path, data: Path, clicks: int) -> dict:
@@ -183,9 +185,11 @@ class ArrivalWatcher(threading.Thread):
         self.consumer.close()
 
     def wait_for(
-        self, count: int, timeout_s: float,
+        self,
+        count: int,
+        timeout_s: float,
         worker: subprocess.Popen | None = None,
-    ) -> bool:  # fmt: skip
+    ) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if len(self.arrived) >= count:
@@ -197,9 +201,14 @@ class ArrivalWatcher(threading.Thread):
 
 
 _TUNING = (
-    "batch_size", "batch_wait_ms", "fetch_wait_ms", "linger_ms", "decision_linger_ms",
-    "session_timeout_ms", "partitions",
-)  # fmt: skip
+    "batch_size",
+    "batch_wait_ms",
+    "fetch_wait_ms",
+    "linger_ms",
+    "decision_linger_ms",
+    "session_timeout_ms",
+    "partitions",
+)
 
 
 def _child_env(settings: Settings, registry: Path, home: Path, transport: str = "aiokafka") -> dict:
@@ -219,13 +228,22 @@ def _child_env(settings: Settings, registry: Path, home: Path, transport: str = 
 
 
 def start_worker(
-    settings: Settings, registry: Path, home: Path, log_path: Path, transport: str = "aiokafka",
+    settings: Settings,
+    registry: Path,
+    home: Path,
+    log_path: Path,
+    transport: str = "aiokafka",
     command: tuple[str, ...] = ("-m", "slidr", "worker"),
-) -> subprocess.Popen:  # fmt: skip
+) -> subprocess.Popen:
     """``slidr worker`` (or ``command``) in a process of its own, logging to ``log_path``."""
     with log_path.open("wb") as log:
-        return subprocess.Popen([sys.executable, *command], env=_child_env(settings, registry, home, transport),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, *command],
+            env=_child_env(settings, registry, home, transport),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def stop_worker(proc: subprocess.Popen) -> None:
@@ -238,17 +256,26 @@ def stop_worker(proc: subprocess.Popen) -> None:
 
 
 def _decide_backlog(
-    settings: Settings, registry: Path, data: Path, clicks: int, workdir: Path, label: str,
-    transport: str = "aiokafka", command: tuple[str, ...] = ("-m", "slidr", "worker"),
-) -> dict:  # fmt: skip
+    settings: Settings,
+    registry: Path,
+    data: Path,
+    clicks: int,
+    workdir: Path,
+    label: str,
+    transport: str = "aiokafka",
+    command: tuple[str, ...] = ("-m", "slidr", "worker"),
+) -> dict:
     """Produce a backlog, start ``command`` on it, and time the decisions a watcher reads:
     clicks/s from the first decision (after the group join) to the last."""
     s = _unique(settings, label)
-    clicks = produce_dataset(s, data, limit=clicks, progress=False).clicks  # the data may hold fewer
+    clicks = produce_dataset(
+        s, data, limit=clicks, progress=False
+    ).clicks  # the data may hold fewer
     watcher = ArrivalWatcher(s)
     watcher.start()
-    proc = start_worker(s, registry, workdir / f"home-{label}", workdir / f"worker-{label}.log",
-                        transport, command)  # fmt: skip
+    proc = start_worker(
+        s, registry, workdir / f"home-{label}", workdir / f"worker-{label}.log", transport, command
+    )
     try:
         done = watcher.wait_for(clicks, timeout_s=max(120.0, clicks / 500), worker=proc)
         times = sorted(watcher.arrived.values())
@@ -257,15 +284,20 @@ def _decide_backlog(
         watcher.stop.set()
     span = times[-1] - times[0] if len(times) > 1 else 0.0
     return {
-        "clicks": len(times), "complete": done,
+        "clicks": len(times),
+        "complete": done,
         "clicks_per_s": round(len(times) / span) if span > 0 else None,
-    }  # fmt: skip
+    }
 
 
 def bench_throughput(
-    settings: Settings, registry: Path, data: Path, clicks: int, workdir: Path,
+    settings: Settings,
+    registry: Path,
+    data: Path,
+    clicks: int,
+    workdir: Path,
     transports: tuple[str, ...] = ("aiokafka", "confluent"),
-) -> dict:  # fmt: skip
+) -> dict:
     """Sustained clicks/s on a pre-produced backlog: Faust worker (each of faust-streaming's
     Kafka drivers) vs the plain confluent-kafka loop running the same engine."""
     out = {}
@@ -275,9 +307,14 @@ def bench_throughput(
         )
     # The plain loop runs in a process of its own too, and is timed the same way.
     out["plain_loop"] = _decide_backlog(
-        settings, registry, data, clicks, workdir, "plain",
+        settings,
+        registry,
+        data,
+        clicks,
+        workdir,
+        "plain",
         command=("-m", "stream.plain_loop", "--max-clicks", str(clicks)),
-    )  # fmt: skip
+    )
     for transport in transports:
         rate = out[f"faust_worker_{transport}"]["clicks_per_s"]
         if rate and out["plain_loop"]["clicks_per_s"]:
@@ -394,7 +431,10 @@ def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict
     from slidr.simulator import simulate
     from stream.local_stack import LocalStack
 
-    report: dict = {"machine": machine(), "settings": {name: getattr(settings, name) for name in _TUNING}}
+    report: dict = {
+        "machine": machine(),
+        "settings": {name: getattr(settings, name) for name in _TUNING},
+    }
     with tempfile.TemporaryDirectory(prefix="slidr-bench-") as tmp:
         work = Path(tmp)
         if options.offline:
@@ -433,7 +473,12 @@ def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict
             progress(f"stream: throughput on a backlog of {options.stream_clicks:,} clicks")
             report["throughput"] = _probed(
                 lambda: bench_throughput(
-                    settings, registry, work / "data", options.stream_clicks, work, options.transports
+                    settings,
+                    registry,
+                    work / "data",
+                    options.stream_clicks,
+                    work,
+                    options.transports,
                 )
             )
             progress(

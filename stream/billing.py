@@ -25,7 +25,9 @@ class BillingLedger:
     """Latest decision per click, and what it means for each advertiser's bill."""
 
     advertiser_of: dict[str, str] = field(default_factory=dict)
-    latest: dict[str, tuple[float, str, bool]] = field(default_factory=dict)  # id -> (decided_at, verdict, replay)
+    latest: dict[str, tuple[float, str, bool]] = field(
+        default_factory=dict
+    )  # id -> (decided_at, verdict, replay)
     messages: int = 0
     superseded: int = 0
 
@@ -63,7 +65,9 @@ class BillingLedger:
         lines = [f"{'advertiser':14} {'billable':>9} {'invalid':>9} {'invalid %':>9}"]
         for name, t in totals[:top]:
             n = t.get("billable", 0) + t.get("invalid", 0)
-            lines.append(f"{name:14} {t.get('billable', 0):9,} {t.get('invalid', 0):9,} {100 * t.get('invalid', 0) / n:8.1f}%")
+            lines.append(
+                f"{name:14} {t.get('billable', 0):9,} {t.get('invalid', 0):9,} {100 * t.get('invalid', 0) / n:8.1f}%"
+            )
         if len(totals) > top:
             lines.append(f"... {len(totals) - top} more advertisers")
         s = self.summary()
@@ -83,8 +87,12 @@ def advertisers_from(directory: Path) -> dict[str, str]:
 
 
 def read_decisions(
-    settings: Settings, ledger: BillingLedger, idle_s: float = 5.0, follow: bool = False,
-    on_tick=None, tick_s: float = 5.0,
+    settings: Settings,
+    ledger: BillingLedger,
+    idle_s: float = 5.0,
+    follow: bool = False,
+    on_tick=None,
+    tick_s: float = 5.0,
 ) -> BillingLedger:
     """Read ``decisions`` from the beginning into ``ledger``; stop after ``idle_s`` of silence."""
     consumer = Consumer(consumer_config(settings, group_id=f"slidr-billing-{time.time_ns()}"))
@@ -111,11 +119,16 @@ def read_decisions(
         consumer.close()
 
 
-def run_billing(settings: Settings, data: Path | None, idle_s: float, follow: bool, top: int) -> BillingLedger:
+def run_billing(
+    settings: Settings, data: Path | None, idle_s: float, follow: bool, top: int
+) -> BillingLedger:
     ledger = BillingLedger(advertiser_of=advertisers_from(data) if data else {})
-    read_decisions(settings, ledger, idle_s=idle_s, follow=follow,
-                   on_tick=lambda led: print(led.render(top), "\n", flush=True) if follow else None)  # fmt: skip
+    read_decisions(
+        settings,
+        ledger,
+        idle_s=idle_s,
+        follow=follow,
+        on_tick=lambda led: print(led.render(top), "\n", flush=True) if follow else None,
+    )
     print(ledger.render(top))
     return ledger
-
-

@@ -19,8 +19,12 @@ def publish_control(settings: Settings, action: str, version: str, reason: str) 
     ensure_topics(settings, names=(CONTROL,))
     producer = Producer(producer_config(settings))
     errors: list[str] = []
-    producer.produce(settings.topic(CONTROL), key=b"model", value=orjson.dumps(message),
-                     on_delivery=lambda err, _m: errors.append(str(err)) if err else None)  # fmt: skip
+    producer.produce(
+        settings.topic(CONTROL),
+        key=b"model",
+        value=orjson.dumps(message),
+        on_delivery=lambda err, _m: errors.append(str(err)) if err else None,
+    )
     if producer.flush(15) or errors:
         raise RuntimeError(f"control message not delivered: {errors or 'timeout'}")
     return message

@@ -98,9 +98,13 @@ def _cut_text(raw: bytes, limit: int) -> str | None:
 
 
 def bounded_dead_letter(
-    raw: bytes | None, error: str, topic: str, partition: int | None, offset: int | None,
+    raw: bytes | None,
+    error: str,
+    topic: str,
+    partition: int | None,
+    offset: int | None,
     key: bytes | None = None,
-) -> bytes:  # fmt: skip
+) -> bytes:
     """A dead-letter record that always fits (``MAX_DEAD_LETTER_BYTES``): the first
     ``DEAD_LETTER_ORIGINAL_BYTES`` of the original (text when it is UTF-8, else base64),
     its full length and SHA-256, why it is here and where it came from."""
@@ -142,9 +146,17 @@ def dead_letter(message: SourceMessage, error: str) -> bytes:
 
 
 def decision_record(
-    click_id: str, ts: float, score: float, threshold: float, slice_name: str, version: str,
-    features: np.ndarray, decided_at: float, degraded: bool = False, replay: bool = False,
-) -> dict:  # fmt: skip
+    click_id: str,
+    ts: float,
+    score: float,
+    threshold: float,
+    slice_name: str,
+    version: str,
+    features: np.ndarray,
+    decided_at: float,
+    degraded: bool = False,
+    replay: bool = False,
+) -> dict:
     """One decision with every SPEC §1 field; reasons only for an invalid verdict.
 
     The live engine and replay both build decisions here, so they cannot drift apart.
@@ -271,9 +283,16 @@ class DecisionEngine:
         rfm = self.rfm.scores(clicks) if self.rfm is not None else None
         for j, click in enumerate(clicks):
             decision = decision_record(
-                click["click_id"], click["ts"], scores[j], thresholds[j], features.slices[j],
-                model.version, features.matrix[j], decided_at, degraded,
-            )  # fmt: skip
+                click["click_id"],
+                click["ts"],
+                scores[j],
+                thresholds[j],
+                features.slices[j],
+                model.version,
+                features.matrix[j],
+                decided_at,
+                degraded,
+            )
             decision["late"] = features.late[j]
             if rfm is not None and click.get("customer_id"):
                 decision["customer_rfm"] = rfm[j]
@@ -293,7 +312,7 @@ class DecisionEngine:
                                 "features": features.matrix[j].tolist(),
                             }
                         ),
-                    )  # fmt: skip
+                    )
                 )
         for (verdict, slice_name), n in verdicts.items():
             m.decisions_out.labels(verdict=verdict, slice=slice_name).inc(n)

@@ -64,7 +64,11 @@ class BatchDrain:
             r_offset = read_offset[tp]
             if r_offset is not None and offset < r_offset:
                 continue  # already delivered (Faust drops these too)
-            if r_offset and offset - r_offset > 1 and self.app.topics.acks_enabled_for(message.topic):
+            if (
+                r_offset
+                and offset - r_offset > 1
+                and self.app.topics.acks_enabled_for(message.topic)
+            ):
                 # Offsets skipped by the log (e.g. transaction markers) count as
                 # acknowledged, or commits would stop at the gap.
                 await self._add_gap(tp, r_offset + 1, offset)

@@ -188,8 +188,11 @@ class LocalStack:
             try:
                 if keep_broker and info is not None:
                     bootstrap, broker_pid, cluster_id, broker_bin = (
-                        info.bootstrap, info.broker_pid, info.cluster_id, info.broker_bin,
-                    )  # fmt: skip
+                        info.bootstrap,
+                        info.broker_pid,
+                        info.cluster_id,
+                        info.broker_bin,
+                    )
                 else:
                     cluster_id = f"slidr-{secrets.token_hex(6)}"
                     bootstrap, broker_pid, broker_bin = self._start_broker(cluster_id)
@@ -246,12 +249,17 @@ class LocalStack:
         port = self._port(self.broker_port, BROKER)
         address = f"{LOOPBACK}:{port}"
         command = [
-            binary, "broker",
-            "--listener-url", f"tcp://{address}",
-            "--advertised-listener-url", f"tcp://{address}",
-            "--storage-engine", "memory://tansu/",
-            "--cluster-id", cluster_id,
-        ]  # fmt: skip
+            binary,
+            "broker",
+            "--listener-url",
+            f"tcp://{address}",
+            "--advertised-listener-url",
+            f"tcp://{address}",
+            "--storage-engine",
+            "memory://tansu/",
+            "--cluster-id",
+            cluster_id,
+        ]
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
         env["NO_COLOR"] = "1"  # plain log lines instead of ANSI escapes
         pid = self._spawn(
@@ -266,13 +274,19 @@ class LocalStack:
         workdir.mkdir(parents=True, exist_ok=True)
         command = [
             binary,
-            "--port", str(port),
-            "--bind", LOOPBACK,
-            "--save", "",  # no RDB snapshots: the stack is throwaway
-            "--appendonly", "no",
-            "--dir", str(workdir),
-            "--daemonize", "no",  # we detach it ourselves and need its real pid
-        ]  # fmt: skip
+            "--port",
+            str(port),
+            "--bind",
+            LOOPBACK,
+            "--save",
+            "",  # no RDB snapshots: the stack is throwaway
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--daemonize",
+            "no",  # we detach it ourselves and need its real pid
+        ]
         url = f"redis://{LOOPBACK}:{port}/0"
         pid = self._spawn(
             REDIS, command, dict(os.environ), ready=lambda pid: _redis_answers(url, pid, 0.5)[0]

@@ -18,31 +18,42 @@ class WorkerMetrics:
         self.duplicates = Counter(
             "slidr_redelivered_clicks", "Clicks decided before (re-emitted decision)", registry=r
         )
-        self.dlq = Counter("slidr_dlq", "Messages sent to the dead-letter topic", ["topic"], registry=r)
+        self.dlq = Counter(
+            "slidr_dlq", "Messages sent to the dead-letter topic", ["topic"], registry=r
+        )
         self.degraded = Counter(
             "slidr_degraded_decisions", "Decisions made with a fallback (Redis down)", registry=r
         )
-        self.late = Counter("slidr_late_clicks", "Clicks older than the allowed lateness", registry=r)
+        self.late = Counter(
+            "slidr_late_clicks", "Clicks older than the allowed lateness", registry=r
+        )
         self.stale_batches = Counter(
-            "slidr_stale_batches", "Click batches fetched before a rebalance, left to the new owner",
+            "slidr_stale_batches",
+            "Click batches fetched before a rebalance, left to the new owner",
             registry=r,
-        )  # fmt: skip
+        )
         self.purchases_in = Counter("slidr_purchases_in", "Purchase messages consumed", registry=r)
         self.batch_size = Histogram(
-            "slidr_batch_size", "Clicks per micro-batch",
-            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000), registry=r,
-        )  # fmt: skip
+            "slidr_batch_size",
+            "Clicks per micro-batch",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
+            registry=r,
+        )
         self.scoring_seconds = Histogram(
-            "slidr_batch_seconds", "Feature update, lookup and inference per micro-batch",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r,
-        )  # fmt: skip
+            "slidr_batch_seconds",
+            "Feature update, lookup and inference per micro-batch",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
         self.model_version = Gauge(
             "slidr_model_info", "Active model version (value 1)", ["version"], registry=r
         )
         self.consumer_lag = Gauge(
             "slidr_consumer_lag", "Clicks behind the end of the topic", ["partition"], registry=r
         )
-        self.model_swaps = Counter("slidr_model_swaps", "Model versions loaded while running", registry=r)
+        self.model_swaps = Counter(
+            "slidr_model_swaps", "Model versions loaded while running", registry=r
+        )
 
     def set_model(self, version: str) -> None:
         self.model_version.clear()

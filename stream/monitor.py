@@ -73,7 +73,9 @@ class MonitorConfig:
     spike_share: float = 0.9  # ... invalid share that is a spike, overall and in
     spike_min_slices: int = 2  # ... at least this many slices (a robot burst hits one)
     spike_min_slice_decisions: int = 20  # ... counting slices with this many decisions
-    fpr_factor: float = 3.0  # ``fpr``/``vouched_fpr``: > max(factor x promised FPR, promised + margin)
+    fpr_factor: float = (
+        3.0  # ``fpr``/``vouched_fpr``: > max(factor x promised FPR, promised + margin)
+    )
     fpr_margin: float = 0.05
     min_purchasing: int = 50  # ``fpr`` needs this many purchased clicks in its window
     purchasing_window: int = 1_000  # the newest purchased clicks judged
@@ -183,7 +185,13 @@ class DeviationDetector:
         window of the version watched so far, unless it deviated, sets the traffic factor."""
         c, before, w = self.config, self.promise, self.window
         self.traffic, self.slice_traffic = 1.0, {}
-        if before is not None and self.tripped is None and w.n >= c.min_decisions and before.ivr > 0:
+        if (
+            before is not None
+            and self.tripped is None
+            and w.n >= c.min_decisions
+            and before.ivr > 0
+        ):
+
             def factor(live: float, promised: float) -> float:
                 return min(max(live / promised, 1.0), c.max_traffic_factor)
 
@@ -204,7 +212,11 @@ class DeviationDetector:
     def observe(self, decision: dict) -> Deviation | None:
         """Fold one decision in; the deviation it reveals, once per watched version."""
         c = self.config
-        if self.promise is None or decision.get("model_version") != self.promise.version or decision.get("replay"):
+        if (
+            self.promise is None
+            or decision.get("model_version") != self.promise.version
+            or decision.get("replay")
+        ):
             self.ignored += 1
             return None
         at = float(decision.get("decided_at") or 0.0)
@@ -236,23 +248,35 @@ class DeviationDetector:
         joins the purchased window (purchases without ``click_id`` cannot be matched:
         decisions carry no user)."""
         c = self.config
-        seen = self.remembered.pop(purchase.get("click_id"), None) if purchase.get("click_id") else None
+        seen = (
+            self.remembered.pop(purchase.get("click_id"), None)
+            if purchase.get("click_id")
+            else None
+        )
         if self.promise is None or seen is None:
             return None
         invalid, slice_ = seen
         self.purchased.push(float(purchase.get("ts") or 0.0), invalid, slice_)
         self.purchased.evict(c.purchasing_window)
-        if self.tripped is not None or self.promise.fpr is None or self.purchased.n < c.min_purchasing:
+        if (
+            self.tripped is not None
+            or self.promise.fpr is None
+            or self.purchased.n < c.min_purchasing
+        ):
             return None
         limit = _limit(self.promise.fpr, c.fpr_factor, c.fpr_margin)
         value = self.purchased.share()
         if value > limit:
             self.tripped = Deviation(
-                "fpr", self.promise.version, value, limit, self.purchased.n,
+                "fpr",
+                self.promise.version,
+                value,
+                limit,
+                self.purchased.n,
                 f"{self.purchased.invalid} of the last {self.purchased.n} purchased clicks invalid "
                 f"({value:.3f} > {limit:.3f}; promised FPR {self.promise.fpr:.3f})",
                 self.last_at,
-            )  # fmt: skip
+            )
             return self.tripped
         return None
 
@@ -261,22 +285,35 @@ class DeviationDetector:
         assert p is not None
         w, newest = self.window, self.newest
         if newest.n >= c.spike_decisions and newest.share() >= c.spike_share:
-            hit = [k for k, n in newest.by_key.items()
-                   if n >= c.spike_min_slice_decisions and newest.share(k) >= c.spike_share]  # fmt: skip
+            hit = [
+                k
+                for k, n in newest.by_key.items()
+                if n >= c.spike_min_slice_decisions and newest.share(k) >= c.spike_share
+            ]
             if len(hit) >= c.spike_min_slices:
                 return Deviation(
-                    "invalid_spike", p.version, newest.share(), c.spike_share, newest.n,
+                    "invalid_spike",
+                    p.version,
+                    newest.share(),
+                    c.spike_share,
+                    newest.n,
                     f"{newest.invalid} of the newest {newest.n} decisions invalid, in slices "
-                    f"{', '.join(sorted(hit))} (promised IVR {p.ivr:.3f})", at,
-                )  # fmt: skip
+                    f"{', '.join(sorted(hit))} (promised IVR {p.ivr:.3f})",
+                    at,
+                )
         if w.n >= c.min_decisions:
             limit = _limit(p.ivr * self.traffic, c.ivr_factor, c.ivr_margin)
             if w.share() > limit:
                 return Deviation(
-                    "ivr", p.version, w.share(), limit, w.n,
+                    "ivr",
+                    p.version,
+                    w.share(),
+                    limit,
+                    w.n,
                     f"IVR {w.share():.3f} over the last {w.n} decisions > {limit:.3f} (promised {p.ivr:.3f}"
-                    f"{f', traffic x{self.traffic:.2f}' if self.traffic > 1 else ''})", at,
-                )  # fmt: skip
+                    f"{f', traffic x{self.traffic:.2f}' if self.traffic > 1 else ''})",
+                    at,
+                )
         n_slice = w.by_key[slice_]
         if n_slice >= c.min_slice_decisions and slice_ in p.slice_ivr:
             promised = p.slice_ivr[slice_]
@@ -285,19 +322,29 @@ class DeviationDetector:
             value = w.share(slice_)
             if value > limit:
                 return Deviation(
-                    "slice_ivr", p.version, value, limit, n_slice,
+                    "slice_ivr",
+                    p.version,
+                    value,
+                    limit,
+                    n_slice,
                     f"slice {slice_} IVR {value:.3f} over its last {n_slice} decisions > {limit:.3f} "
-                    f"(promised {promised:.3f}{f', traffic x{traffic:.2f}' if traffic > 1 else ''})", at,
-                )  # fmt: skip
+                    f"(promised {promised:.3f}{f', traffic x{traffic:.2f}' if traffic > 1 else ''})",
+                    at,
+                )
         if self.vouched.n >= c.min_vouched and p.fpr is not None:
             limit = _limit(p.fpr, c.fpr_factor, c.fpr_margin)
             value = self.vouched.share()
             if value > limit:
                 return Deviation(
-                    "vouched_fpr", p.version, value, limit, self.vouched.n,
+                    "vouched_fpr",
+                    p.version,
+                    value,
+                    limit,
+                    self.vouched.n,
                     f"{self.vouched.invalid} of {self.vouched.n} clicks of high-RFM customers invalid "
-                    f"({value:.3f} > {limit:.3f}; promised FPR {p.fpr:.3f})", at,
-                )  # fmt: skip
+                    f"({value:.3f} > {limit:.3f}; promised FPR {p.fpr:.3f})",
+                    at,
+                )
         return None
 
     def stats(self) -> dict:
@@ -314,7 +361,11 @@ class DeviationDetector:
             "purchased_invalid_share": round(self.purchased.share(), 4),
             "vouched": self.vouched.n,
             "vouched_invalid_share": round(self.vouched.share(), 4),
-            "slices": {k: [n, round(self.window.share(k), 4)] for k, n in sorted(self.window.by_key.items()) if n},
+            "slices": {
+                k: [n, round(self.window.share(k), 4)]
+                for k, n in sorted(self.window.by_key.items())
+                if n
+            },
             "ignored": self.ignored,
         }
 
@@ -338,7 +389,9 @@ class RollbackPolicy:
     enabled: bool = True  # False: deviations are logged, nothing is rolled back
     within_s: float = 0.0  # only versions activated at most this long before (0: any)
 
-    def decide(self, deviation: Deviation, watched: Watched, active: str | None) -> tuple[bool, str]:
+    def decide(
+        self, deviation: Deviation, watched: Watched, active: str | None
+    ) -> tuple[bool, str]:
         """Whether to roll back on ``deviation``, and why (not)."""
         if not self.enabled:
             return False, "rollback disabled (--no-rollback)"
@@ -394,7 +447,9 @@ class Monitor:
         self.watched = watched
         self.detector.watch(promise)
         fpr = f"{promise.fpr:.3f}" if promise.fpr is not None else "n/a"
-        self.out(f"monitor: watching {watched.version} ({watched.via}); promised IVR {promise.ivr:.3f}, FPR {fpr}")
+        self.out(
+            f"monitor: watching {watched.version} ({watched.via}); promised IVR {promise.ivr:.3f}, FPR {fpr}"
+        )
 
     def _record(self, event: dict) -> None:
         self.events.append(event)
@@ -408,8 +463,13 @@ class Monitor:
 
         watched = self.watched or Watched(deviation.version, 0.0, "activate")
         go, why = self.policy.decide(deviation, watched, self.registry.active_version())
-        event = {"at": time.time(), "event": "deviation", **asdict(deviation),
-                 "reason": deviation.reason(), "window": self.detector.stats()}  # fmt: skip
+        event = {
+            "at": time.time(),
+            "event": "deviation",
+            **asdict(deviation),
+            "reason": deviation.reason(),
+            "window": self.detector.stats(),
+        }
         self.out(f"monitor: DEVIATION {deviation.reason()}")
         if go:
             try:
@@ -418,7 +478,11 @@ class Monitor:
                 event.update(event="deviation", rollback_error=str(exc))
                 self.out(f"monitor: cannot roll back: {exc}")
             else:
-                event.update(event="rollback", rolled_back_to=message["model_version"], rolled_back_at=message["at"])
+                event.update(
+                    event="rollback",
+                    rolled_back_to=message["model_version"],
+                    rolled_back_at=message["at"],
+                )
                 self.out(f"monitor: ROLLED BACK {deviation.version} -> {message['model_version']}")
                 self.watch(Watched(message["model_version"], message["at"], "rollback"))
         else:
@@ -445,7 +509,11 @@ class Monitor:
                 _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
                 assignment.append(TopicPartition(topic, p, high))
         consumer.assign(assignment)
-        return consumer, {s.topic(DECISIONS): "decision", s.topic(PURCHASES): "purchase", s.topic(CONTROL): "control"}
+        return consumer, {
+            s.topic(DECISIONS): "decision",
+            s.topic(PURCHASES): "purchase",
+            s.topic(CONTROL): "control",
+        }
 
     def run(self, duration_s: float = 0.0) -> list[dict]:
         """Follow the topics until ``stop_event`` (or ``duration_s`` seconds; 0: forever)."""
@@ -480,9 +548,19 @@ class Monitor:
         if kind == "control":
             version = event.get("model_version")
             if version and (self.watched is None or version != self.watched.version):
-                self.watch(Watched(version, float(event.get("at") or time.time()), event.get("action", "activate")))
+                self.watch(
+                    Watched(
+                        version,
+                        float(event.get("at") or time.time()),
+                        event.get("action", "activate"),
+                    )
+                )
             return
-        found = self.detector.observe(event) if kind == "decision" else self.detector.observe_purchase(event)
+        found = (
+            self.detector.observe(event)
+            if kind == "decision"
+            else self.detector.observe_purchase(event)
+        )
         if found is not None:
             self.handle(found)
 
@@ -507,40 +585,120 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         events = monitor.events
     rollbacks = sum(1 for e in events if e["event"] == "rollback")
-    print(f"monitor: {len(events)} deviations, {rollbacks} rollbacks (log: {monitor.registry.root / MONITOR_LOG})")
+    print(
+        f"monitor: {len(events)} deviations, {rollbacks} rollbacks (log: {monitor.registry.root / MONITOR_LOG})"
+    )
     return 0
 
 
 def monitor_config(args: argparse.Namespace) -> tuple[MonitorConfig, RollbackPolicy]:
     """The detector's config and the rollback policy from ``slidr monitor`` flags."""
     config = MonitorConfig(
-        window_decisions=args.window, window_seconds=args.window_seconds, min_decisions=args.min_decisions,
-        ivr_factor=args.ivr_factor, slice_ivr_factor=args.slice_ivr_factor, min_slice_decisions=args.min_slice_decisions,
-        spike_decisions=args.spike_decisions, spike_share=args.spike_share, fpr_factor=args.fpr_factor,
+        window_decisions=args.window,
+        window_seconds=args.window_seconds,
+        min_decisions=args.min_decisions,
+        ivr_factor=args.ivr_factor,
+        slice_ivr_factor=args.slice_ivr_factor,
+        min_slice_decisions=args.min_slice_decisions,
+        spike_decisions=args.spike_decisions,
+        spike_share=args.spike_share,
+        fpr_factor=args.fpr_factor,
         min_purchasing=args.min_purchasing,
-    )  # fmt: skip
-    return config, RollbackPolicy(enabled=not args.no_rollback, within_s=args.rollback_within_hours * 3600.0)
+    )
+    return config, RollbackPolicy(
+        enabled=not args.no_rollback, within_s=args.rollback_within_hours * 3600.0
+    )
 
 
 def register_monitor_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``slidr monitor`` to the CLI's subparsers."""
     d = MonitorConfig()
-    p = sub.add_parser("monitor", help="watch live decisions; roll back a version that deviates from its promise",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--registry", type=Path, default=None, help="model registry (default: SLIDR_REGISTRY or var/registry)")
-    p.add_argument("--window", type=int, default=d.window_decisions, help=f"decisions in the sliding window (default {d.window_decisions})")
-    p.add_argument("--window-seconds", type=float, default=d.window_seconds, help=f"oldest decision in the window, s (default {d.window_seconds:g})")
-    p.add_argument("--min-decisions", type=int, default=d.min_decisions, help=f"decisions before the IVR is judged (default {d.min_decisions})")
-    p.add_argument("--ivr-factor", type=float, default=d.ivr_factor, help=f"deviation: IVR > factor x promised (default {d.ivr_factor:g})")
-    p.add_argument("--slice-ivr-factor", type=float, default=d.slice_ivr_factor, help=f"... per slice (default {d.slice_ivr_factor:g})")
-    p.add_argument("--min-slice-decisions", type=int, default=d.min_slice_decisions, help=f"decisions of a slice before it is judged (default {d.min_slice_decisions})")
-    p.add_argument("--spike-decisions", type=int, default=d.spike_decisions, help=f"newest decisions checked for a spike of invalid verdicts (default {d.spike_decisions})")
-    p.add_argument("--spike-share", type=float, default=d.spike_share, help=f"invalid share that is a spike (default {d.spike_share:g})")
-    p.add_argument("--fpr-factor", type=float, default=d.fpr_factor, help=f"deviation: FPR of purchased / high-RFM clicks > factor x promised (default {d.fpr_factor:g})")
-    p.add_argument("--min-purchasing", type=int, default=d.min_purchasing, help=f"purchased clicks before the FPR is judged (default {d.min_purchasing})")
+    p = sub.add_parser(
+        "monitor",
+        help="watch live decisions; roll back a version that deviates from its promise",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="model registry (default: SLIDR_REGISTRY or var/registry)",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=d.window_decisions,
+        help=f"decisions in the sliding window (default {d.window_decisions})",
+    )
+    p.add_argument(
+        "--window-seconds",
+        type=float,
+        default=d.window_seconds,
+        help=f"oldest decision in the window, s (default {d.window_seconds:g})",
+    )
+    p.add_argument(
+        "--min-decisions",
+        type=int,
+        default=d.min_decisions,
+        help=f"decisions before the IVR is judged (default {d.min_decisions})",
+    )
+    p.add_argument(
+        "--ivr-factor",
+        type=float,
+        default=d.ivr_factor,
+        help=f"deviation: IVR > factor x promised (default {d.ivr_factor:g})",
+    )
+    p.add_argument(
+        "--slice-ivr-factor",
+        type=float,
+        default=d.slice_ivr_factor,
+        help=f"... per slice (default {d.slice_ivr_factor:g})",
+    )
+    p.add_argument(
+        "--min-slice-decisions",
+        type=int,
+        default=d.min_slice_decisions,
+        help=f"decisions of a slice before it is judged (default {d.min_slice_decisions})",
+    )
+    p.add_argument(
+        "--spike-decisions",
+        type=int,
+        default=d.spike_decisions,
+        help=f"newest decisions checked for a spike of invalid verdicts (default {d.spike_decisions})",
+    )
+    p.add_argument(
+        "--spike-share",
+        type=float,
+        default=d.spike_share,
+        help=f"invalid share that is a spike (default {d.spike_share:g})",
+    )
+    p.add_argument(
+        "--fpr-factor",
+        type=float,
+        default=d.fpr_factor,
+        help=f"deviation: FPR of purchased / high-RFM clicks > factor x promised (default {d.fpr_factor:g})",
+    )
+    p.add_argument(
+        "--min-purchasing",
+        type=int,
+        default=d.min_purchasing,
+        help=f"purchased clicks before the FPR is judged (default {d.min_purchasing})",
+    )
     p.add_argument("--no-rollback", action="store_true", help="log deviations only")
-    p.add_argument("--rollback-within-hours", type=float, default=0.0,
-                   help="roll back only versions activated at most this long before (default 0: any)")  # fmt: skip
-    p.add_argument("--status-every", type=float, default=10.0, help="seconds between status lines (0: none)")
-    p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default 0: run until interrupted)")
+    p.add_argument(
+        "--rollback-within-hours",
+        type=float,
+        default=0.0,
+        help="roll back only versions activated at most this long before (default 0: any)",
+    )
+    p.add_argument(
+        "--status-every", type=float, default=10.0, help="seconds between status lines (0: none)"
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="stop after this many seconds (default 0: run until interrupted)",
+    )
     p.set_defaults(func=cmd_monitor)

@@ -53,7 +53,9 @@ def run_plain_loop(
             if max_clicks is not None and decided >= max_clicks:
                 return decided
             idle = time.monotonic() - last
-            if stop_after_idle_s is not None and idle > (stop_after_idle_s if decided else startup_timeout_s):
+            if stop_after_idle_s is not None and idle > (
+                stop_after_idle_s if decided else startup_timeout_s
+            ):
                 return decided
     finally:
         consumer.close()

@@ -43,8 +43,12 @@ def click_payload(cols: ClickColumns, i: int) -> bytes:
 
 
 def purchase_payload(p: Purchases, i: int) -> bytes:
-    row = {"purchase_id": p.purchase_id[i], "ts": float(p.ts[i]), "user_id": p.user_id[i],
-           "amount": float(p.amount[i])}  # fmt: skip
+    row = {
+        "purchase_id": p.purchase_id[i],
+        "ts": float(p.ts[i]),
+        "user_id": p.user_id[i],
+        "amount": float(p.amount[i]),
+    }
     if p.customer_id[i] is not None:
         row["customer_id"] = p.customer_id[i]
     if p.click_id[i] is not None:
@@ -52,7 +56,9 @@ def purchase_payload(p: Purchases, i: int) -> bytes:
     return orjson.dumps(row)
 
 
-def merged_events(cols: ClickColumns, purchases: Purchases, limit: int | None) -> Iterator[tuple[str, int]]:
+def merged_events(
+    cols: ClickColumns, purchases: Purchases, limit: int | None
+) -> Iterator[tuple[str, int]]:
     """("click", i) and ("purchase", j) in event-time order; clicks first on ties."""
     n_clicks = len(cols) if limit is None else min(limit, len(cols))
     end_ts = cols.ts[n_clicks - 1] if n_clicks else -np.inf
@@ -98,7 +104,11 @@ def produce_dataset(
         if kind == "click":
             topic, key, value = clicks_topic, cols.user_id[i], click_payload(cols, i)
         else:
-            topic, key, value = purchases_topic, purchases.user_id[i], purchase_payload(purchases, i)
+            topic, key, value = (
+                purchases_topic,
+                purchases.user_id[i],
+                purchase_payload(purchases, i),
+            )
         while True:
             try:
                 producer.produce(topic, key=key.encode(), value=value)

@@ -95,7 +95,7 @@ class Publisher:
             log.warning("a %d-byte message for %s is too large; dead-lettered", len(value), topic)
             letter = bounded_dead_letter(
                 value, f"could not be produced to {topic}: {exc.args[0]}", topic, None, None, key
-            )  # fmt: skip
+            )
             self._produce_waiting(self.dlq_topic, None, letter, on_delivery)
 
     def _produce_waiting(self, topic: str, key: bytes | None, value: bytes, on_delivery) -> None:
@@ -170,9 +170,12 @@ class AckPipeline:
     """
 
     def __init__(
-        self, publisher: Publisher, max_in_flight: int = 8,
-        on_failure: Callable[[DeliveryError], None] | None = None, serve_every_s: float = 0.005,
-    ) -> None:  # fmt: skip
+        self,
+        publisher: Publisher,
+        max_in_flight: int = 8,
+        on_failure: Callable[[DeliveryError], None] | None = None,
+        serve_every_s: float = 0.005,
+    ) -> None:
         self.publisher = publisher
         self.max_in_flight = max_in_flight
         self.serve_every_s = serve_every_s
@@ -184,9 +187,11 @@ class AckPipeline:
         self._server: asyncio.Task | None = None  # held: the loop keeps tasks only weakly
 
     async def submit(
-        self, result: BatchResult, on_safe: Callable[[], None],
+        self,
+        result: BatchResult,
+        on_safe: Callable[[], None],
         on_failed: Callable[[str], None] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Queue ``result``; ``on_safe()`` (or ``on_failed(reason)``) runs on this loop later."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
@@ -237,15 +242,18 @@ class AckPipeline:
         """Queue ``result`` and wait until the broker acknowledged all of it."""
         settled = asyncio.get_running_loop().create_future()
         await self.submit(
-            result, lambda: settled.set_result(None),
+            result,
+            lambda: settled.set_result(None),
             lambda reason: settled.set_exception(DeliveryError(reason)),
-        )  # fmt: skip
+        )
         await settled
 
     def _settle(
-        self, error: str | None, on_safe: Callable[[], None],
+        self,
+        error: str | None,
+        on_safe: Callable[[], None],
         on_failed: Callable[[str], None] | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.in_flight -= 1
         try:
             if error is None:

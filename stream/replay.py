@@ -177,8 +177,9 @@ def _click_ts(value: bytes | None) -> float | None:
 class TopicScanner:
     """Reads offset ranges of one topic by assignment: no consumer group, no commits."""
 
-    def __init__(self, settings: Settings, topic: str, stall_s: float = 20.0,
-                 linear_span: int = 2000) -> None:  # fmt: skip
+    def __init__(
+        self, settings: Settings, topic: str, stall_s: float = 20.0, linear_span: int = 2000
+    ) -> None:
         from confluent_kafka import Consumer
 
         from stream.kafka import consumer_config
@@ -191,7 +192,7 @@ class TopicScanner:
                 settings,
                 group_id=f"slidr-replay-{uuid.uuid4().hex[:12]}",
                 enable_partition_eof=False,
-            )  # fmt: skip
+            )
         )
         metadata = self.consumer.list_topics(self.topic, timeout=10)
         topic_meta = metadata.topics.get(self.topic)
@@ -294,9 +295,13 @@ class TopicScanner:
                 yield msg.offset(), _click_ts(msg.value())
 
         return first_offset_at_or_after(
-            lambda offset, end: self.first_click(partition, offset, end), lo, hi, t,
-            scan=scan, linear_span=self.linear_span,
-        )  # fmt: skip
+            lambda offset, end: self.first_click(partition, offset, end),
+            lo,
+            hi,
+            t,
+            scan=scan,
+            linear_span=self.linear_span,
+        )
 
     def close(self) -> None:
         self.consumer.close()
@@ -345,9 +350,11 @@ def offset_ranges(
         for value in (from_offset, to_offset):
             if isinstance(value, dict):
                 named |= set(value)
-        partitions = sorted(named) if named and not any(
-            isinstance(v, int) for v in (from_offset, to_offset)
-        ) else scanner.partitions  # fmt: skip
+        partitions = (
+            sorted(named)
+            if named and not any(isinstance(v, int) for v in (from_offset, to_offset))
+            else scanner.partitions
+        )
     unknown = sorted(set(partitions) - set(scanner.partitions))
     if unknown:
         raise ReplayError(
@@ -541,16 +548,26 @@ class ReplayReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "source": self.source, "model_version": self.model_version, "replay_id": self.replay_id,
-            "clicks_in_range": self.clicks_in_range, "warmup_clicks": self.warmup_clicks,
-            "malformed": self.malformed, "duplicates": self.duplicates,
-            "already_decided": self.already_decided, "decisions_published": self.decisions_published,
-            "invalid": self.invalid, "invalid_share": self.invalid_share,
-            "logged_features_used": self.logged_features_used, "compared": self.compared,
-            "changes": dict(self.changes), "first_ts": self.first_ts, "last_ts": self.last_ts,
-            "ranges": [list(r) for r in self.ranges], "dry_run": self.dry_run,
+            "source": self.source,
+            "model_version": self.model_version,
+            "replay_id": self.replay_id,
+            "clicks_in_range": self.clicks_in_range,
+            "warmup_clicks": self.warmup_clicks,
+            "malformed": self.malformed,
+            "duplicates": self.duplicates,
+            "already_decided": self.already_decided,
+            "decisions_published": self.decisions_published,
+            "invalid": self.invalid,
+            "invalid_share": self.invalid_share,
+            "logged_features_used": self.logged_features_used,
+            "compared": self.compared,
+            "changes": dict(self.changes),
+            "first_ts": self.first_ts,
+            "last_ts": self.last_ts,
+            "ranges": [list(r) for r in self.ranges],
+            "dry_run": self.dry_run,
             "seconds": round(self.seconds, 3),
-        }  # fmt: skip
+        }
 
     def __str__(self) -> str:
         span = ""
@@ -579,8 +596,9 @@ class ReplayReport:
         return "\n".join(lines)
 
 
-def _gather_from_topic(settings: Settings, o: ReplayOptions, report: ReplayReport,
-                       say: Callable[[str], None]) -> tuple[list[dict], list[dict]]:  # fmt: skip
+def _gather_from_topic(
+    settings: Settings, o: ReplayOptions, report: ReplayReport, say: Callable[[str], None]
+) -> tuple[list[dict], list[dict]]:
     """(range clicks, warmup clicks) from the clicks topic."""
     scanner = TopicScanner(settings, CLICKS)
     partitions = list(o.partitions) if o.partitions else None
@@ -596,8 +614,10 @@ def _gather_from_topic(settings: Settings, o: ReplayOptions, report: ReplayRepor
             )
             read = read_clicks(scanner, ranges, start, o.until)
             clicks = read.clicks
-        say(f"read {sum(r.size for r in ranges):,} messages of {scanner.topic} "
-            f"({scanner.probes} bisection probes)")  # fmt: skip
+        say(
+            f"read {sum(r.size for r in ranges):,} messages of {scanner.topic} "
+            f"({scanner.probes} bisection probes)"
+        )
         report.ranges = [(r.partition, r.start, r.end) for r in ranges]
         report.malformed, report.duplicates = read.malformed, read.duplicates
         if not o.by_offsets:
@@ -609,11 +629,15 @@ def _gather_from_topic(settings: Settings, o: ReplayOptions, report: ReplayRepor
         if not o.warmup_s or not clicks:
             return clicks, []
         first = o.since if o.since is not None else min(c["ts"] for c in clicks)
-        ranges = resolve_time_range(scanner, first - o.warmup_s, first, o.max_disorder_s,
-                                    None, o.full_scan)  # fmt: skip
+        ranges = resolve_time_range(
+            scanner, first - o.warmup_s, first, o.max_disorder_s, None, o.full_scan
+        )
         ids = {c["click_id"] for c in clicks}
-        warmup = [c for c in read_clicks(scanner, ranges, first - o.warmup_s, first).clicks
-                  if c["click_id"] not in ids]  # fmt: skip
+        warmup = [
+            c
+            for c in read_clicks(scanner, ranges, first - o.warmup_s, first).clicks
+            if c["click_id"] not in ids
+        ]
         return clicks, warmup
     finally:
         scanner.close()
@@ -680,9 +704,16 @@ def replay_decisions(
     out = []
     for j, i in enumerate(index):
         record = decision_record(
-            cols.click_id[i], float(cols.ts[i]), scores[j], thresholds[j], str(slices[i]),
-            model.version, matrix[j], decided_at, replay=True,
-        )  # fmt: skip
+            cols.click_id[i],
+            float(cols.ts[i]),
+            scores[j],
+            thresholds[j],
+            str(slices[i]),
+            model.version,
+            matrix[j],
+            decided_at,
+            replay=True,
+        )
         record["replay_id"] = replay_id
         out.append(record)
     return out, used
@@ -700,8 +731,11 @@ def run_replay(
     started = time.monotonic()
     registry = registry or ModelRegistry(settings.registry)
     model = registry.load(options.model_version or None)
-    source = (f"archive {options.archive}" if options.archive is not None
-              else f"topic {settings.topic(CLICKS)}")  # fmt: skip
+    source = (
+        f"archive {options.archive}"
+        if options.archive is not None
+        else f"topic {settings.topic(CLICKS)}"
+    )
     report = ReplayReport(source, model.version, uuid.uuid4().hex[:12], dry_run=options.dry_run)
     if options.archive is not None:
         clicks, warmup = _gather_from_archive(options, report)
@@ -769,18 +803,27 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env(registry=args.registry)
     try:
-        partitions = (tuple(int(p) for p in args.partitions.split(",") if p.strip())
-                      if args.partitions else None)  # fmt: skip
+        partitions = (
+            tuple(int(p) for p in args.partitions.split(",") if p.strip())
+            if args.partitions
+            else None
+        )
         options = ReplayOptions(
             model_version=args.model,
             since=None if args.since is None else parse_time(args.since),
             until=None if args.until is None else parse_time(args.until),
-            from_offset=parse_offsets(args.from_offset), to_offset=parse_offsets(args.to_offset),
-            partitions=partitions, archive=args.archive, warmup_s=args.warmup,
-            use_logged_features=args.use_logged_features, missing_only=args.missing_only,
-            compare=not args.no_compare, dry_run=args.dry_run,
-            max_disorder_s=args.max_disorder, full_scan=args.full_scan,
-        )  # fmt: skip
+            from_offset=parse_offsets(args.from_offset),
+            to_offset=parse_offsets(args.to_offset),
+            partitions=partitions,
+            archive=args.archive,
+            warmup_s=args.warmup,
+            use_logged_features=args.use_logged_features,
+            missing_only=args.missing_only,
+            compare=not args.no_compare,
+            dry_run=args.dry_run,
+            max_disorder_s=args.max_disorder,
+            full_scan=args.full_scan,
+        )
 
         def progress(message: str) -> None:
             if not args.quiet:
@@ -803,42 +846,85 @@ def register_replay_commands(sub: argparse._SubParsersAction) -> None:
         "archive through a model version; decisions go to the decisions topic with replay=true "
         "and supersede earlier ones for the same clicks.",
     )
-    p.add_argument("--since", default=None, metavar="TIME",
-                   help="first event time, inclusive: epoch seconds, RFC 3339 or YYYY-MM-DD (UTC)")  # fmt: skip
+    p.add_argument(
+        "--since",
+        default=None,
+        metavar="TIME",
+        help="first event time, inclusive: epoch seconds, RFC 3339 or YYYY-MM-DD (UTC)",
+    )
     p.add_argument(
         "--until", default=None, metavar="TIME", help="end event time, exclusive (same forms)"
     )
-    p.add_argument("--from-offset", default=None, metavar="N|P:N,...",
-                   help="first offset of the clicks topic, for every partition or per partition")  # fmt: skip
-    p.add_argument("--to-offset", default=None, metavar="N|P:N,...",
-                   help="end offset, exclusive (default: the end of the partition)")  # fmt: skip
+    p.add_argument(
+        "--from-offset",
+        default=None,
+        metavar="N|P:N,...",
+        help="first offset of the clicks topic, for every partition or per partition",
+    )
+    p.add_argument(
+        "--to-offset",
+        default=None,
+        metavar="N|P:N,...",
+        help="end offset, exclusive (default: the end of the partition)",
+    )
     p.add_argument(
         "--partitions",
         default=None,
         metavar="P,...",
         help="only these partitions of the clicks topic",
     )
-    p.add_argument("--archive", type=Path, default=None, metavar="DIR",
-                   help="read the range from this archive (slidr archive) instead of the topic")  # fmt: skip
+    p.add_argument(
+        "--archive",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="read the range from this archive (slidr archive) instead of the topic",
+    )
     p.add_argument(
         "--model", default=None, metavar="VERSION", help="model version (default: the active one)"
     )
-    p.add_argument("--registry", type=Path, default=None,
-                   help="model registry directory (default: $SLIDR_REGISTRY or var/registry)")  # fmt: skip
-    p.add_argument("--warmup", type=float, default=0.0, metavar="SECONDS",
-                   help="fold in this much earlier traffic into the feature state first, not "
-                        "republished (default 0: state starts empty at the range start)")  # fmt: skip
-    p.add_argument("--use-logged-features", action="store_true",
-                   help="use the features the worker logged on features.served where present")  # fmt: skip
-    p.add_argument("--missing-only", action="store_true",
-                   help="publish only for clicks of the range that never got a decision")  # fmt: skip
-    p.add_argument("--no-compare", action="store_true",
-                   help="do not scan earlier decisions to count verdict changes")  # fmt: skip
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="model registry directory (default: $SLIDR_REGISTRY or var/registry)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="fold in this much earlier traffic into the feature state first, not "
+        "republished (default 0: state starts empty at the range start)",
+    )
+    p.add_argument(
+        "--use-logged-features",
+        action="store_true",
+        help="use the features the worker logged on features.served where present",
+    )
+    p.add_argument(
+        "--missing-only",
+        action="store_true",
+        help="publish only for clicks of the range that never got a decision",
+    )
+    p.add_argument(
+        "--no-compare",
+        action="store_true",
+        help="do not scan earlier decisions to count verdict changes",
+    )
     p.add_argument("--dry-run", action="store_true", help="decide and summarise, publish nothing")
-    p.add_argument("--max-disorder", type=float, default=DEFAULT_MAX_DISORDER_S, metavar="SECONDS",
-                   help="how far out of event-time order clicks may sit in a partition (default 600)")  # fmt: skip
-    p.add_argument("--full-scan", action="store_true",
-                   help="read whole partitions instead of bisecting for --since/--until")  # fmt: skip
+    p.add_argument(
+        "--max-disorder",
+        type=float,
+        default=DEFAULT_MAX_DISORDER_S,
+        metavar="SECONDS",
+        help="how far out of event-time order clicks may sit in a partition (default 600)",
+    )
+    p.add_argument(
+        "--full-scan",
+        action="store_true",
+        help="read whole partitions instead of bisecting for --since/--until",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_replay)

@@ -32,7 +32,11 @@ class RfmCache:
             cache.customers = {
                 c: [t, n, a]
                 for c, t, n, a in zip(
-                    table["customer_id"], table["last_ts"], table["count"], table["amount"], strict=True
+                    table["customer_id"],
+                    table["last_ts"],
+                    table["count"],
+                    table["amount"],
+                    strict=True,
                 )
             }
         return cache

@@ -19,9 +19,15 @@ MAX_FIELD_CHARS = 4096  # longest accepted string value (user agents run to ~500
 
 CLICK_REQUIRED = ("click_id", "ts", "user_id", "ip")
 CLICK_STRINGS = (
-    "session_id", "user_agent", "customer_id", "device",
-    "ad_id", "advertiser_id", "placement", "query",
-)  # fmt: skip
+    "session_id",
+    "user_agent",
+    "customer_id",
+    "device",
+    "ad_id",
+    "advertiser_id",
+    "placement",
+    "query",
+)
 PURCHASE_REQUIRED = ("purchase_id", "ts", "user_id")
 _CLICK_ID_FIELDS = ("click_id", "user_id", "ip")
 # Ids that name feature state: the shared store's batch format separates fields with

@@ -347,7 +347,9 @@ def _rows_arg(rows: Sequence[Row], width: int) -> str:
     if width == 2:
         text = "\x1f".join([f"{ts!r}\x1f{entity}" for entity, ts, _ in rows])
     else:
-        text = "\x1f".join(["\x1f".join((repr(ts), entity, *members)) for entity, ts, members in rows])
+        text = "\x1f".join(
+            ["\x1f".join((repr(ts), entity, *members)) for entity, ts, members in rows]
+        )
     # parse_click keeps control characters out of ids; JSON keeps them out of combination
     # entities. Checked in one scan, as a miscount would shift every later row.
     if text.count("\x1f") != width * len(rows) - 1:
@@ -441,4 +443,6 @@ def shared_ip_state(settings: Settings, redis_url: str) -> ResilientStore:
     """The worker's shared state (IPs and combinations): Redis under the settings' key and topic prefixes, with the
     local fallback. Every engine that decides live clicks builds it here."""
     client = redis_client(redis_url, settings.redis_password)
-    return ResilientStore(RedisStore(client, prefix=settings.redis_key_prefix + settings.topic_prefix))
+    return ResilientStore(
+        RedisStore(client, prefix=settings.redis_key_prefix + settings.topic_prefix)
+    )

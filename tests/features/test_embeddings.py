@@ -50,11 +50,15 @@ def test_buckets_are_the_same_in_another_process() -> None:
     code = "from features.context import id_bucket; print(id_bucket('context.app', '12', 1024))"
     runs = {
         subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-            env={"PYTHONHASHSEED": seed, "PYTHONPATH": "."}, cwd=Path(__file__).parents[2],
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": seed, "PYTHONPATH": "."},
+            cwd=Path(__file__).parents[2],
         ).stdout.strip()
         for seed in ("1", "2")
-    }  # fmt: skip
+    }
     assert runs == {str(id_bucket("context.app", "12", 1024))}
 
 
@@ -65,7 +69,11 @@ def test_id_columns_are_declared_once_and_close_the_vector() -> None:
     tables = {c.table for c in EMBEDDINGS}
     assert {"ad_id", "advertiser_id", "placement", "query", "context_other", "ua_family"} <= tables
     assert {"context.app", "context.channel", "context.os", "context.device"} <= tables
-    assert [c.name for c in EMBEDDINGS if c.table == "query"] == ["id_query_0", "id_query_1", "id_query_2"]
+    assert [c.name for c in EMBEDDINGS if c.table == "query"] == [
+        "id_query_0",
+        "id_query_1",
+        "id_query_2",
+    ]
     assert all(c.buckets >= 64 for c in EMBEDDINGS)
 
 
@@ -116,11 +124,15 @@ def test_a_talkingdata_click_has_context_ids_and_no_agent_ids() -> None:
 def test_id_columns_hold_exact_integers_within_their_tables() -> None:
     rng = np.random.default_rng(0)
     clicks = [
-        parse_click(_click(
-            click_id=f"c{i}", ad_id=f"ad{rng.integers(0, 10**6)}", query=f"q{i} w{i % 7}",
-            context={"app": str(rng.integers(0, 10**6)), f"k{i % 5}": "v"},
-            user_agent=CHROME if i % 2 else "",
-        ))  # fmt: skip
+        parse_click(
+            _click(
+                click_id=f"c{i}",
+                ad_id=f"ad{rng.integers(0, 10**6)}",
+                query=f"q{i} w{i % 7}",
+                context={"app": str(rng.integers(0, 10**6)), f"k{i % 5}": "v"},
+                user_agent=CHROME if i % 2 else "",
+            )
+        )
         for i in range(2000)
     ]
     ids = ClickFeaturizer(MemoryStore(), MemoryStore()).featurize(clicks).matrix[:, ID_COLUMN:]

@@ -44,7 +44,9 @@ def test_the_shared_answer_is_read_even_when_the_user_state_fails() -> None:
 
 def test_the_shared_answer_is_read_once_per_batch() -> None:
     shared = WatchedSharedState()
-    features = ClickFeaturizer(MemoryStore(), shared).featurize([CLICK, {**CLICK, "click_id": "c2"}])
+    features = ClickFeaturizer(MemoryStore(), shared).featurize(
+        [CLICK, {**CLICK, "click_id": "c2"}]
+    )
     assert shared.read == [True] and features.matrix.shape[0] == 2
 
 

@@ -42,12 +42,16 @@ def _context(rng: np.random.Generator) -> dict | None:
     if kind == 0:
         return {"publisher": f"p{rng.integers(0, 4)}", "channel": f"ch{rng.integers(0, 2)}"}
     if kind == 1:
-        return {"zone": f"z{rng.integers(0, 3)}", "site": f"s{rng.integers(0, 2)}",
-                "campaign": f"k{rng.integers(0, 2)}", "publisher": "p1"}  # fmt: skip
+        return {
+            "zone": f"z{rng.integers(0, 3)}",
+            "site": f"s{rng.integers(0, 2)}",
+            "campaign": f"k{rng.integers(0, 2)}",
+            "publisher": "p1",
+        }
     if kind == 2:
         return {"app": "", "os": f"{rng.integers(0, 3)}", "zz": ""}
     if kind == 3:
-        return {"app": f"{rng.integers(0, 3)}", "topic": "a|b\x1f\"q\""}  # key-format characters
+        return {"app": f"{rng.integers(0, 3)}", "topic": 'a|b\x1f"q"'}  # key-format characters
     return None
 
 
@@ -73,7 +77,9 @@ def random_clicks(n: int, seed: int) -> list[dict]:
     ad contexts of every shape (see ``_context``), a quarter of them TalkingData's."""
     rng = np.random.default_rng(seed)
     start = 1_762_041_600.0  # a UTC midnight
-    ts = np.sort(start + rng.choice([5.0, 50.0, 3000.0, 90_000.0], n) * rng.random(n).cumsum() / n * 40)
+    ts = np.sort(
+        start + rng.choice([5.0, 50.0, 3000.0, 90_000.0], n) * rng.random(n).cumsum() / n * 40
+    )
     ts[10:20] = ts[10]  # ties keep input order
     rows = []
     for i in range(n):
@@ -140,7 +146,9 @@ def test_batch_features_equal_incremental(batch_size: int) -> None:
 
 def test_counters_see_what_they_claim() -> None:
     rows = [
-        parse_click({"click_id": f"c{i}", "ts": 1_000_000.0 + i, "user_id": "u", "ip": f"1.1.1.{i % 2}"})
+        parse_click(
+            {"click_id": f"c{i}", "ts": 1_000_000.0 + i, "user_id": "u", "ip": f"1.1.1.{i % 2}"}
+        )
         for i in range(5)
     ]
     out = ClickFeaturizer(MemoryStore(), MemoryStore()).featurize(rows)
@@ -153,8 +161,13 @@ def test_counters_see_what_they_claim() -> None:
 
 def test_combination_counters_span_users_and_tell_values_apart() -> None:
     def click(i: int, user: str, app: str | None, agent: str = "") -> dict:
-        row = {"click_id": f"c{i}", "ts": 1_000_000.0 + i, "user_id": user, "ip": "1.1.1.1",
-               "user_agent": agent}  # fmt: skip
+        row = {
+            "click_id": f"c{i}",
+            "ts": 1_000_000.0 + i,
+            "user_id": user,
+            "ip": "1.1.1.1",
+            "user_agent": agent,
+        }
         if app is not None:
             row["context"] = {"app": app}
         return parse_click(row)
@@ -199,7 +212,9 @@ def test_routing_user_state_by_partition_changes_no_feature() -> None:
         b = routed.featurize(chunk, partitions[start : start + 64])
         np.testing.assert_array_equal(a.matrix, b.matrix)
     assert len(routed_store.partitions) == 4
-    assert sum(len(s) for s in routed_store.partitions.values()) == len({r["user_id"] for r in rows})
+    assert sum(len(s) for s in routed_store.partitions.values()) == len(
+        {r["user_id"] for r in rows}
+    )
 
 
 def test_the_per_click_entities_are_combo_entity() -> None:
@@ -208,8 +223,12 @@ def test_the_per_click_entities_are_combo_entity() -> None:
     agents that differ only past the first characters still count apart."""
     long_a, long_b = "Mozilla/5.0 " + "x" * 40 + "a", "Mozilla/5.0 " + "x" * 40 + "b"
     extra = [
-        parse_click({"click_id": "l1", "ts": 1.0, "user_id": "u", "ip": "1.1.1.1", "user_agent": long_a}),
-        parse_click({"click_id": "l2", "ts": 1.0, "user_id": "u", "ip": "1.1.1.1", "user_agent": long_b}),
+        parse_click(
+            {"click_id": "l1", "ts": 1.0, "user_id": "u", "ip": "1.1.1.1", "user_agent": long_a}
+        ),
+        parse_click(
+            {"click_id": "l2", "ts": 1.0, "user_id": "u", "ip": "1.1.1.1", "user_agent": long_b}
+        ),
     ]
     # The shipped combinations and two of several fields (with the agent, with a missing
     # context key): the generated function must handle any declaration.
@@ -222,10 +241,15 @@ def test_the_per_click_entities_are_combo_entity() -> None:
     for click in [*random_clicks(300, seed=9), *extra]:
         context = click.get("context") or {}
         expected = tuple(
-            combo_entity(c, [(context.get(f[8:]) if f.startswith("context.") else click.get(f)) or ""
-                             for f in c.fields])
+            combo_entity(
+                c,
+                [
+                    (context.get(f[8:]) if f.startswith("context.") else click.get(f)) or ""
+                    for f in c.fields
+                ],
+            )
             for c in specs
-        )  # fmt: skip
+        )
         assert entities(click) == expected
     assert entities(extra[0]) != entities(extra[1])
     assert all(len(e) < 100 for e in entities(extra[0]))

@@ -54,8 +54,13 @@ def test_count_features_count_combinations(tmp_path: Path, synthetic: Path) -> N
     import_events(synthetic, tmp_path, TALKINGDATA)
     clicks = load_dataset(tmp_path).clicks
     x, names = bench_real.count_features(clicks)
-    assert names == ["hour", "clicks_ip", "clicks_ip_app", "clicks_ip_app_os",
-                     "clicks_ip_device_os_app"]  # fmt: skip
+    assert names == [
+        "hour",
+        "clicks_ip",
+        "clicks_ip_app",
+        "clicks_ip_app_os",
+        "clicks_ip_device_os_app",
+    ]
     assert np.all((x[:, 0] >= 0) & (x[:, 0] < 24))
     i = 0
     same_ip = clicks.ip == clicks.ip[i]
@@ -102,8 +107,9 @@ def test_guardrail_refusal_is_one_line_and_peers_still_run(
     assert "guardrail min_purchases refused training" in slidr["error"]
     assert any(m.startswith("slidr: guardrail min_purchases") for m in messages)
     assert [row["model"] for row in result["models"][1:]] == [
-        "one-hot logistic regression", "LightGBM + counts",
-    ]  # fmt: skip
+        "one-hot logistic regression",
+        "LightGBM + counts",
+    ]
     assert result["models"][1]["auc"] is not None
     assert "guardrail min_purchases refused training" in bench_real.to_text(result)
 
@@ -114,8 +120,9 @@ def test_cli_peers_only_writes_json(tmp_path: Path, synthetic: Path, capsys) -> 
     assert code == 0
     figures = orjson.loads(out.read_bytes())
     assert [row["model"] for row in figures["models"]] == [
-        "one-hot logistic regression", "LightGBM + counts",
-    ]  # fmt: skip
+        "one-hot logistic regression",
+        "LightGBM + counts",
+    ]
     assert "figures:" in capsys.readouterr().out
 
 
@@ -129,7 +136,10 @@ def test_real_sample_help_runs() -> None:
         pytest.skip(f"real TalkingData sample not found at {bench_real.DEFAULT_DATA}")
     done = subprocess.run(
         [sys.executable, "-m", "models.bench_real", "--help"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "--data" in done.stdout and "--out" in done.stdout

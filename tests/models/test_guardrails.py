@@ -27,7 +27,9 @@ BUDGET = 0.02
 # -- data guardrails: purchase labels missing a few hours a day -----------------------------
 
 
-def _traffic(days: int = 3, per_day: int = 20_000, hole: tuple[int, int] | None = None, seed: int = 1):
+def _traffic(
+    days: int = 3, per_day: int = 20_000, hole: tuple[int, int] | None = None, seed: int = 1
+):
     """A prepared-like object: clicks over ``days``, purchases 0-6 h after 2 % of them;
     purchases whose time falls in ``hole`` hours of the day are lost."""
     rng = np.random.default_rng(seed)
@@ -43,7 +45,9 @@ def _traffic(days: int = 3, per_day: int = 20_000, hole: tuple[int, int] | None 
     n = len(ts)
     labels = SimpleNamespace(purchasing=bought, human=bought | (rng.random(n) < 0.08))
     prepared = SimpleNamespace(
-        data=SimpleNamespace(clicks=SimpleNamespace(ts=ts), purchases=SimpleNamespace(ts=np.sort(purchase_ts))),
+        data=SimpleNamespace(
+            clicks=SimpleNamespace(ts=ts), purchases=SimpleNamespace(ts=np.sort(purchase_ts))
+        ),
         labels=labels,
         slices=np.array([SLICES[i % 2] for i in range(n)]),
         features=np.zeros((n, 2), dtype=np.float32),
@@ -87,7 +91,9 @@ def _held_out(seed: int = 2, n: int = 40_000):
     purchasing = ~bot & (rng.random(n) < 0.05)
     active = np.where(bot, rng.beta(6, 2, n), rng.beta(2, 6, n))
     new = np.clip(active + rng.normal(0, 0.01, n), 0, 1)
-    thresholds = {s: float(np.quantile(active[(slices == s) & purchasing], 1 - BUDGET)) for s in SLICES}
+    thresholds = {
+        s: float(np.quantile(active[(slices == s) & purchasing], 1 - BUDGET)) for s in SLICES
+    }
     return slices, purchasing, active, new, thresholds
 
 
@@ -98,11 +104,18 @@ def _verdicts(scores, slices, thresholds) -> np.ndarray:
 def _inputs(new_scores=None, new_invalid=None, seed: int = 2, targets: dict | None = None):
     slices, purchasing, active, new, thresholds = _held_out(seed)
     new = new if new_scores is None else new_scores(new, slices)
-    invalid = _verdicts(new, slices, thresholds) if new_invalid is None else new_invalid(new, slices, purchasing, thresholds)
+    invalid = (
+        _verdicts(new, slices, thresholds)
+        if new_invalid is None
+        else new_invalid(new, slices, purchasing, thresholds)
+    )
     result = {
         "calibration": {
             "budget": BUDGET,
-            "slices": [{"name": s, "calibrated": True, "fpr_target": (targets or {}).get(s, BUDGET)} for s in SLICES],
+            "slices": [
+                {"name": s, "calibrated": True, "fpr_target": (targets or {}).get(s, BUDGET)}
+                for s in SLICES
+            ],
         }
     }
     manifest = {
@@ -117,7 +130,13 @@ def test_a_model_like_the_active_one_passes_every_model_guardrail() -> None:
     result, manifest, held, active = _inputs()
     report = check_model(result, manifest, held, active)
     names = [r.name for r in report.results]
-    assert names == ["heldout_ivr_ratio", "heldout_fpr", "slice_fpr_budget", "slice_ivr_jump", "score_psi"]
+    assert names == [
+        "heldout_ivr_ratio",
+        "heldout_fpr",
+        "slice_fpr_budget",
+        "slice_ivr_jump",
+        "score_psi",
+    ]
     assert report.passed, report.to_dict()
     psi = _result(report, "score_psi")
     assert psi.value < 0.05
@@ -185,7 +204,9 @@ def test_a_shifted_score_distribution_fails_score_psi() -> None:
 
 
 def test_without_an_active_version_only_absolute_checks_judge() -> None:
-    result, _manifest, held, _active = _inputs(new_invalid=lambda s, sl, p, th: _verdicts(s, sl, th) | (~p & (s > 0.3)))
+    result, _manifest, held, _active = _inputs(
+        new_invalid=lambda s, sl, p, th: _verdicts(s, sl, th) | (~p & (s > 0.3))
+    )
     report = check_model(result, None, held, None)
     assert report.passed, report.to_dict()  # IVR up, but nothing to compare with
     assert "no active version" in _result(report, "heldout_ivr_ratio").detail
@@ -227,17 +248,25 @@ def _slices_with_labels(shares: dict[str, float], n: int = 10_000, seed: int = 3
 
 
 def test_a_first_training_with_label_poor_slices_is_not_blocked() -> None:
-    slices, human = _slices_with_labels({"app/logged_in": 0.3, "app/logged_out": 0.0005, "other/logged_out": 0.0})
+    slices, human = _slices_with_labels(
+        {"app/logged_in": 0.3, "app/logged_out": 0.0005, "other/logged_out": 0.0}
+    )
     result = slice_label_share(slices, human, None, GuardrailConfig())
     assert result.passed
     assert "other/logged_out" in result.detail and "app/logged_out" in result.detail
 
 
 def test_a_slice_whose_labels_collapse_against_the_previous_version_fails() -> None:
-    before = {"label_share_by_slice": label_share_by_slice(*_slices_with_labels({"a": 0.2, "b": 0.01})),
-              "version": "v0007"}  # fmt: skip
-    same = slice_label_share(*_slices_with_labels({"a": 0.2, "b": 0.01}, seed=4), before, GuardrailConfig())
+    before = {
+        "label_share_by_slice": label_share_by_slice(*_slices_with_labels({"a": 0.2, "b": 0.01})),
+        "version": "v0007",
+    }
+    same = slice_label_share(
+        *_slices_with_labels({"a": 0.2, "b": 0.01}, seed=4), before, GuardrailConfig()
+    )
     assert same.passed, same.detail
-    lost = slice_label_share(*_slices_with_labels({"a": 0.005, "b": 0.01}, seed=4), before, GuardrailConfig())
+    lost = slice_label_share(
+        *_slices_with_labels({"a": 0.005, "b": 0.01}, seed=4), before, GuardrailConfig()
+    )
     assert not lost.passed
     assert lost.detail.startswith("a:") and "v0007" in lost.detail

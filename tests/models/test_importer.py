@@ -44,11 +44,18 @@ def good_rows(n: int = 180) -> list[dict]:
         bought = i % 20 == 0 or i == 7
         later = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch(click) + 300))
         attributed = later if i % 20 == 0 else ""
-        rows.append({
-            "ip": str(1000 + i % 37), "app": str(i % 9), "device": str(1 + i % 2),
-            "os": str(10 + i % 5), "channel": str(100 + i % 13), "click_time": click,
-            "attributed_time": attributed, "is_attributed": "1" if bought else "0",
-        })  # fmt: skip
+        rows.append(
+            {
+                "ip": str(1000 + i % 37),
+                "app": str(i % 9),
+                "device": str(1 + i % 2),
+                "os": str(10 + i % 5),
+                "channel": str(100 + i % 13),
+                "click_time": click,
+                "attributed_time": attributed,
+                "is_attributed": "1" if bought else "0",
+            }
+        )
     return rows
 
 
@@ -95,8 +102,9 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, li
     rows = good_rows()
     source = write_csv(tmp / "train.csv", rows, BAD_ROWS)
     messages: list[str] = []
-    report = import_events(source, tmp / "data", TALKINGDATA, progress=messages.append,
-                           progress_every=50)  # fmt: skip
+    report = import_events(
+        source, tmp / "data", TALKINGDATA, progress=messages.append, progress_every=50
+    )
     assert messages and "rows read" in messages[0]  # progress lines
     return tmp / "data", report, rows
 
@@ -165,19 +173,21 @@ def test_purchases_name_their_clicks(imported) -> None:
 
 def test_parquet_source_gives_the_same_data(imported, tmp_path: Path) -> None:
     out, _, rows = imported
-    table = pa.table({
-        "ip": pa.array([int(r["ip"]) for r in rows], pa.int64()),
-        "app": pa.array([int(r["app"]) for r in rows], pa.int32()),
-        "device": pa.array([int(r["device"]) for r in rows], pa.int32()),
-        "os": pa.array([int(r["os"]) for r in rows], pa.int32()),
-        "channel": pa.array([int(r["channel"]) for r in rows], pa.int32()),
-        "click_time": pa.array([int(epoch(r["click_time"])) for r in rows], pa.timestamp("s")),
-        "attributed_time": pa.array(
-            [int(epoch(r["attributed_time"])) if r["attributed_time"] else None for r in rows],
-            pa.timestamp("s"),
-        ),
-        "is_attributed": pa.array([int(r["is_attributed"]) for r in rows], pa.int8()),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "ip": pa.array([int(r["ip"]) for r in rows], pa.int64()),
+            "app": pa.array([int(r["app"]) for r in rows], pa.int32()),
+            "device": pa.array([int(r["device"]) for r in rows], pa.int32()),
+            "os": pa.array([int(r["os"]) for r in rows], pa.int32()),
+            "channel": pa.array([int(r["channel"]) for r in rows], pa.int32()),
+            "click_time": pa.array([int(epoch(r["click_time"])) for r in rows], pa.timestamp("s")),
+            "attributed_time": pa.array(
+                [int(epoch(r["attributed_time"])) if r["attributed_time"] else None for r in rows],
+                pa.timestamp("s"),
+            ),
+            "is_attributed": pa.array([int(r["is_attributed"]) for r in rows], pa.int8()),
+        }
+    )
     pq.write_table(table, tmp_path / "train.parquet")
     report = import_events(tmp_path / "train.parquet", tmp_path / "data", TALKINGDATA)
     assert not report.rejected and report.clicks == len(rows) and report.purchases == 10
@@ -213,8 +223,18 @@ def test_mapping_from_flags_file_and_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert load_mapping(tmp_path / "map.json") == ColumnMapping.from_dict(
         {**TALKINGDATA.to_dict(), "user_id": ["ip"]}
     )
-    code = slidr_main(["import", str(source), "--out", str(tmp_path / "d1"),
-                       "--mapping", str(tmp_path / "map.toml"), "--click-id", "channel"])  # fmt: skip
+    code = slidr_main(
+        [
+            "import",
+            str(source),
+            "--out",
+            str(tmp_path / "d1"),
+            "--mapping",
+            str(tmp_path / "map.toml"),
+            "--click-id",
+            "channel",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     # --click-id channel repeats ids: every repeat is a rejected duplicate, none is dropped silently.
@@ -228,8 +248,18 @@ def test_mapping_from_flags_file_and_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert all(
         t == by_id[c] + 1 for c, t in zip(data.purchases.click_id, data.purchases.ts, strict=True)
     )
-    code = slidr_main(["import", str(source), "--out", str(tmp_path / "d2"), "--preset",
-                       "talkingdata", "--ts", "no_such_column"])  # fmt: skip
+    code = slidr_main(
+        [
+            "import",
+            str(source),
+            "--out",
+            str(tmp_path / "d2"),
+            "--preset",
+            "talkingdata",
+            "--ts",
+            "no_such_column",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'no_such_column' (mapping key 'ts')" in err
@@ -245,12 +275,16 @@ def test_epoch_times_and_logged_in(tmp_path: Path) -> None:
         "e,1700000003,u5,10.0.0.5,perhaps,\n"
         "a,1700000004,u6,10.0.0.6,1,\n"
     )
-    mapping = ColumnMapping(click_id="id", ts="when", user_id=("who",), ip="addr",
-                            logged_in="signed", user_agent="ua")  # fmt: skip
+    mapping = ColumnMapping(
+        click_id="id", ts="when", user_id=("who",), ip="addr", logged_in="signed", user_agent="ua"
+    )
     report = import_events(tmp_path / "log.csv", tmp_path / "data", mapping)
     assert dict(report.rejected) == {
-        "ts_out_of_bounds": 1, "missing_ip": 1, "bad_logged_in": 1, "duplicate_click_id": 1,
-    }  # fmt: skip
+        "ts_out_of_bounds": 1,
+        "missing_ip": 1,
+        "bad_logged_in": 1,
+        "duplicate_click_id": 1,
+    }
     data = load_dataset(tmp_path / "data")
     assert list(data.clicks.click_id) == ["a", "b"]
     assert list(data.clicks.ts) == [1700000000.0, 1700000001.5]

@@ -234,9 +234,14 @@ def test_propensity_weights_pool_label_poor_cells_with_coarser_ones() -> None:
     # alone, enough pooled in their signed-out cell (level 1).
     rate = np.where(logged_in, 0.2, np.choose(device, [0.004, 0.004, 0.05, 0.0]))
     human = rng.random(n) < rate
-    weights, levels = propensity_weights([logged_in, device], (~human).astype(np.float32), min_labels=30)
+    weights, levels = propensity_weights(
+        [logged_in, device], (~human).astype(np.float32), min_labels=30
+    )
     out = ~logged_in
     pooled = out & (device != 2)
-    assert levels == {"cells: 2": int((logged_in | (device == 2)).sum()), "cells: 1": int(pooled.sum())}
+    assert levels == {
+        "cells: 2": int((logged_in | (device == 2)).sum()),
+        "cells: 1": int(pooled.sum()),
+    }
     assert weights[pooled & human].sum() == pytest.approx(weights[pooled].sum() / 2)
     assert np.isfinite(weights).all() and (weights > 0).all()

@@ -53,8 +53,9 @@ def test_the_newest_day_waits_for_the_attribution_delay() -> None:
 
 
 def test_the_window_ends_with_the_sources_newest_click() -> None:
-    window = training_window(at("2026-11-26T12:00:00"), days=3, delay_s=DAY_S,
-                             newest_click=at("2026-11-05T17:00:00"))  # fmt: skip
+    window = training_window(
+        at("2026-11-26T12:00:00"), days=3, delay_s=DAY_S, newest_click=at("2026-11-05T17:00:00")
+    )
     assert window.days == ["2026-11-03", "2026-11-04", "2026-11-05"]
     with pytest.raises(RetrainError, match="at least 3"):
         training_window(at("2026-11-26T12:00:00"), days=2, delay_s=DAY_S)
@@ -71,9 +72,10 @@ def test_cut_window_keeps_only_the_late_purchases_of_the_windows_clicks(tmp_path
     day = at("2026-11-02T00:00:00")
     clicks = [
         {"click_id": f"c{d}-{u}", "ts": day + d * DAY_S + 3600, "user_id": u, "ip": "10.0.0.1"}
-        for d in range(5) for u in ("stay", "back")
+        for d in range(5)
+        for u in ("stay", "back")
         if not (u == "stay" and d == 4)
-    ]  # fmt: skip
+    ]
     clicks.append({"click_id": "malformed", "ts": "yesterday", "user_id": "x", "ip": "1"})
     end = day + 4 * DAY_S  # now = 11-07 00:00, delay 24 h, 4 days: window 11-02 .. 11-05
     purchases = [
@@ -88,19 +90,35 @@ def test_cut_window_keeps_only_the_late_purchases_of_the_windows_clicks(tmp_path
     src.mkdir()
     _jsonl(src / "clicks.jsonl", clicks)
     _jsonl(src / "purchases.jsonl", purchases)
-    window, counts = cut_window(src, tmp_path / "out", now=at("2026-11-07T00:00:00"), days=4, delay_s=DAY_S)
+    window, counts = cut_window(
+        src, tmp_path / "out", now=at("2026-11-07T00:00:00"), days=4, delay_s=DAY_S
+    )
     assert window.days == ["2026-11-02", "2026-11-03", "2026-11-04", "2026-11-05"]
-    kept_clicks = [orjson.loads(line)["click_id"] for line in (tmp_path / "out/clicks.jsonl").read_bytes().splitlines()]
-    kept = [orjson.loads(line)["purchase_id"] for line in (tmp_path / "out/purchases.jsonl").read_bytes().splitlines()]
+    kept_clicks = [
+        orjson.loads(line)["click_id"]
+        for line in (tmp_path / "out/clicks.jsonl").read_bytes().splitlines()
+    ]
+    kept = [
+        orjson.loads(line)["purchase_id"]
+        for line in (tmp_path / "out/purchases.jsonl").read_bytes().splitlines()
+    ]
     assert sorted(kept_clicks) == sorted(f"c{d}-{u}" for d in range(4) for u in ("stay", "back"))
     assert kept == ["history", "inside", "late-kept", "late-named"]
-    assert counts == {"clicks": 8, "purchases": 4, "first_day": "2026-11-02", "last_day": "2026-11-05"}
+    assert counts == {
+        "clicks": 8,
+        "purchases": 4,
+        "first_day": "2026-11-02",
+        "last_day": "2026-11-05",
+    }
 
 
 def test_a_window_without_clicks_is_an_error(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    _jsonl(src / "clicks.jsonl", [{"click_id": "a", "ts": at("2026-11-02T01:00:00"), "user_id": "u", "ip": "1"}])
+    _jsonl(
+        src / "clicks.jsonl",
+        [{"click_id": "a", "ts": at("2026-11-02T01:00:00"), "user_id": "u", "ip": "1"}],
+    )
     _jsonl(src / "purchases.jsonl", [])
     with pytest.raises(RetrainError, match="no clicks in the window"):
         cut_window(src, tmp_path / "out", now=at("2026-11-03T12:00:00"), days=3, delay_s=DAY_S)
@@ -123,7 +141,9 @@ def test_the_archive_gives_the_same_window_as_a_data_directory(tmp_path: Path) -
         writer.add("purchases", purchase_payload(data.purchases, j))
     writer.flush()
     now = at("2026-11-06T12:00:00")  # 11-04 labelled since 11-06 00:00; 11-05 not yet
-    a_window, a_counts = export_archive_window(tmp_path / "archive", tmp_path / "from-archive", now, 3, DAY_S)
+    a_window, a_counts = export_archive_window(
+        tmp_path / "archive", tmp_path / "from-archive", now, 3, DAY_S
+    )
     d_window, d_counts = cut_window(tmp_path / "sim", tmp_path / "from-dir", now, 3, DAY_S)
     assert a_window == d_window and a_window.days == ["2026-11-02", "2026-11-03", "2026-11-04"]
     assert a_counts == d_counts
@@ -143,17 +163,35 @@ def test_flag_parsers() -> None:
 
 def test_history_table() -> None:
     runs = [
-        {"started_at": at("2026-11-07T06:00:00"), "outcome": "promoted", "version": "v0002",
-         "active_after": "v0002", "window": {"from": "2026-11-01", "to": "2026-11-05"},
-         "data": {"fingerprint": "ab" * 32, "first_day": "2026-11-02", "last_day": "2026-11-05"},
-         "guardrails": [{"name": "min_clicks", "passed": True}, {"name": "score_psi", "passed": True}]},
-        {"started_at": at("2026-11-08T06:00:00"), "outcome": "rejected", "version": None,
-         "active_after": "v0002", "window": {"from": "2026-11-02", "to": "2026-11-06"}, "data": {},
-         "guardrails": [{"name": "purchase_label_density", "passed": False}]},
-    ]  # fmt: skip
+        {
+            "started_at": at("2026-11-07T06:00:00"),
+            "outcome": "promoted",
+            "version": "v0002",
+            "active_after": "v0002",
+            "window": {"from": "2026-11-01", "to": "2026-11-05"},
+            "data": {"fingerprint": "ab" * 32, "first_day": "2026-11-02", "last_day": "2026-11-05"},
+            "guardrails": [
+                {"name": "min_clicks", "passed": True},
+                {"name": "score_psi", "passed": True},
+            ],
+        },
+        {
+            "started_at": at("2026-11-08T06:00:00"),
+            "outcome": "rejected",
+            "version": None,
+            "active_after": "v0002",
+            "window": {"from": "2026-11-02", "to": "2026-11-06"},
+            "data": {},
+            "guardrails": [{"name": "purchase_label_density", "passed": False}],
+        },
+    ]
     lines = format_history(runs).splitlines()
     assert lines[0].startswith("when (UTC)") and len(lines) == 4
-    assert "promoted" in lines[2] and "2026-11-02..2026-11-05" in lines[2] and "abababababab" in lines[2]
+    assert (
+        "promoted" in lines[2]
+        and "2026-11-02..2026-11-05" in lines[2]
+        and "abababababab" in lines[2]
+    )
     assert "2/2 passed" in lines[2]
     assert "rejected" in lines[3] and "failed: purchase_label_density" in lines[3]
 
@@ -173,7 +211,11 @@ def slidr(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     register_lifecycle_commands(sub)
     args = parser.parse_args(argv)
     out = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(out),
+    ):
         for name, value in env.items():
             mp.setenv(name, value)
         code = args.func(args)
@@ -191,7 +233,9 @@ def control_messages(settings, expected: int, timeout: float = 15.0) -> list[dic
     deadline = time.monotonic() + timeout
     try:
         while len(messages) < expected and time.monotonic() < deadline:
-            messages += [orjson.loads(m.value()) for m in consumer.consume(100, 0.2) if not m.error()]
+            messages += [
+                orjson.loads(m.value()) for m in consumer.consume(100, 0.2) if not m.error()
+            ]
     finally:
         consumer.close()
     return messages
@@ -210,13 +254,21 @@ def simulation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def promoted(stack, simulation: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two retrain runs, a day apart: the first version, then one judged against it."""
     home = tmp_path_factory.mktemp("retrain-home")
-    settings = stack.settings.replace(topic_prefix=f"rt{uuid.uuid4().hex[:10]}-", registry=home / "registry", home=home)
-    env = {"SLIDR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "SLIDR_REGISTRY": str(settings.registry),
-           "SLIDR_HOME": str(home), "SLIDR_TOPIC_PREFIX": settings.topic_prefix}  # fmt: skip
+    settings = stack.settings.replace(
+        topic_prefix=f"rt{uuid.uuid4().hex[:10]}-", registry=home / "registry", home=home
+    )
+    env = {
+        "SLIDR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "SLIDR_REGISTRY": str(settings.registry),
+        "SLIDR_HOME": str(home),
+        "SLIDR_TOPIC_PREFIX": settings.topic_prefix,
+    }
     runs = []
     for now in ("2026-11-06T06:00", "2026-11-07T06:00"):
         started = time.perf_counter()
-        code, out = slidr(["retrain", "--data", str(simulation), "--days", "5", "--now", now, *TRAIN_FLAGS], env)
+        code, out = slidr(
+            ["retrain", "--data", str(simulation), "--days", "5", "--now", now, *TRAIN_FLAGS], env
+        )
         runs.append({"code": code, "out": out, "seconds": time.perf_counter() - started})
     return {"settings": settings, "env": env, "runs": runs}
 
@@ -241,8 +293,14 @@ def test_healthy_retrains_are_promoted_and_announced(promoted: dict) -> None:
     assert first["data"]["fingerprint"] != second["data"]["fingerprint"]
     assert second["active_before"] == "v0001" and second["active_after"] == "v0002"
     names = [g["name"] for g in second["guardrails"]]
-    for name in ("purchase_label_density", "heldout_ivr_ratio", "heldout_fpr", "slice_fpr_budget",
-                 "slice_ivr_jump", "score_psi"):  # fmt: skip
+    for name in (
+        "purchase_label_density",
+        "heldout_ivr_ratio",
+        "heldout_fpr",
+        "slice_fpr_budget",
+        "slice_ivr_jump",
+        "score_psi",
+    ):
         assert name in names
     compared = {g["name"]: g for g in second["guardrails"]}
     assert compared["score_psi"]["value"] is not None  # judged against v0001 on the same clicks
@@ -251,7 +309,10 @@ def test_healthy_retrains_are_promoted_and_announced(promoted: dict) -> None:
     assert manifest["model_guardrails"] == {"passed": True, "failed": []}
 
     messages = control_messages(settings, expected=2)
-    assert [(m["action"], m["model_version"]) for m in messages] == [("activate", "v0001"), ("activate", "v0002")]
+    assert [(m["action"], m["model_version"]) for m in messages] == [
+        ("activate", "v0001"),
+        ("activate", "v0002"),
+    ]
     assert messages[1]["reason"].startswith("retrain ")
     seconds = ", ".join(f"{r['seconds']:.1f} s" for r in runs)
     print(f"\nretrain runs (train + checks + promote): {seconds}")
@@ -273,7 +334,10 @@ def test_purchases_missing_every_morning_are_rejected_and_the_active_version_sta
     hour = (purchases.column("ts").to_numpy() % DAY_S) // 3600
     pq.write_table(purchases.filter(~((hour >= 9) & (hour < 12))), holed / "purchases.parquet")
 
-    code, out = slidr(["retrain", "--data", str(holed), "--days", "5", "--now", "2026-11-07T06:00", *TRAIN_FLAGS], env)
+    code, out = slidr(
+        ["retrain", "--data", str(holed), "--days", "5", "--now", "2026-11-07T06:00", *TRAIN_FLAGS],
+        env,
+    )
     assert code == EXIT_REJECTED, out
     assert "rejected: data guardrail purchase_label_density failed" in out
     assert "09:00-12:00 UTC daily" in out
@@ -296,26 +360,52 @@ def test_purchases_missing_every_morning_are_rejected_and_the_active_version_sta
     assert [line.split()[2] for line in lines[2:]] == ["promoted", "promoted", "rejected"]
 
 
-def test_a_rejected_model_is_registered_but_not_promoted(promoted: dict, simulation: Path, tmp_path: Path) -> None:
+def test_a_rejected_model_is_registered_but_not_promoted(
+    promoted: dict, simulation: Path, tmp_path: Path
+) -> None:
     """A model guardrail set impossibly strict: the version is kept for inspection, the
     active one stays, nothing is announced."""
     from models.registry import ModelRegistry
 
     registry_path = tmp_path / "registry"
     shutil.copytree(promoted["settings"].registry, registry_path)
-    env = {**promoted["env"], "SLIDR_REGISTRY": str(registry_path), "SLIDR_HOME": str(tmp_path),
-           "SLIDR_TOPIC_PREFIX": f"rj{uuid.uuid4().hex[:10]}-"}  # fmt: skip
-    code, out = slidr(["retrain", "--data", str(simulation), "--days", "5", "--now", "2026-11-07T06:00",
-                       "--limit", "max_score_psi=0", "--seed", "11", *TRAIN_FLAGS], env)  # fmt: skip
+    env = {
+        **promoted["env"],
+        "SLIDR_REGISTRY": str(registry_path),
+        "SLIDR_HOME": str(tmp_path),
+        "SLIDR_TOPIC_PREFIX": f"rj{uuid.uuid4().hex[:10]}-",
+    }
+    code, out = slidr(
+        [
+            "retrain",
+            "--data",
+            str(simulation),
+            "--days",
+            "5",
+            "--now",
+            "2026-11-07T06:00",
+            "--limit",
+            "max_score_psi=0",
+            "--seed",
+            "11",
+            *TRAIN_FLAGS,
+        ],
+        env,
+    )
     assert code == EXIT_REJECTED, out
     assert "model guardrail score_psi failed" in out and "v0003 registered, not promoted" in out
     registry = ModelRegistry(registry_path)
     assert registry.active_version() == "v0002"
-    assert registry.manifest("v0003")["model_guardrails"] == {"passed": False, "failed": ["score_psi"]}
+    assert registry.manifest("v0003")["model_guardrails"] == {
+        "passed": False,
+        "failed": ["score_psi"],
+    }
     assert read_runs(registry_path)[-1]["version"] == "v0003"
 
 
-def test_no_data_in_the_window_is_an_error_with_a_history_line(simulation: Path, tmp_path: Path) -> None:
+def test_no_data_in_the_window_is_an_error_with_a_history_line(
+    simulation: Path, tmp_path: Path
+) -> None:
     env = {"SLIDR_REGISTRY": str(tmp_path / "registry"), "SLIDR_HOME": str(tmp_path)}
     code, out = slidr(["retrain", "--data", str(simulation), "--now", "2026-11-03T12:00"], env)
     assert code == 2 and "no clicks in the window" in out

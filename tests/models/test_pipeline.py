@@ -81,7 +81,9 @@ def test_manifest_records_features_data_and_metrics(
     ].keys()
     assert test["slices"], "metrics per slice"
     assert test["overall"]["clicks"] == sum(s["clicks"] for s in test["slices"].values())
-    assert manifest["metrics"]["validation"]["overall"]["clicks"] == manifest["data"]["clicks"]["fit"]
+    assert (
+        manifest["metrics"]["validation"]["overall"]["clicks"] == manifest["data"]["clicks"]["fit"]
+    )
     assert manifest["architecture"] in {r["model"] for r in manifest["representations"]}
     assert {g["name"] for g in manifest["guardrails"]} >= {
         "purchase_label_density",

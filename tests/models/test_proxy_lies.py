@@ -77,9 +77,10 @@ def test_report_shows_proxy_against_truth_and_the_comparisons(trained: SimpleNam
     "not LightGBM on slidr's own inputs in this world (5 days of 40k clicks, seed 1: 0.59 vs "
     "0.23 and 0.70)",
 )
-def test_recall_at_one_percent_human_fpr_beats_gradient_boosted_trees(trained: SimpleNamespace) -> None:
+def test_recall_at_one_percent_human_fpr_beats_gradient_boosted_trees(
+    trained: SimpleNamespace,
+) -> None:
     rows = {row["model"]: row for row in trained.result["baselines"]}
     ours = rows["mlp"]["bot_recall_at_1pct_human_fpr"]
     for peer in ("lightgbm_all_inputs", "lightgbm_same_inputs"):
         assert ours > rows[peer]["bot_recall_at_1pct_human_fpr"], peer
-

@@ -49,7 +49,9 @@ def test_dcn_layers_and_the_averaged_folds_export_exactly(tmp_path: Path) -> Non
     config = TrainConfig(max_epochs=2)
     members = []
     for seed in (1, 2):
-        member = mlp(4, x.mean(0), x.std(0), TrainConfig(max_epochs=2, seed=seed), MASK, IDS, cross_layers=2)
+        member = mlp(
+            4, x.mean(0), x.std(0), TrainConfig(max_epochs=2, seed=seed), MASK, IDS, cross_layers=2
+        )
         fit(member, x, y, np.ones(len(x)), x[:500], y[:500], np.ones(500), config)
         members.append(member)
     averaged = AveragedClassifier(members).eval()
@@ -74,7 +76,10 @@ def test_each_fit_day_is_held_out_once_and_the_test_day_never() -> None:
 
 
 def test_a_retrain_keeps_the_active_architecture_unless_another_is_clearly_better() -> None:
-    rows = [{"model": "mlp_hashed", "oof_ivr_at_budget": 0.200}, {"model": "dcn_embeddings", "oof_ivr_at_budget": 0.195}]
+    rows = [
+        {"model": "mlp_hashed", "oof_ivr_at_budget": 0.200},
+        {"model": "dcn_embeddings", "oof_ivr_at_budget": 0.195},
+    ]
     assert choose_architecture(rows, None) == "mlp_hashed"
     assert choose_architecture(rows, "dcn_embeddings") == "dcn_embeddings"  # within 0.01
     assert choose_architecture(rows, "dcn_embeddings", margin=0.001) == "mlp_hashed"

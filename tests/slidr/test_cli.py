@@ -197,13 +197,17 @@ def test_score_errors_are_one_line(
     trained: str, dirs: SimpleNamespace, capsys, tmp_path: Path
 ) -> None:
     def score(data: Path, registry: Path = dirs.registry, out: str = "s.jsonl", *extra: str):
-        return run(capsys, "score", "--data", data, "--registry", registry, "--out", tmp_path / out, *extra)
+        return run(
+            capsys, "score", "--data", data, "--registry", registry, "--out", tmp_path / out, *extra
+        )
 
     missing = tmp_path / "no-such-data"
     assert_one_line_error(score(missing), "score", str(missing))
     assert_one_line_error(score(dirs.score, out="s.csv"), "score", ".jsonl or .parquet", "s.csv")
     assert_one_line_error(
-        score(dirs.score, dirs.registry, "s.jsonl", "--model", "v0099"), "score", "no version 'v0099'"
+        score(dirs.score, dirs.registry, "s.jsonl", "--model", "v0099"),
+        "score",
+        "no version 'v0099'",
     )
     assert_one_line_error(score(dirs.score, tmp_path / "empty"), "score", "no active version")
     assert not (tmp_path / "s.jsonl").exists() and not (tmp_path / "s.csv").exists()
@@ -283,7 +287,9 @@ def test_every_subcommand_has_help(capsys) -> None:
     assert all(name in out for name in names)
 
 
-def test_worker_without_a_usable_model_fails_fast_naming_it(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_worker_without_a_usable_model_fails_fast_naming_it(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
     """No broker is contacted: the model is checked first."""
     from slidr.cli import main
 

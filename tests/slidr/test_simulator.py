@@ -71,8 +71,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[SimulationSummary, p
     """Three days at 2,000 clicks a day, new robot kind from day 2."""
     out = tmp_path_factory.mktemp("tiny")
     messages: list[str] = []
-    summary = simulate(out, days=3, seed=11, clicks_per_day=2_000, new_bot_day=2, start=START,
-                       progress=messages.append)  # fmt: skip
+    summary = simulate(
+        out,
+        days=3,
+        seed=11,
+        clicks_per_day=2_000,
+        new_bot_day=2,
+        start=START,
+        progress=messages.append,
+    )
     assert messages, "progress is called per stage"
     return summary, pq.read_table(out / "clicks.parquet"), pq.read_table(out / "purchases.parquet")
 
@@ -274,8 +281,7 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
 def lies(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """Four weekdays at 20,000 clicks a day in proxy_lies, with weak labels and slices."""
     out = tmp_path_factory.mktemp("proxy_lies")
-    summary = simulate(out, days=4, seed=11, clicks_per_day=20_000, start=START,
-                       world="proxy_lies")  # fmt: skip
+    summary = simulate(out, days=4, seed=11, clicks_per_day=20_000, start=START, world="proxy_lies")
     data = load_dataset(out)
     clicks = data.clicks
     _, slices = compute_features(clicks)

@@ -39,7 +39,9 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
 
     root = tmp_path_factory.mktemp("worker-model")
     # No coverage minima: on a few thousand clicks a day they are often infeasible.
-    options = TrainOptions(max_epochs=2, min_coverage=0.0, architectures=("mlp_embeddings",), peers=False)
+    options = TrainOptions(
+        max_epochs=2, min_coverage=0.0, architectures=("mlp_embeddings",), peers=False
+    )
     failures = []
     for seed, days, per_day in _SIMULATIONS:
         data = root / f"data-{seed}-{days}-{per_day}"

@@ -42,10 +42,19 @@ def click(i: int, ts: float, **extra) -> dict:
 
 def decision(click_id: str, ts: float, decided_at: float, **extra) -> dict:
     return {
-        "click_id": click_id, "ts": ts, "verdict": "valid", "score": 0.1, "threshold": 0.5,
-        "slice": "desktop/logged_out", "model_version": "v0001", "reasons": [],
-        "decided_at": decided_at, "degraded": False, "replay": False, **extra,
-    }  # fmt: skip
+        "click_id": click_id,
+        "ts": ts,
+        "verdict": "valid",
+        "score": 0.1,
+        "threshold": 0.5,
+        "slice": "desktop/logged_out",
+        "model_version": "v0001",
+        "reasons": [],
+        "decided_at": decided_at,
+        "degraded": False,
+        "replay": False,
+        **extra,
+    }
 
 
 def all_rows(root: Path, kind: str) -> list[tuple[Path, dict]]:
@@ -94,8 +103,10 @@ def test_decisions_are_told_apart_by_time_version_and_replay(tmp_path: Path) -> 
     live = decision("c1", T0, T0 + 1)
     assert writer.add("decisions", orjson.dumps(live))
     assert not writer.add("decisions", orjson.dumps(live))  # re-emitted after a redelivery
-    assert writer.add("decisions", orjson.dumps({**live, "decided_at": T0 + 99, "replay": True,
-                                                 "model_version": "v0002"}))  # fmt: skip
+    assert writer.add(
+        "decisions",
+        orjson.dumps({**live, "decided_at": T0 + 99, "replay": True, "model_version": "v0002"}),
+    )
     writer.flush()
     restarted = ArchiveWriter(tmp_path)
     assert not restarted.add("decisions", orjson.dumps(live))
@@ -106,8 +117,16 @@ def test_decisions_are_told_apart_by_time_version_and_replay(tmp_path: Path) -> 
 
 def test_read_archive_bounds_and_rows_round_trip(tmp_path: Path) -> None:
     writer = ArchiveWriter(tmp_path)
-    events = [click(i, T0 + 600 * i, context={"publisher": "p"} if i % 2 else None,
-                    device="mobile", custom_field=i) for i in range(20)]  # fmt: skip
+    events = [
+        click(
+            i,
+            T0 + 600 * i,
+            context={"publisher": "p"} if i % 2 else None,
+            device="mobile",
+            custom_field=i,
+        )
+        for i in range(20)
+    ]
     for e in events:
         writer.add("clicks", orjson.dumps({k: v for k, v in e.items() if v is not None}))
     writer.add("purchases", orjson.dumps({"purchase_id": "p1", "ts": T0 + 5, "user_id": "u1"}))
@@ -160,8 +179,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         data, registry = root / f"data-{seed}", root / f"registry-{seed}"
         simulate(data, days=3, clicks_per_day=4000, seed=seed)
         try:
-            result = run_training(data, ModelRegistry(registry),
-                                  TrainOptions(max_epochs=2, min_coverage=0.0, architectures=("mlp_embeddings",), peers=False), progress=lambda _m: None)  # fmt: skip
+            result = run_training(
+                data,
+                ModelRegistry(registry),
+                TrainOptions(
+                    max_epochs=2, min_coverage=0.0, architectures=("mlp_embeddings",), peers=False
+                ),
+                progress=lambda _m: None,
+            )
         except Exception as exc:
             failures.append(f"seed {seed}: {exc}")
             continue
@@ -199,10 +224,15 @@ def test_archive_writes_each_event_once_and_exports_an_equal_dataset(
     scored = score_clicks(model, cols)
     now = time.time()
     decisions = [
-        decision(cols.click_id[i], float(cols.ts[i]), now, verdict="invalid" if scored.invalid[i] else "valid",
-                 score=float(scored.scores[i]))
+        decision(
+            cols.click_id[i],
+            float(cols.ts[i]),
+            now,
+            verdict="invalid" if scored.invalid[i] else "valid",
+            score=float(scored.scores[i]),
+        )
         for i in range(len(cols))
-    ]  # fmt: skip
+    ]
     replays = [{**d, "decided_at": now + 60, "replay": True} for d in decisions[:100]]
     produce(
         settings,
@@ -215,8 +245,13 @@ def test_archive_writes_each_event_once_and_exports_an_equal_dataset(
     produce(settings, DECISIONS, [(b"k", b"[]")])
 
     out = tmp_path / "archive"
-    options = ArchiveOptions(out=out, group_id=f"archive-{uuid.uuid4().hex[:8]}", idle_s=1.5,
-                             flush_interval_s=0.5, max_buffered=8000)  # fmt: skip
+    options = ArchiveOptions(
+        out=out,
+        group_id=f"archive-{uuid.uuid4().hex[:8]}",
+        idle_s=1.5,
+        flush_interval_s=0.5,
+        max_buffered=8000,
+    )
     started = time.monotonic()
     first = run_archive(settings, options)
     assert time.monotonic() - started < 30
@@ -248,8 +283,11 @@ def test_archive_writes_each_event_once_and_exports_an_equal_dataset(
     # Exported days load as a data set with the same clicks, features and metrics.
     days = sorted({hour_partition(t)[0] for t in (cols.ts[0], cols.ts[-1])})
     counts = export_days(out, days[0], days[-1], tmp_path / "export", include_decisions=True)
-    assert counts == {"clicks": len(cols), "purchases": produced.purchases,
-                      "decisions": len(decisions) + len(replays)}  # fmt: skip
+    assert counts == {
+        "clicks": len(cols),
+        "purchases": produced.purchases,
+        "decisions": len(decisions) + len(replays),
+    }
     archived = load_dataset(tmp_path / "export")
     direct = load_archive_dataset(out, days[0], days[-1])
     assert list(direct.clicks.click_id) == list(archived.clicks.click_id)
@@ -264,8 +302,9 @@ def test_archive_writes_each_event_once_and_exports_an_equal_dataset(
     assert list(slices) == list(expected_slices)
     # The stream carries the purchases within the clicks' time span, never ground truth.
     span = (original.purchases.ts >= cols.ts[0]) & (original.purchases.ts <= cols.ts[-1])
-    purchases = type(original.purchases)(*(getattr(original.purchases, f)[span]
-                                           for f in original.purchases.__dataclass_fields__))  # fmt: skip
+    purchases = type(original.purchases)(
+        *(getattr(original.purchases, f)[span] for f in original.purchases.__dataclass_fields__)
+    )
     reference = replace(original, clicks=replace(cols, extra={}), purchases=purchases)
     assert evaluate(model, archived) == evaluate(model, reference)
 
@@ -283,7 +322,9 @@ def test_archive_writes_each_event_once_and_exports_an_equal_dataset(
         pc.greater_equal(table["ts"], cols.ts[0]), pc.less_equal(table["ts"], cols.ts[-1])
     )
     pq.write_table(table.filter(in_span), same_events / "purchases.parquet")
-    options = TrainOptions(max_epochs=2, min_coverage=0.0, architectures=("mlp_embeddings",), peers=False)
+    options = TrainOptions(
+        max_epochs=2, min_coverage=0.0, architectures=("mlp_embeddings",), peers=False
+    )
     runs = [
         run_training(
             source,
@@ -331,15 +372,28 @@ def test_archive_command_line(
         "SLIDR_HOME": str(tmp_path),
     }.items():
         monkeypatch.setenv(name, value)
-    args = parser.parse_args(["archive", "--idle", "1.5", "--flush-interval", "0.5", "--json",
-                              "--kinds", "clicks", "--group-id", f"cli-{uuid.uuid4().hex[:8]}"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "archive",
+            "--idle",
+            "1.5",
+            "--flush-interval",
+            "0.5",
+            "--json",
+            "--kinds",
+            "clicks",
+            "--group-id",
+            f"cli-{uuid.uuid4().hex[:8]}",
+        ]
+    )
     assert args.func(args) == 0
     report = orjson.loads(capsys.readouterr().out)
     assert report["written"] == {"clicks": 30}
     assert report["out"] == str(tmp_path / "archive")
 
-    args = parser.parse_args(["archive-export", "--start-day", "2026-11-02",
-                              "--out", str(tmp_path / "day")])  # fmt: skip
+    args = parser.parse_args(
+        ["archive-export", "--start-day", "2026-11-02", "--out", str(tmp_path / "day")]
+    )
     assert args.func(args) == 0
     assert pq.read_table(tmp_path / "day" / "clicks.parquet").num_rows == 30
     with pytest.raises(SystemExit):

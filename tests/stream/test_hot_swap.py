@@ -28,12 +28,17 @@ def register_copy(registry: ModelRegistry, version: str, threshold_shift: float)
     doc["slices"] = {k: v + threshold_shift for k, v in doc["slices"].items()}
     doc["default"] += threshold_shift
     (staging / "thresholds.json").write_bytes(orjson.dumps(doc))
-    manifest = {k: v for k, v in registry.manifest(version).items() if k not in ("version", "registered_at")}
-    return registry.register(staging, {**manifest, "note": f"{version}, thresholds {threshold_shift:+}"})
+    manifest = {
+        k: v for k, v in registry.manifest(version).items() if k not in ("version", "registered_at")
+    }
+    return registry.register(
+        staging, {**manifest, "note": f"{version}, thresholds {threshold_shift:+}"}
+    )
 
 
-def test_promotion_while_clicks_flow_switches_between_batches(workers, worker_settings, trained_model,
-                                                              dataset, tmp_path: Path) -> None:  # fmt: skip
+def test_promotion_while_clicks_flow_switches_between_batches(
+    workers, worker_settings, trained_model, dataset, tmp_path: Path
+) -> None:
     registry_path = tmp_path / "registry"  # a copy: the session's registry stays as it is
     shutil.copytree(trained_model.registry, registry_path)
     settings = worker_settings.replace(registry=registry_path)
@@ -52,7 +57,9 @@ def test_promotion_while_clicks_flow_switches_between_batches(workers, worker_se
     producer = PacedProducer(settings, [click_record(c) for c in clicks], rate=RATE)
     try:
         producer.start()
-        assert reader.wait_for_count(500, 60, alive=lambda: worker.running) >= 500, workers.describe()
+        assert reader.wait_for_count(500, 60, alive=lambda: worker.running) >= 500, (
+            workers.describe()
+        )
         promoted_at = time.time()
         promote(settings, new, reason="test: hot swap")
         acknowledged_at = time.time()

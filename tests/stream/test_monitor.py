@@ -24,15 +24,37 @@ from stream.monitor import (
 
 SLICES = ("desktop/logged_out", "mobile/logged_out", "desktop/logged_in", "app/logged_in")
 PROMISE = Promise(
-    "v0002", ivr=0.2, fpr=0.02,
-    slice_ivr={"desktop/logged_out": 0.4, "mobile/logged_out": 0.2, "desktop/logged_in": 0.05, "app/logged_in": 0.02},
-)  # fmt: skip
-SMALL = MonitorConfig(window_decisions=2_000, window_seconds=300, min_decisions=500, min_slice_decisions=200,
-                      spike_decisions=100, min_purchasing=40, min_vouched=60)  # fmt: skip
+    "v0002",
+    ivr=0.2,
+    fpr=0.02,
+    slice_ivr={
+        "desktop/logged_out": 0.4,
+        "mobile/logged_out": 0.2,
+        "desktop/logged_in": 0.05,
+        "app/logged_in": 0.02,
+    },
+)
+SMALL = MonitorConfig(
+    window_decisions=2_000,
+    window_seconds=300,
+    min_decisions=500,
+    min_slice_decisions=200,
+    spike_decisions=100,
+    min_purchasing=40,
+    min_vouched=60,
+)
 
 
-def decisions(n: int, ivr: dict[str, float] | None = None, version: str = "v0002", start: float = 1_000.0,
-              rate: float = 100.0, seed: int = 0, rfm: float | None = None, prefix: str = "c") -> list[dict]:  # fmt: skip
+def decisions(
+    n: int,
+    ivr: dict[str, float] | None = None,
+    version: str = "v0002",
+    start: float = 1_000.0,
+    rate: float = 100.0,
+    seed: int = 0,
+    rfm: float | None = None,
+    prefix: str = "c",
+) -> list[dict]:
     """``n`` decisions over the four slices at each slice's IVR (default: the promise's)."""
     rng = np.random.default_rng(seed)
     ivr = ivr or PROMISE.slice_ivr
@@ -40,10 +62,14 @@ def decisions(n: int, ivr: dict[str, float] | None = None, version: str = "v0002
     for i in range(n):
         slice_ = SLICES[i % len(SLICES)]
         d = {
-            "click_id": f"{prefix}{seed}-{i}", "ts": start + i / rate, "decided_at": start + i / rate,
-            "verdict": "invalid" if rng.random() < ivr[slice_] else "valid", "slice": slice_,
-            "model_version": version, "replay": False,
-        }  # fmt: skip
+            "click_id": f"{prefix}{seed}-{i}",
+            "ts": start + i / rate,
+            "decided_at": start + i / rate,
+            "verdict": "invalid" if rng.random() < ivr[slice_] else "valid",
+            "slice": slice_,
+            "model_version": version,
+            "replay": False,
+        }
         if rfm is not None:
             d["customer_rfm"] = rfm
         out.append(d)
@@ -88,7 +114,10 @@ def test_a_version_that_invalidates_everything_is_a_spike_within_the_spike_windo
 
 def test_a_robot_burst_in_one_slice_is_not_a_spike() -> None:
     detector = watching()
-    burst = [{**d, "slice": "desktop/logged_out", "verdict": "invalid"} for d in decisions(300, prefix="b")]
+    burst = [
+        {**d, "slice": "desktop/logged_out", "verdict": "invalid"}
+        for d in decisions(300, prefix="b")
+    ]
     found = feed(detector, decisions(600) + burst + decisions(200, start=2_000, seed=1))
     assert [d.check for _, d in found] != ["invalid_spike"]
 
@@ -116,7 +145,9 @@ def test_purchased_clicks_invalidated_too_often_are_an_fpr_deviation() -> None:
     feed(detector, stream)
     found = []
     for i, d in enumerate(stream[-400:]):  # purchases naming their clicks, arriving later
-        deviation = detector.observe_purchase({"purchase_id": f"p{i}", "click_id": d["click_id"], "ts": 5_000.0})
+        deviation = detector.observe_purchase(
+            {"purchase_id": f"p{i}", "click_id": d["click_id"], "ts": 5_000.0}
+        )
         if deviation:
             found.append(deviation)
     # ~17 % of the purchased clicks were invalid (the stream's IVR) vs 2 % promised.
@@ -128,8 +159,13 @@ def test_purchases_of_unknown_or_unnamed_clicks_are_ignored() -> None:
     detector = watching()
     feed(detector, decisions(100))
     for i in range(200):
-        assert detector.observe_purchase({"purchase_id": f"p{i}", "click_id": f"other-{i}", "ts": 1.0}) is None
-        assert detector.observe_purchase({"purchase_id": f"q{i}", "user_id": "u", "ts": 1.0}) is None
+        assert (
+            detector.observe_purchase({"purchase_id": f"p{i}", "click_id": f"other-{i}", "ts": 1.0})
+            is None
+        )
+        assert (
+            detector.observe_purchase({"purchase_id": f"q{i}", "user_id": "u", "ts": 1.0}) is None
+        )
     assert detector.stats()["purchased"] == 0
 
 
@@ -137,7 +173,9 @@ def test_high_rfm_customers_invalidated_are_a_vouched_fpr_deviation() -> None:
     detector = watching()
     human = {s: 0.0 for s in SLICES}
     assert feed(detector, decisions(400, ivr=human, rfm=0.9)) == []
-    found = feed(detector, decisions(400, ivr={s: 0.3 for s in SLICES}, rfm=0.9, start=2_000, seed=1))
+    found = feed(
+        detector, decisions(400, ivr={s: 0.3 for s in SLICES}, rfm=0.9, start=2_000, seed=1)
+    )
     assert [d.check for _, d in found] == ["vouched_fpr"]
     low = watching()
     assert feed(low, decisions(800, rfm=0.2)) == []  # ~17 % invalid, but not vouched for
@@ -154,8 +192,15 @@ def test_other_versions_and_replays_are_ignored() -> None:
 
 
 def test_the_window_forgets_decisions_older_than_its_seconds() -> None:
-    detector = watching(MonitorConfig(window_decisions=100_000, window_seconds=60, min_decisions=10**9,
-                                      min_slice_decisions=10**9, spike_decisions=10**9))  # fmt: skip
+    detector = watching(
+        MonitorConfig(
+            window_decisions=100_000,
+            window_seconds=60,
+            min_decisions=10**9,
+            min_slice_decisions=10**9,
+            spike_decisions=10**9,
+        )
+    )
     feed(detector, decisions(1_000, rate=10.0))  # 100 s of decisions
     assert detector.stats()["decisions"] == pytest.approx(600, abs=2)
 
@@ -179,7 +224,9 @@ def test_the_previous_versions_live_window_scales_the_next_versions_limits() -> 
 
     fresh = DeviationDetector(SMALL)
     fresh.watch(v3)
-    assert [d.check for _, d in feed(fresh, decisions(3_000, ivr=busier, version="v0003"))] == ["ivr"]
+    assert [d.check for _, d in feed(fresh, decisions(3_000, ivr=busier, version="v0003"))] == [
+        "ivr"
+    ]
 
     detector = watching()
     assert feed(detector, decisions(3_000, ivr=busy)) == []
@@ -194,12 +241,19 @@ def test_the_previous_versions_live_window_scales_the_next_versions_limits() -> 
 
 
 def test_promise_from_a_manifest() -> None:
-    manifest = {"version": "v0007", "metrics": {"test": {
-        "overall": {"ivr": 0.21, "fpr": 0.018},
-        "slices": {"desktop/logged_out": {"ivr": 0.45}, "app/logged_in": {"ivr": None}},
-    }}}  # fmt: skip
+    manifest = {
+        "version": "v0007",
+        "metrics": {
+            "test": {
+                "overall": {"ivr": 0.21, "fpr": 0.018},
+                "slices": {"desktop/logged_out": {"ivr": 0.45}, "app/logged_in": {"ivr": None}},
+            }
+        },
+    }
     promise = Promise.from_manifest(manifest)
-    assert promise == Promise("v0007", 0.21, 0.018, {"desktop/logged_out": 0.45, "app/logged_in": 0.0})
+    assert promise == Promise(
+        "v0007", 0.21, 0.018, {"desktop/logged_out": 0.45, "app/logged_in": 0.0}
+    )
 
 
 # -- the rollback policy ------------------------------------------------------------------
@@ -213,13 +267,33 @@ def _deviation(version: str = "v0002", at: float = 1_000.0) -> Deviation:
     "policy, watched, active, expected",
     [
         (RollbackPolicy(), Watched("v0002", 900.0, "activate"), "v0002", (True, "rolling back")),
-        (RollbackPolicy(enabled=False), Watched("v0002", 900.0, "activate"), "v0002", (False, "disabled")),
-        (RollbackPolicy(), Watched("v0002", 900.0, "activate"), "v0003", (False, "no longer active")),
+        (
+            RollbackPolicy(enabled=False),
+            Watched("v0002", 900.0, "activate"),
+            "v0002",
+            (False, "disabled"),
+        ),
+        (
+            RollbackPolicy(),
+            Watched("v0002", 900.0, "activate"),
+            "v0003",
+            (False, "no longer active"),
+        ),
         (RollbackPolicy(), Watched("v0002", 900.0, "rollback"), "v0002", (False, "rolled back to")),
-        (RollbackPolicy(within_s=50), Watched("v0002", 900.0, "activate"), "v0002", (False, "active for over")),
-        (RollbackPolicy(within_s=500), Watched("v0002", 900.0, "activate"), "v0002", (True, "rolling back")),
+        (
+            RollbackPolicy(within_s=50),
+            Watched("v0002", 900.0, "activate"),
+            "v0002",
+            (False, "active for over"),
+        ),
+        (
+            RollbackPolicy(within_s=500),
+            Watched("v0002", 900.0, "activate"),
+            "v0002",
+            (True, "rolling back"),
+        ),
     ],
-)  # fmt: skip
+)
 def test_rollback_policy(policy, watched, active, expected) -> None:
     go, why = policy.decide(_deviation(), watched, active)
     assert go is expected[0] and expected[1] in why
@@ -232,8 +306,20 @@ def test_command_line_flags_reach_the_detector_and_the_policy() -> None:
 
     parser = argparse.ArgumentParser(prog="slidr")
     register_monitor_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["monitor", "--window", "800", "--ivr-factor", "1.5", "--spike-share", "0.8",
-                              "--no-rollback", "--rollback-within-hours", "2"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "monitor",
+            "--window",
+            "800",
+            "--ivr-factor",
+            "1.5",
+            "--spike-share",
+            "0.8",
+            "--no-rollback",
+            "--rollback-within-hours",
+            "2",
+        ]
+    )
     config, policy = monitor_config(args)
     assert (config.window_decisions, config.ivr_factor, config.spike_share) == (800, 1.5, 0.8)
     assert config.min_decisions == MonitorConfig().min_decisions
@@ -257,7 +343,9 @@ def register_copy(registry, version: str, thresholds: float | None = None, note:
         doc["slices"] = dict.fromkeys(doc["slices"], thresholds)
         doc["default"] = thresholds
         (staging / "thresholds.json").write_bytes(orjson.dumps(doc))
-    manifest = {k: v for k, v in registry.manifest(version).items() if k not in ("version", "registered_at")}
+    manifest = {
+        k: v for k, v in registry.manifest(version).items() if k not in ("version", "registered_at")
+    }
     manifest["note"] = note or f"copy of {version}"
     return registry.register(staging, manifest)
 
@@ -269,8 +357,9 @@ def private_registry(trained_model, tmp_path: Path) -> Path:
     return target
 
 
-def test_a_faulty_version_is_rolled_back_automatically(workers, worker_settings, trained_model, dataset,
-                                                        tmp_path: Path) -> None:  # fmt: skip
+def test_a_faulty_version_is_rolled_back_automatically(
+    workers, worker_settings, trained_model, dataset, tmp_path: Path
+) -> None:
     from models.registry import ModelRegistry
     from stream.control import promote
     from stream.monitor import Monitor
@@ -285,7 +374,9 @@ def test_a_faulty_version_is_rolled_back_automatically(workers, worker_settings,
     settings = worker_settings.replace(registry=private_registry(trained_model, tmp_path))
     registry = ModelRegistry(settings.registry)
     good = registry.active_version()
-    faulty = register_copy(registry, good, thresholds=0.0, note="every threshold 0: invalidates everything")
+    faulty = register_copy(
+        registry, good, thresholds=0.0, note="every threshold 0: invalidates everything"
+    )
     assert registry.active_version() == good
 
     lines: list[str] = []
@@ -305,7 +396,9 @@ def test_a_faulty_version_is_rolled_back_automatically(workers, worker_settings,
         assert monitor.ready.wait(30), lines
         producer.start()
         # The worker is live once it decided a few hundred clicks with the good version.
-        assert reader.wait_for_count(300, 60, alive=lambda: worker.running) >= 300, workers.describe()
+        assert reader.wait_for_count(300, 60, alive=lambda: worker.running) >= 300, (
+            workers.describe()
+        )
         promoted_at = time.time()
         promote(settings, faulty, reason="test: deliberately faulty")
 
@@ -316,7 +409,10 @@ def test_a_faulty_version_is_rolled_back_automatically(workers, worker_settings,
 
         # Decisions after the rollback carry the good version again.
         def back(_records) -> bool:
-            return any(d["model_version"] == good and d["decided_at"] > rollback_at for d in reader.decisions)
+            return any(
+                d["model_version"] == good and d["decided_at"] > rollback_at
+                for d in reader.decisions
+            )
 
         assert reader.read_until(back, 60, alive=lambda: worker.running), workers.describe()
     finally:
@@ -329,7 +425,11 @@ def test_a_faulty_version_is_rolled_back_automatically(workers, worker_settings,
     faulty_decisions = [d for d in reader.decisions if d["model_version"] == faulty]
     assert faulty_decisions and all(d["verdict"] == "invalid" for d in faulty_decisions)
     first_faulty = min(d["decided_at"] for d in faulty_decisions)
-    first_back = min(d["decided_at"] for d in reader.decisions if d["model_version"] == good and d["decided_at"] > rollback_at)
+    first_back = min(
+        d["decided_at"]
+        for d in reader.decisions
+        if d["model_version"] == good and d["decided_at"] > rollback_at
+    )
     # After the first good decision following the rollback, the faulty version decides nothing more.
     assert all(d["decided_at"] <= first_back for d in faulty_decisions)
     assert event["version"] == faulty and event["rolled_back_to"] == good
@@ -338,7 +438,10 @@ def test_a_faulty_version_is_rolled_back_automatically(workers, worker_settings,
     history = registry.history()
     assert history[-1]["event"] == "rollback" and history[-1]["version"] == good
     assert history[-1]["reason"].startswith(f"monitor: invalid_spike on {faulty}")
-    logged = [orjson.loads(line) for line in (settings.registry / "monitor.jsonl").read_bytes().splitlines()]
+    logged = [
+        orjson.loads(line)
+        for line in (settings.registry / "monitor.jsonl").read_bytes().splitlines()
+    ]
     assert [e["event"] for e in logged if e["version"] == faulty] == ["rollback"]
     print(
         f"\nmonitor rollback: promotion -> first faulty decision {first_faulty - promoted_at:.2f} s, "

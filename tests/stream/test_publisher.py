@@ -17,7 +17,9 @@ from stream.kafka import DECISIONS, consumer_config
 from stream.publisher import AckPipeline, DeliveryError, Publisher
 
 
-def _read_all(settings: Settings, topic: str, expected: int, timeout_s: float = 20.0) -> list[bytes]:
+def _read_all(
+    settings: Settings, topic: str, expected: int, timeout_s: float = 20.0
+) -> list[bytes]:
     consumer = Consumer(consumer_config(settings, f"{settings.group_id}-read"))
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, 0) for p in parts])

@@ -34,9 +34,18 @@ from stream.replay import (
 
 DAY = 86_400.0
 DECISION_FIELDS = (
-    "click_id", "ts", "verdict", "score", "threshold", "slice", "model_version",
-    "reasons", "decided_at", "degraded", "replay",
-)  # fmt: skip
+    "click_id",
+    "ts",
+    "verdict",
+    "score",
+    "threshold",
+    "slice",
+    "model_version",
+    "reasons",
+    "decided_at",
+    "degraded",
+    "replay",
+)
 
 
 # -- without a broker -----------------------------------------------------------------------
@@ -140,8 +149,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         simulate(data, days=3, clicks_per_day=4000, seed=seed)
         registry = ModelRegistry(path)
         try:
-            earlier = run_training(data, registry, TrainOptions(max_epochs=2, min_coverage=0.0, architectures=("mlp_embeddings",), peers=False),
-                                   progress=lambda _m: None)["version"]  # fmt: skip
+            earlier = run_training(
+                data,
+                registry,
+                TrainOptions(
+                    max_epochs=2, min_coverage=0.0, architectures=("mlp_embeddings",), peers=False
+                ),
+                progress=lambda _m: None,
+            )["version"]
         except Exception as exc:
             failures.append(f"seed {seed}: {exc}")
             continue
@@ -213,11 +228,18 @@ def publish_live(
     for i in index:
         bad = bool(scores[i] >= thresholds[i])
         out[cols.click_id[i]] = {
-            "click_id": cols.click_id[i], "ts": float(cols.ts[i]), "verdict": "invalid" if bad else "valid",
-            "score": float(scores[i]), "threshold": float(thresholds[i]), "slice": slices[i],
-            "model_version": model.version, "reasons": ["model_score"] if bad else [],
-            "decided_at": decided_at, "degraded": False, "replay": False,
-        }  # fmt: skip
+            "click_id": cols.click_id[i],
+            "ts": float(cols.ts[i]),
+            "verdict": "invalid" if bad else "valid",
+            "score": float(scores[i]),
+            "threshold": float(thresholds[i]),
+            "slice": slices[i],
+            "model_version": model.version,
+            "reasons": ["model_score"] if bad else [],
+            "decided_at": decided_at,
+            "degraded": False,
+            "replay": False,
+        }
     produce(settings, DECISIONS, [(k.encode(), orjson.dumps(d)) for k, d in out.items()])
     return out
 
@@ -302,8 +324,10 @@ def test_event_time_bounds_pick_exactly_the_clicks_in_range(
         assert {c["click_id"] for c in read.clicks} == expected
     finally:
         scanner.close()
-    report = run_replay(settings, ReplayOptions(from_offset={0: 100}, to_offset={0: 400},
-                                                dry_run=True, compare=False))  # fmt: skip
+    report = run_replay(
+        settings,
+        ReplayOptions(from_offset={0: 100}, to_offset={0: 400}, dry_run=True, compare=False),
+    )
     assert report.clicks_in_range == report.decisions_published == len(expected)
     assert report.ranges == [(0, 100, 400)]
     assert not topic_decisions(settings)  # a dry run publishes nothing
@@ -360,8 +384,11 @@ def test_replay_through_an_earlier_version_supersedes_the_live_decisions(
     )
     assert after.summary()["clicks"] == before.summary()["clicks"] == len(cols)
 
-    changes = Counter(f"{live[c]['verdict']}->{by_id[c]['verdict']}" for c in wanted
-                      if live[c]["verdict"] != by_id[c]["verdict"])  # fmt: skip
+    changes = Counter(
+        f"{live[c]['verdict']}->{by_id[c]['verdict']}"
+        for c in wanted
+        if live[c]["verdict"] != by_id[c]["verdict"]
+    )
     assert changes["invalid->valid"] > 0  # the earlier version has higher thresholds
     assert report.clicks_in_range == report.decisions_published == report.compared == len(wanted)
     assert report.changes == changes and report.invalid == replay_invalid
@@ -408,14 +435,31 @@ def test_replay_from_the_archive_and_with_logged_features(
     produce_clicks(settings, trained)
     publish_live(settings, trained, np.arange(len(cols)), time.time())
     # What a worker with SLIDR_LOG_FEATURES publishes: the features it scored with.
-    produce(settings, FEATURES_SERVED, [
-        (cols.click_id[i].encode(), orjson.dumps({"click_id": cols.click_id[i], "model_version": trained.live,
-                                                  "features": trained.features[i].tolist()}))
-        for i in range(len(cols))
-    ])  # fmt: skip
+    produce(
+        settings,
+        FEATURES_SERVED,
+        [
+            (
+                cols.click_id[i].encode(),
+                orjson.dumps(
+                    {
+                        "click_id": cols.click_id[i],
+                        "model_version": trained.live,
+                        "features": trained.features[i].tolist(),
+                    }
+                ),
+            )
+            for i in range(len(cols))
+        ],
+    )
     archive = tmp_path / "archive"
-    options = ArchiveOptions(out=archive, group_id=f"a-{uuid.uuid4().hex[:8]}", idle_s=1.5,
-                             kinds=("clicks", "decisions"), flush_interval_s=5.0)  # fmt: skip
+    options = ArchiveOptions(
+        out=archive,
+        group_id=f"a-{uuid.uuid4().hex[:8]}",
+        idle_s=1.5,
+        kinds=("clicks", "decisions"),
+        flush_interval_s=5.0,
+    )
     archived = run_archive(settings, options)
     assert archived.written["clicks"] == len(cols)
 
@@ -426,18 +470,33 @@ def test_replay_from_the_archive_and_with_logged_features(
     )
 
     def replayed(report) -> dict[str, float]:
-        return {d["click_id"]: d["score"] for d in topic_decisions(settings)
-                if d.get("replay_id") == report.replay_id}  # fmt: skip
+        return {
+            d["click_id"]: d["score"]
+            for d in topic_decisions(settings)
+            if d.get("replay_id") == report.replay_id
+        }
 
-    from_archive = run_replay(settings, ReplayOptions(model_version=trained.earlier, since=since,
-                                                      until=until, archive=archive, warmup_s=2 * DAY))  # fmt: skip
+    from_archive = run_replay(
+        settings,
+        ReplayOptions(
+            model_version=trained.earlier,
+            since=since,
+            until=until,
+            archive=archive,
+            warmup_s=2 * DAY,
+        ),
+    )
     got = replayed(from_archive)
     assert got.keys() == expected.keys()
     np.testing.assert_allclose([got[c] for c in expected], list(expected.values()), atol=1e-7)
     assert from_archive.compared == len(expected)  # earlier decisions come from the archive
 
-    logged = run_replay(settings, ReplayOptions(model_version=trained.earlier, since=since,
-                                                until=until, use_logged_features=True))  # fmt: skip
+    logged = run_replay(
+        settings,
+        ReplayOptions(
+            model_version=trained.earlier, since=since, until=until, use_logged_features=True
+        ),
+    )
     got = replayed(logged)
     assert logged.logged_features_used == len(expected) and logged.warmup_clicks == 0
     np.testing.assert_allclose([got[c] for c in expected], list(expected.values()), atol=1e-7)
@@ -461,8 +520,20 @@ def test_replay_command_line(settings: Settings, trained: Trained, monkeypatch, 
     parser = argparse.ArgumentParser(prog="slidr")
     register_replay_commands(parser.add_subparsers(dest="command"))
     since, until = float(cols.ts[100]), float(cols.ts[400])
-    args = parser.parse_args(["replay", "--since", repr(since), "--until", repr(until),
-                              "--model", trained.earlier, "--dry-run", "--json", "--quiet"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "replay",
+            "--since",
+            repr(since),
+            "--until",
+            repr(until),
+            "--model",
+            trained.earlier,
+            "--dry-run",
+            "--json",
+            "--quiet",
+        ]
+    )
     assert args.func(args) == 0
     summary = orjson.loads(capsys.readouterr().out)
     assert summary["clicks_in_range"] == summary["decisions_published"] == 300

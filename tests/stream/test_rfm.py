@@ -15,8 +15,15 @@ def test_scores_follow_recency_frequency_and_amount() -> None:
     policy = RfmPolicy()
     cache = RfmCache(policy)
     for i in range(int(policy.frequent_purchases)):  # enough purchases to max out frequency
-        cache.add({"purchase_id": f"p{i}", "ts": T0 + i, "user_id": "u", "customer_id": "big",
-                   "amount": policy.valuable_amount})  # fmt: skip
+        cache.add(
+            {
+                "purchase_id": f"p{i}",
+                "ts": T0 + i,
+                "user_id": "u",
+                "customer_id": "big",
+                "amount": policy.valuable_amount,
+            }
+        )
     cache.add({"purchase_id": "q", "ts": T0, "user_id": "v", "customer_id": "small", "amount": 0.0})
     cache.add({"purchase_id": "r", "ts": T0, "user_id": "w", "customer_id": None, "amount": 5.0})
     last = T0 + policy.frequent_purchases - 1

@@ -12,24 +12,32 @@ CLICK = {"click_id": "c1", "ts": 1_762_041_600, "user_id": "u1", "ip": "10.0.0.1
 
 @pytest.mark.parametrize(
     ("ts", "expected"),
-    [(1_762_041_600, 1_762_041_600.0), (1_762_041_600.5, 1_762_041_600.5),
-     ("2025-11-02T00:00:00Z", 1_762_041_600.0), ("2025-11-02T01:00:00+01:00", 1_762_041_600.0)],
-)  # fmt: skip
+    [
+        (1_762_041_600, 1_762_041_600.0),
+        (1_762_041_600.5, 1_762_041_600.5),
+        ("2025-11-02T00:00:00Z", 1_762_041_600.0),
+        ("2025-11-02T01:00:00+01:00", 1_762_041_600.0),
+    ],
+)
 def test_event_time_as_number_or_rfc3339(ts, expected) -> None:
     assert parse_click(orjson.dumps({**CLICK, "ts": ts}))["ts"] == expected
 
 
 @pytest.mark.parametrize(
     ("change", "reason"),
-    [({"ts": True}, "got a boolean"), ({"ts": "2025-11-02T00:00:00"}, "no time zone"),
-     ({"ts": -1}, "out of range"), ({"user_id": 7}, "'user_id' must be a string"),
-     ({"context": {"q": 3}}, "context.q must be a string"),
-     ({"context": {"q": "x" * (MAX_FIELD_CHARS + 1)}}, "context.q is longer"),
-     ({"logged_in": "yes"}, "'logged_in' must be a boolean"),
-     ({"ip": "10.0.0.1\x1fx"}, "'ip' contains a control character"),
-     ({"session_id": "s\x00"}, "'session_id' contains a control character"),
-     ({"user_id": "u\x7f"}, "'user_id' contains a control character")],
-)  # fmt: skip
+    [
+        ({"ts": True}, "got a boolean"),
+        ({"ts": "2025-11-02T00:00:00"}, "no time zone"),
+        ({"ts": -1}, "out of range"),
+        ({"user_id": 7}, "'user_id' must be a string"),
+        ({"context": {"q": 3}}, "context.q must be a string"),
+        ({"context": {"q": "x" * (MAX_FIELD_CHARS + 1)}}, "context.q is longer"),
+        ({"logged_in": "yes"}, "'logged_in' must be a boolean"),
+        ({"ip": "10.0.0.1\x1fx"}, "'ip' contains a control character"),
+        ({"session_id": "s\x00"}, "'session_id' contains a control character"),
+        ({"user_id": "u\x7f"}, "'user_id' contains a control character"),
+    ],
+)
 def test_invalid_clicks_say_why(change: dict, reason: str) -> None:
     with pytest.raises(InvalidEvent, match=reason):
         parse_click(orjson.dumps({**CLICK, **change}))

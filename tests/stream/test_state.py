@@ -34,7 +34,9 @@ def random_rows(n: int, seed: int, entities: tuple[str, ...]) -> list[tuple]:
     rows = []
     ts = NOW - 0.5
     for _ in range(n):
-        step = rng.choice([0.0, 0.1, 3.7, 59.9, 3600.0, DAY_S + 1.0], p=[0.1, 0.3, 0.3, 0.2, 0.07, 0.03])
+        step = rng.choice(
+            [0.0, 0.1, 3.7, 59.9, 3600.0, DAY_S + 1.0], p=[0.1, 0.3, 0.3, 0.2, 0.07, 0.03]
+        )
         ts = float(ts + step)
         if rng.random() < 0.1:
             ts = float(np.ceil(ts / 10) * 10)  # exactly on a boundary
@@ -156,7 +158,7 @@ def test_redis_plan_keys_expire_like_op_keys(stream_settings: Settings) -> None:
     store.submit_rows(plan, [("u:x", NOW, ("m", "s"))], NOW)()
     ttls = {key.decode(): client.ttl(key) for key in client.keys(prefix + "*")}
     assert len(ttls) == plan.width - sum(previous for _, _, previous in plan.counts) - 1
-    for (kind, entity, field, _, expire_at) in plan.expand_row(("u:x", NOW, ("m", "s"))):
+    for kind, entity, field, _, expire_at in plan.expand_row(("u:x", NOW, ("m", "s"))):
         if kind != GET:
             # TTL reads round to the second: a slow second may already have passed
             expected = max(60, int(expire_at - NOW) + 1)
@@ -168,7 +170,9 @@ def test_resilient_store_degrades_without_redis_and_recovers(stream_settings: Se
     store = ResilientStore(dead, retry_after_s=0.0)
     assert store.execute_rows(COUNT, [("i:x", NOW, ())], NOW) == [1]
     assert store.degraded
-    store.primary = RedisStore(redis_client(stream_settings.redis_url), prefix=f"test:{uuid.uuid4().hex}:")
+    store.primary = RedisStore(
+        redis_client(stream_settings.redis_url), prefix=f"test:{uuid.uuid4().hex}:"
+    )
     assert store.execute_rows(COUNT, [("i:x", NOW, ())], NOW) == [1]
     assert not store.degraded
 
@@ -183,7 +187,10 @@ def test_redis_answers_are_read_later_in_any_order(stream_settings: Settings) ->
     now = max(ts for _, ts, _ in rows)
     expected = MemoryStore().execute(plan.expand(rows))
     w = plan.width
-    first, second = store.submit_rows(plan, rows[:100], now), store.submit_rows(plan, rows[100:200], now)
+    first, second = (
+        store.submit_rows(plan, rows[:100], now),
+        store.submit_rows(plan, rows[100:200], now),
+    )
     assert second() == expected[100 * w : 200 * w]
     assert first() == expected[: 100 * w]
     client.script_flush()
@@ -237,7 +244,9 @@ def test_one_redis_call_runs_several_plans_as_the_reference_does(
     for k, combo in enumerate(COMBOS):
         entities = tuple(combo_entity(combo, values) for values in COMBO_VALUES)
         rows = random_rows(400, seed=7 + k, entities=entities)
-        jobs.append((combo_plan(combo, DEFAULT_ALLOWED_LATENESS_S), [(e, ts, ()) for e, ts, _ in rows]))
+        jobs.append(
+            (combo_plan(combo, DEFAULT_ALLOWED_LATENESS_S), [(e, ts, ()) for e, ts, _ in rows])
+        )
     jobs.append((PLANS["user"], []))  # a plan without rows this batch
     now = max(ts for _, ts, _ in ip_rows)
     expected = [MemoryStore().execute(plan.expand(rows)) for plan, rows in jobs]
@@ -245,7 +254,9 @@ def test_one_redis_call_runs_several_plans_as_the_reference_does(
     store = RedisStore(client, prefix=f"test:{uuid.uuid4().hex}:")
     calls = []
     get_connection = client.connection_pool.get_connection
-    client.connection_pool.get_connection = lambda *a, **k: calls.append(1) or get_connection(*a, **k)
+    client.connection_pool.get_connection = lambda *a, **k: (
+        calls.append(1) or get_connection(*a, **k)
+    )
     got = [[] for _ in jobs]
     for start in range(0, 400, 61):
         chunk = [(plan, rows[start : start + 61]) for plan, rows in jobs]
@@ -263,10 +274,17 @@ def _talkingdata_clicks(n: int) -> list[dict]:
     rng = np.random.default_rng(8)
     return [
         {
-            "click_id": f"c{i}", "ts": NOW + 7.0 * i, "user_id": f"u{rng.integers(0, 5)}",
+            "click_id": f"c{i}",
+            "ts": NOW + 7.0 * i,
+            "user_id": f"u{rng.integers(0, 5)}",
             "ip": f"10.0.0.{rng.integers(0, 3)}",
-            "context": {"app": f"{rng.integers(0, 3)}", "os": "13", "device": "1", "channel": "101"},
-        }  # fmt: skip
+            "context": {
+                "app": f"{rng.integers(0, 3)}",
+                "os": "13",
+                "device": "1",
+                "channel": "101",
+            },
+        }
         for i in range(n)
     ]
 

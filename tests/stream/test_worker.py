@@ -129,7 +129,7 @@ def _malformed(click: dict) -> list[tuple[str, bytes | None, bytes | None, tuple
         ("empty", b"k12", b"", ("json", "empty")),
         ("null_value", b"k13", None, ("empty", "value", "tombstone")),
         ("unkeyed_garbage", None, b"\x00\x01\x02", ("json", "utf")),
-    ]  # fmt: skip
+    ]
 
 
 def test_every_click_gets_a_decision_and_malformed_ones_go_to_the_dlq(
@@ -173,9 +173,9 @@ def test_every_click_gets_a_decision_and_malformed_ones_go_to_the_dlq(
         for record in landed:
             end[record.partition] = max(end.get(record.partition, 0), record.offset + 1)
         topic = worker_settings.topic("clicks")
-        assert wait_until(lambda: committed_offsets(worker_settings, group, topic, end) == end, 20), (
-            f"committed {committed_offsets(worker_settings, group, topic, end)}, end {end}"
-        )
+        assert wait_until(
+            lambda: committed_offsets(worker_settings, group, topic, end) == end, 20
+        ), f"committed {committed_offsets(worker_settings, group, topic, end)}, end {end}"
     finally:
         producer.close()
         decisions.close()
@@ -300,17 +300,21 @@ def test_redis_outage_degrades_decisions_and_recovers(
         # Several batches, and at least one retry of Redis (every 2 s), while it is down.
         reader.read_until(
             lambda _r: time.time() - stopped_at > 3.5 and len(degraded()) >= 100,
-            DECIDE_S, lambda: worker.running,
-        )  # fmt: skip
+            DECIDE_S,
+            lambda: worker.running,
+        )
         assert degraded(), f"no degraded decisions with Redis down:\n{workers.describe()}"
 
         restarted_at = time.time()
         server.start()
         reader.read_until(
-            lambda _r: sum(not d["degraded"] and d["decided_at"] > restarted_at
-                           for d in reader.decisions) >= 200,
-            DECIDE_S, lambda: worker.running,
-        )  # fmt: skip
+            lambda _r: (
+                sum(not d["degraded"] and d["decided_at"] > restarted_at for d in reader.decisions)
+                >= 200
+            ),
+            DECIDE_S,
+            lambda: worker.running,
+        )
         producer.stop_event.set()
         producer.finish()
         sent = [c["click_id"] for c in clicks[: producer.sent]]
@@ -369,9 +373,14 @@ def test_two_workers_split_the_partitions_and_decide_every_click(
     def split() -> bool:
         a, b = first.assignment(), second.assignment()
         return (
-            a is not None and b is not None and a[0] == b[0]
-            and bool(a[1]) and bool(b[1]) and not (a[1] & b[1]) and a[1] | b[1] == partitions
-        )  # fmt: skip
+            a is not None
+            and b is not None
+            and a[0] == b[0]
+            and bool(a[1])
+            and bool(b[1])
+            and not (a[1] & b[1])
+            and a[1] | b[1] == partitions
+        )
 
     def both_alive() -> bool:
         return first.running and second.running

@@ -30,9 +30,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 # The product contract's decision fields (SPEC §1, Decision).
 DECISION_FIELDS = (
-    "click_id", "ts", "verdict", "score", "threshold", "slice", "model_version",
-    "reasons", "decided_at", "degraded", "replay",
-)  # fmt: skip
+    "click_id",
+    "ts",
+    "verdict",
+    "score",
+    "threshold",
+    "slice",
+    "model_version",
+    "reasons",
+    "decided_at",
+    "degraded",
+    "replay",
+)
 
 
 def unique(prefix: str) -> str:
@@ -276,9 +285,12 @@ class RecordProducer:
             while True:
                 try:
                     self.producer.produce(
-                        self.topic, key=key, value=value, partition=partition,
+                        self.topic,
+                        key=key,
+                        value=value,
+                        partition=partition,
                         on_delivery=delivered(len(out) - 1),
-                    )  # fmt: skip
+                    )
                     break
                 except BufferError:
                     self.producer.poll(0.05)
@@ -476,9 +488,20 @@ class PrivateRedis:
         import redis
 
         command = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no",
-        ]  # fmt: skip
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--daemonize",
+            "no",
+        ]
         with open(self.workdir / "redis.log", "ab") as log:
             self.process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
