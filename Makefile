@@ -25,8 +25,10 @@ demo: install ## the whole loop on a fresh machine: stack, simulate, train, stre
 test: install ## run the test suite (starts and stops its own broker and Redis)
 	$(BIN)/python -m pytest -q
 
-lint: install ## ruff
+lint: install ## ruff (check and format), the layer contract (import-linter)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 bench: install ## benchmarks: featurization and training on 1M clicks, the scoring path, the pipeline
 	$(BIN)/slidr bench --clicks $(BENCH_CLICKS)

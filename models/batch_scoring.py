@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.dataset import Dataset
 from features.batch import compute_features
 from features.columns import ClickColumns
 from models import metrics
-from models.dataset import Dataset
 from models.labels import make_labels
 from models.registry import ModelVersion
 from models.scoring import decide, reason_codes

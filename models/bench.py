@@ -82,11 +82,11 @@ def run_offline_bench(
         figures["training"].pop("report", None)  # removed with the directory
         return figures
 
+    from data.dataset import load_dataset
+    from data.simulator import simulate
     from features.batch import compute_features
-    from models.dataset import load_dataset
     from models.pipeline import run_training
     from models.registry import ModelRegistry
-    from slidr.simulator import simulate
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -183,8 +183,8 @@ def run_slidr(
 ) -> dict[str, Any]:
     """Train slidr on the data set, score every click with the registered version, give
     the AUC of 1 - score on ``test`` (indices into the loaded, time-sorted clicks)."""
+    from data.dataset import load_dataset
     from models.batch_scoring import score_clicks
-    from models.dataset import load_dataset
     from models.guardrails import GuardrailFailure
     from models.pipeline import TrainOptions, run_training
     from models.registry import ModelRegistry
@@ -225,8 +225,8 @@ def run_bench_real(
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="slidr-bench-real-") as tmp:
             return run_bench_real(data, tmp, seed, with_slidr, progress)
-    from models.dataset import load_dataset
-    from models.importer import TALKINGDATA, import_events
+    from data.dataset import load_dataset
+    from data.importer import TALKINGDATA, import_events
 
     data, workdir = Path(data), Path(workdir)
     imported = import_events(data, workdir / "data", TALKINGDATA, progress)

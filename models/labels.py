@@ -196,7 +196,7 @@ def rfm_snapshot(purchases, at: float, policy: RfmPolicy = RfmPolicy()) -> dict[
 
 
 def make_labels(clicks: ClickColumns, purchases, policy: RfmPolicy = RfmPolicy()) -> Labels:
-    """Weak labels for every click of a data set (``purchases``: models.dataset.Purchases)."""
+    """Weak labels for every click of a data set (``purchases``: data.dataset.Purchases)."""
     purchasing, attributed, unattributed = attribute_purchases(
         clicks, purchases.ts, purchases.user_id, purchases.click_id
     )

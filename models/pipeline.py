@@ -30,11 +30,11 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.dataset import Dataset, load_dataset
 from features.batch import compute_features
 from features.definitions import EMBEDDINGS, FEATURE_NAMES, FEATURE_SPEC_VERSION, INDEX, N_FEATURES
 from features.windows import DAY_S
 from models import calibration, metrics
-from models.dataset import Dataset, load_dataset
 from models.guardrails import GuardrailReport, HeldOut, check_training_data, label_share_by_slice
 from models.labels import Labels, balancing_weights, make_labels, propensity_weights, rfm_snapshot
 from models.registry import ModelRegistry
@@ -448,7 +448,7 @@ def run_training(
     """Train, calibrate, check and register a version; returns a summary dict.
 
     Raises ``GuardrailFailure`` (from models.guardrails) when a guardrail rejects the
-    data: nothing is registered then. ``model_check`` (e.g. ``models.lifecycle``'s
+    data: nothing is registered then. ``model_check`` (e.g. ``lifecycle.retrain``'s
     comparison with the active version) runs before registration; its results join
     ``result["guardrails"]`` and a version it rejects is registered but never becomes
     active by itself (``result["model_guardrails"]["passed"]`` is False).

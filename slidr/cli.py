@@ -38,7 +38,7 @@ def _stage_printer() -> Callable[[str], None]:
 
 
 def _registry_path(args: argparse.Namespace) -> Path:
-    from slidr.settings import Settings
+    from events.settings import Settings
 
     return args.registry or Settings.from_env().registry
 
@@ -47,7 +47,7 @@ def _registry_path(args: argparse.Namespace) -> Path:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from slidr.simulator import simulate
+    from data.simulator import simulate
 
     try:
         summary = simulate(
@@ -170,8 +170,8 @@ def _print_training_summary(result: dict, registry) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from data.dataset import load_dataset
     from models.batch_scoring import evaluate
-    from models.dataset import load_dataset
     from models.registry import ModelRegistry
 
     model = ModelRegistry(_registry_path(args)).load(args.model)
@@ -184,8 +184,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from data.dataset import load_dataset
     from models.batch_scoring import score_clicks, write_scores
-    from models.dataset import load_dataset
     from models.registry import ModelRegistry
 
     if args.out.suffix not in (".jsonl", ".parquet"):
@@ -204,7 +204,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from models.importer import (
+    from data.importer import (
         ColumnMapping,
         ImportFailure,
         import_events,
@@ -499,12 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from data.dataset import DatasetError
+    from events.settings import SettingsError
     from models.calibration import CalibrationError
-    from models.dataset import DatasetError
     from models.pipeline import TrainingError
     from models.registry import RegistryError
     from models.scoring import ModelFileError
-    from slidr.settings import SettingsError
 
     return (
         CalibrationError,

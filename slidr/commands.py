@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from slidr.settings import Settings
+from events.settings import Settings
 
 
 def _settings(args: argparse.Namespace, **overrides) -> Settings:
@@ -139,10 +139,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from models.lifecycle import register_lifecycle_commands
+    from lifecycle.monitor import register_monitor_commands
+    from lifecycle.replay import register_replay_commands
+    from lifecycle.retrain import register_lifecycle_commands
     from stream.archive import register_archive_commands
-    from stream.monitor import register_monitor_commands
-    from stream.replay import register_replay_commands
 
     p = sub.add_parser("up", help="start the embedded broker (Tansu) and Redis (Valkey)")
     p.set_defaults(func=cmd_up)

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from data.dataset import load_dataset
+from data.simulator import simulate
+from events.settings import Settings
 from models.batch_scoring import evaluate
-from models.dataset import load_dataset
 from models.labels import make_labels
 from models.metrics import compute_metrics, robotic_sessions
 from models.pipeline import TrainOptions
 from models.registry import ModelRegistry
-from slidr.settings import Settings
-from slidr.simulator import simulate
 from stream.billing import BillingLedger, advertisers_from, read_decisions
 from stream.kafka import ensure_topics
 from stream.local_stack import LocalStack
@@ -89,7 +89,7 @@ class _AllDecided(Exception):
 
 def _retrain(settings: Settings, directory: Path, now: float, days: int) -> str:
     """One run of the daily job (``slidr retrain``) with the clock set to ``now``."""
-    from models.lifecycle import RetrainOptions, retrain
+    from lifecycle.retrain import RetrainOptions, retrain
 
     # SLIDR's quadratic fit: on the demo's small days the exact method can chase noise in
     # a slice's validation curve, and the retrain guardrail then refuses the version

@@ -33,9 +33,10 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from events.schemas import InvalidEvent, parse_purchase
+from events.settings import Settings
 from features.windows import DAY_S
 from models.registry import ModelRegistry
-from slidr.settings import Settings
 from stream.engine import (
     BatchResult,
     DecisionEngine,
@@ -48,7 +49,6 @@ from stream.local_stack import resolve_endpoints
 from stream.metrics import WorkerMetrics
 from stream.publisher import AckPipeline, DeliveryError, Publisher
 from stream.rfm import RfmCache
-from stream.schemas import InvalidEvent, parse_purchase
 from stream.state import PartitionStores, shared_ip_state
 
 log = logging.getLogger("slidr.worker")

@@ -49,13 +49,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from events.schemas import InvalidEvent, load_object, parse_click, parse_purchase, parse_ts
 from features.columns import OPTIONAL_STRINGS
 from features.windows import DAY_S
 from stream.kafka import CLICKS, DECISIONS, PURCHASES
-from stream.schemas import InvalidEvent, load_object, parse_click, parse_purchase, parse_ts
 
 if TYPE_CHECKING:
-    from slidr.settings import Settings
+    from events.settings import Settings
 
 HOUR_S = 3600.0
 KINDS = ("clicks", "purchases", "decisions")
@@ -475,7 +475,7 @@ def export_days(
     """Write a data set directory (``clicks.parquet``, ``purchases.parquet``, and with
     ``include_decisions`` ``decisions.parquet``) for a day range; returns rows per file.
 
-    The directory loads with ``models.dataset.load_dataset`` (``slidr train --data``).
+    The directory loads with ``data.dataset.load_dataset`` (``slidr train --data``).
     """
     kinds = KINDS if include_decisions else ("clicks", "purchases")
     tables = load_archive(root, start_day, end_day, kinds, attribution_delay_s, history_s)
@@ -498,11 +498,11 @@ def load_archive_dataset(
     attribution_delay_s: float = DEFAULT_ATTRIBUTION_DELAY_S,
     history_s: float = 0.0,
 ):
-    """``models.dataset.Dataset`` of a day range, read as ``load_dataset`` reads a directory
+    """``data.dataset.Dataset`` of a day range, read as ``load_dataset`` reads a directory
     (through a temporary export, so both paths validate and sort the same way)."""
     import tempfile
 
-    from models.dataset import load_dataset
+    from data.dataset import load_dataset
 
     with tempfile.TemporaryDirectory(prefix="slidr-archive-") as tmp:
         export_days(root, start_day, end_day, tmp, attribution_delay_s, history_s)
@@ -675,7 +675,7 @@ def _kinds(text: str) -> tuple[str, ...]:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    from slidr.settings import Settings
+    from events.settings import Settings
     from stream.kafka import ensure_topics
 
     settings = Settings.from_env()
@@ -704,9 +704,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
     try:
         report = run_archive(settings, options, progress, stop)
     except ArchiveError as exc:
-        from slidr.cli import CliError
+        from events.errors import UsageError
 
-        raise CliError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -715,7 +715,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
 
 def cmd_archive_export(args: argparse.Namespace) -> int:
-    from slidr.settings import Settings
+    from events.settings import Settings
 
     settings = Settings.from_env()
     archive = args.archive or settings.home / "archive"
@@ -730,9 +730,9 @@ def cmd_archive_export(args: argparse.Namespace) -> int:
             include_decisions=args.with_decisions,
         )
     except ArchiveError as exc:
-        from slidr.cli import CliError
+        from events.errors import UsageError
 
-        raise CliError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     print(f"{args.out}: " + ", ".join(f"{n:,} {kind}" for kind, n in counts.items()))
     return 0
 

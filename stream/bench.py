@@ -30,10 +30,10 @@ import onnxruntime as ort
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from data.dataset import load_dataset
+from events.settings import Settings
 from models.bench import cpu_model
-from models.dataset import load_dataset
 from models.registry import ModelRegistry
-from slidr.settings import Settings
 from stream.engine import DecisionEngine, RawMessage
 from stream.kafka import CLICKS, DECISIONS, consumer_config, ensure_topics, producer_config
 from stream.producer import click_payload, produce_dataset
@@ -427,8 +427,8 @@ class BenchOptions:
 
 def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict:
     """Every benchmark; starts a private embedded stack unless Kafka and Redis are given."""
+    from data.simulator import simulate
     from models.pipeline import TrainOptions, run_training
-    from slidr.simulator import simulate
     from stream.local_stack import LocalStack
 
     report: dict = {

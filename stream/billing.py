@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from slidr.settings import Settings
+from events.settings import Settings
 from stream.kafka import DECISIONS, consumer_config
 
 
@@ -79,7 +79,7 @@ class BillingLedger:
 
 
 def advertisers_from(directory: Path) -> dict[str, str]:
-    from models.dataset import load_dataset
+    from data.dataset import load_dataset
 
     clicks = load_dataset(directory).clicks
     adv = clicks.optional["advertiser_id"]

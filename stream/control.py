@@ -8,8 +8,8 @@ import time
 import orjson
 from confluent_kafka import Producer
 
+from events.settings import Settings
 from models.registry import ModelRegistry
-from slidr.settings import Settings
 from stream.kafka import CONTROL, ensure_topics, producer_config
 
 

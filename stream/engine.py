@@ -28,12 +28,12 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import orjson
 
+from events.schemas import InvalidEvent, parse_click
 from features.definitions import ClickFeaturizer
 from models.registry import ModelVersion
 from models.scoring import reason_codes
 from stream.metrics import WorkerMetrics
 from stream.rfm import RfmCache
-from stream.schemas import InvalidEvent, parse_click
 from stream.state import PartitionStores, ResilientStore, decision_key
 
 log = logging.getLogger(__name__)

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
-from slidr.settings import SettingsError
+from events.settings import SettingsError
 from stream.local_stack import resolve_bootstrap
 
 if TYPE_CHECKING:
-    from slidr.settings import Settings
+    from events.settings import Settings
 
 log = logging.getLogger(__name__)
 

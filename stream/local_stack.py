@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from slidr.settings import Settings
+    from events.settings import Settings
 
 LOOPBACK = "127.0.0.1"
 BROKER = "broker"

@@ -12,7 +12,7 @@ import time
 
 from confluent_kafka import Consumer
 
-from slidr.settings import Settings
+from events.settings import Settings
 from stream.engine import DecisionEngine, RawMessage, tune_garbage_collector
 from stream.kafka import CLICKS, consumer_config
 from stream.publisher import Publisher

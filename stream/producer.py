@@ -17,9 +17,9 @@ import orjson
 from confluent_kafka import Producer
 from tqdm import tqdm
 
+from data.dataset import Purchases, load_dataset
+from events.settings import Settings
 from features.columns import ClickColumns
-from models.dataset import Purchases, load_dataset
-from slidr.settings import Settings
 from stream.kafka import CLICKS, PURCHASES, ensure_topics, producer_config
 
 

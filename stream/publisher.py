@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from slidr.settings import Settings
+from events.settings import Settings
 from stream.engine import BatchResult, bounded_dead_letter
 from stream.kafka import CLICKS_DLQ, DECISIONS, FEATURES_SERVED, producer_config
 

@@ -35,7 +35,7 @@ from features.store import MemoryStore, Row, RowPlan, StateStore, apply_plan, ex
 from features.windows import DAY_S
 
 if TYPE_CHECKING:
-    from slidr.settings import Settings
+    from events.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from slidr.settings import Settings
+from events.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from events.schemas import parse_click
 from features.context import HASH_DIM, id_bucket
 from features.definitions import (
     DENSE_COLUMNS,
@@ -23,7 +24,6 @@ from features.definitions import (
 from features.store import MemoryStore
 from features.useragent import BROWSERS, DEVICES, OPERATING_SYSTEMS
 from features.windows import COMBOS, COUNTS, DISTINCTS
-from stream.schemas import parse_click
 
 CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
 

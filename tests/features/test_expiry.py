@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from events.schemas import parse_click
 from features.definitions import ClickFeaturizer
 from features.store import MemoryStore
 from features.windows import COMBOS, DAY_S
-from stream.schemas import parse_click
 
 START = 1_762_041_600.0  # a UTC midnight
 

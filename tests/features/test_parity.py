@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from data.dataset import clicks_from_rows
+from events.schemas import parse_click
 from features.batch import compute_features
 from features.definitions import (
     EMBEDDINGS,
@@ -16,8 +18,6 @@ from features.definitions import (
 )
 from features.store import MemoryStore
 from features.windows import COMBOS, W1D, ComboSpec
-from models.dataset import clicks_from_rows
-from stream.schemas import parse_click
 
 AGENTS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36",

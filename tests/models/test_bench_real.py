@@ -12,10 +12,10 @@ import numpy as np
 import orjson
 import pytest
 
+from data.dataset import load_dataset
+from data.importer import TALKINGDATA, import_events
 from models import bench_real
-from models.dataset import load_dataset
 from models.guardrails import GuardrailFailure, GuardrailReport
-from models.importer import TALKINGDATA, import_events
 from models.peers import lightgbm_available
 
 REPO = Path(__file__).parents[2]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.dataset import Purchases, clicks_from_rows
+from data.dataset import Purchases, clicks_from_rows
+from events.schemas import parse_click
 from models.labels import (
     ATTRIBUTION_WINDOW_S,
     RfmPolicy,
@@ -15,7 +16,6 @@ from models.labels import (
     propensity_weights,
     rfm_scores,
 )
-from stream.schemas import parse_click
 
 T0 = 1_793_577_600.0  # 2026-11-02 00:00 UTC, a Monday
 HOUR = 3600.0

@@ -20,12 +20,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from data.simulator import simulate
 from features.definitions import FEATURE_NAMES, FEATURE_SPEC_VERSION, N_FEATURES
 from models import calibration, pipeline
 from models.guardrails import GuardrailFailure
 from models.pipeline import TrainOptions, fingerprint, run_training, split_by_day
 from models.registry import ModelRegistry
-from slidr.simulator import simulate
 
 CLICKS_PER_DAY = 60_000
 SEED = 5

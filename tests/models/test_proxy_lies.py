@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from data.simulator import simulate
 from models.pipeline import TrainOptions, run_training
 from models.registry import ModelRegistry
-from slidr.simulator import simulate
 
 SEED = 2
 BUDGET = TrainOptions().fpr_budget

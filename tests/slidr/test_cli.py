@@ -18,15 +18,15 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
+from data.dataset import load_dataset
+from data.simulator import simulate
+from events.schemas import parse_click
 from features.batch import compute_features
 from features.definitions import ClickFeaturizer
 from features.store import MemoryStore
-from models.dataset import load_dataset
 from models.registry import ModelRegistry
 from models.scoring import reason_codes
 from slidr.cli import EXIT_ERROR, EXIT_GUARDRAIL, build_parser, main
-from slidr.simulator import simulate
-from stream.schemas import parse_click
 
 SCORE_COLUMNS = {"click_id", "score", "verdict", "slice", "reasons"}
 

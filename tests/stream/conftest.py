@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from slidr.settings import Settings
+from events.settings import Settings
 from tests.stream.worker_harness import WorkerPool
 
 
@@ -33,9 +33,9 @@ _SIMULATIONS = ((11, 3, 6000), (3, 4, 6000), (11, 4, 6000), (5, 4, 8000))
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
     """A registry with one active version, trained on a ~18k-click simulation."""
+    from data.simulator import simulate
     from models.pipeline import TrainOptions, run_training
     from models.registry import ModelRegistry
-    from slidr.simulator import simulate
 
     root = tmp_path_factory.mktemp("worker-model")
     # No coverage minima: on a few thousand clicks a day they are often infeasible.
@@ -78,6 +78,6 @@ def workers(worker_settings: Settings, tmp_path: Path) -> Iterator[WorkerPool]:
 @pytest.fixture(scope="session")
 def dataset(trained_model: TrainedModel):
     """The simulation the model was trained on (clicks sorted by event time)."""
-    from models.dataset import load_dataset
+    from data.dataset import load_dataset
 
     return load_dataset(trained_model.data)

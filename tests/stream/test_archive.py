@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import Producer
 
-from slidr.settings import Settings
+from events.schemas import InvalidEvent
+from events.settings import Settings
 from stream.archive import (
     CLICK_SCHEMA,
     ArchiveOptions,
@@ -31,7 +32,6 @@ from stream.archive import (
     run_archive,
 )
 from stream.kafka import CLICKS, DECISIONS, PURCHASES, producer_config
-from stream.schemas import InvalidEvent
 
 T0 = 1_793_577_600.0  # 2026-11-02T00:00:00Z
 
@@ -169,9 +169,9 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     """A tiny simulation (3 days, ~4k clicks a day) and a model trained on it."""
+    from data.simulator import simulate
     from models.pipeline import TrainOptions, run_training
     from models.registry import ModelRegistry
-    from slidr.simulator import simulate
 
     root = tmp_path_factory.mktemp("archive-model")
     failures = []
@@ -207,9 +207,9 @@ def produce(
 def test_archive_writes_each_event_once_and_exports_an_equal_dataset(
     stream_settings: Settings, trained: Trained, tmp_path: Path
 ) -> None:
+    from data.dataset import load_dataset
     from features.batch import compute_features
     from models.batch_scoring import evaluate, score_clicks
-    from models.dataset import load_dataset
     from models.registry import ModelRegistry
     from stream.producer import produce_dataset
 

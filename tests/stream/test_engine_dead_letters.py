@@ -8,6 +8,7 @@ import hashlib
 import orjson
 import pytest
 
+from events.schemas import InvalidEvent, parse_click
 from stream.engine import (
     DEAD_LETTER_ORIGINAL_BYTES,
     MAX_DEAD_LETTER_BYTES,
@@ -15,7 +16,6 @@ from stream.engine import (
     bounded_dead_letter,
     dead_letter,
 )
-from stream.schemas import InvalidEvent, parse_click
 
 HOSTILE = {
     "5 MB of control bytes": bytes(range(32)) * (5 * 1024 * 1024 // 32),

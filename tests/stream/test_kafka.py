@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from slidr.settings import Settings, SettingsError
+from events.settings import Settings, SettingsError
 from stream.kafka import (
     CONTROL,
     TOPICS,

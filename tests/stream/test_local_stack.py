@@ -15,7 +15,7 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
-from slidr.settings import Settings
+from events.settings import Settings
 from stream.local_stack import (
     LocalStack,
     StackError,

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from slidr.settings import Settings
+from events.settings import Settings
 from stream.engine import BatchResult
 from stream.kafka import DECISIONS, consumer_config
 from stream.publisher import AckPipeline, DeliveryError, Publisher

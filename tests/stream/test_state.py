@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import redis
 
+from events.settings import Settings
 from features.definitions import ClickFeaturizer, combo_entity, combo_plan, state_plan
 from features.store import GET, MemoryStore, RowPlan
 from features.windows import COMBOS, DAY_S, DEFAULT_ALLOWED_LATENESS_S
-from slidr.settings import Settings
 from stream.local_stack import free_port
 from stream.state import (
     PartitionStores,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slidr.settings import Settings
+from events.settings import Settings
 from stream.bench import BenchOptions, run_bench
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from slidr.settings import Settings
+from events.settings import Settings
 from stream.kafka import CLICKS, CLICKS_DLQ, DECISIONS, consumer_config, producer_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data.dataset import DatasetError, LoadReport, load_clicks, load_dataset
+from data.simulator import simulate
 from features.columns import ClickColumns
-from models.dataset import DatasetError, LoadReport, load_clicks, load_dataset
-from slidr.simulator import simulate
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

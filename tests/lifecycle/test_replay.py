@@ -16,9 +16,8 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from slidr.settings import Settings
-from stream.kafka import CLICKS, DECISIONS, FEATURES_SERVED, producer_config
-from stream.replay import (
+from events.settings import Settings
+from lifecycle.replay import (
     ReplayError,
     ReplayOptions,
     TopicScanner,
@@ -31,6 +30,7 @@ from stream.replay import (
     register_replay_commands,
     run_replay,
 )
+from stream.kafka import CLICKS, DECISIONS, FEATURES_SERVED, producer_config
 
 DAY = 86_400.0
 DECISION_FIELDS = (
@@ -136,11 +136,11 @@ def _derived_version(registry, version: str, scale: float) -> str:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     """A tiny simulation (3 days, ~4k clicks a day), a model trained on it, and a second
     version of it that invalidates more (the one "live" decisions come from)."""
+    from data.dataset import load_dataset
+    from data.simulator import simulate
     from features.batch import compute_features
-    from models.dataset import load_dataset
     from models.pipeline import TrainOptions, run_training
     from models.registry import ModelRegistry
-    from slidr.simulator import simulate
 
     root = tmp_path_factory.mktemp("replay-model")
     failures = []
@@ -251,7 +251,7 @@ def produce_clicks(settings: Settings, trained: Trained) -> None:
 
 
 def topic_decisions(settings: Settings) -> list[dict]:
-    from stream.replay import OffsetRange
+    from lifecycle.replay import OffsetRange
 
     scanner = TopicScanner(settings, DECISIONS)
     try:
@@ -306,7 +306,7 @@ def test_event_time_bounds_pick_exactly_the_clicks_in_range(
     # Bisection reads a small part of the topic, not all of it.
     scanner = TopicScanner(settings, CLICKS)
     try:
-        from stream.replay import resolve_time_range
+        from lifecycle.replay import resolve_time_range
 
         ranges = resolve_time_range(scanner, *windows[0])
         assert sum(r.size for r in ranges) < 0.3 * len(records)
@@ -503,7 +503,7 @@ def test_replay_from_the_archive_and_with_logged_features(
 
 
 def test_replay_command_line(settings: Settings, trained: Trained, monkeypatch, capsys) -> None:
-    from slidr.cli import CliError
+    from events.errors import UsageError
 
     cols = trained.clicks
     produce(
@@ -540,5 +540,5 @@ def test_replay_command_line(settings: Settings, trained: Trained, monkeypatch, 
     assert summary["model_version"] == trained.earlier and summary["dry_run"] is True
 
     args = parser.parse_args(["replay", "--model", trained.earlier])
-    with pytest.raises(CliError, match="give a range"):
+    with pytest.raises(UsageError, match="give a range"):
         args.func(args)

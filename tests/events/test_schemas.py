@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from stream.schemas import MAX_FIELD_CHARS, InvalidEvent, parse_click
+from events.schemas import MAX_FIELD_CHARS, InvalidEvent, parse_click
 
 CLICK = {"click_id": "c1", "ts": 1_762_041_600, "user_id": "u1", "ip": "10.0.0.1"}
 

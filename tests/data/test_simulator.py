@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data.dataset import load_dataset
+from data.simulator import KINDS, PROXY_LIES_KINDS, WORLDS, SimulationSummary, simulate
 from features.batch import compute_features
-from models.dataset import load_dataset
 from models.labels import make_labels
 from slidr.cli import build_parser, main
-from slidr.simulator import KINDS, PROXY_LIES_KINDS, WORLDS, SimulationSummary, simulate
 
 START = "2026-11-02"  # a Monday
 T0 = datetime(2026, 11, 2, tzinfo=UTC).timestamp()

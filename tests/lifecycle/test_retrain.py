@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.windows import DAY_S
-from models.lifecycle import (
+from lifecycle.retrain import (
     EXIT_PROMOTED,
     EXIT_REJECTED,
     RetrainError,
@@ -126,9 +126,9 @@ def test_a_window_without_clicks_is_an_error(tmp_path: Path) -> None:
 
 def test_the_archive_gives_the_same_window_as_a_data_directory(tmp_path: Path) -> None:
     """``--archive`` (stream.archive.export_days) and ``--data`` train on the same rows."""
-    from models.dataset import load_dataset
-    from models.lifecycle import export_archive_window
-    from slidr.simulator import simulate
+    from data.dataset import load_dataset
+    from data.simulator import simulate
+    from lifecycle.retrain import export_archive_window
     from stream.archive import ArchiveWriter
     from stream.producer import click_payload, purchase_payload
 
@@ -243,7 +243,7 @@ def control_messages(settings, expected: int, timeout: float = 15.0) -> list[dic
 
 @pytest.fixture(scope="module")
 def simulation(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slidr.simulator import simulate
+    from data.simulator import simulate
 
     out = tmp_path_factory.mktemp("retrain-sim") / "data"
     simulate(out, **SIMULATION)

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models.dataset import load_dataset
-from models.importer import (
+from data.dataset import load_dataset
+from data.importer import (
     TALKINGDATA,
     ColumnMapping,
     ImportFailure,

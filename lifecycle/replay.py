@@ -45,18 +45,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
+from data.dataset import clicks_from_rows
+from events.schemas import InvalidEvent, parse_click, parse_ts
 from features.batch import compute_features
 from features.definitions import N_FEATURES
-from models.dataset import clicks_from_rows
 from models.registry import ModelRegistry, ModelVersion
 from stream.engine import decision_record
 from stream.kafka import CLICKS, DECISIONS, FEATURES_SERVED
-from stream.schemas import InvalidEvent, parse_click, parse_ts
 
 if TYPE_CHECKING:
     from confluent_kafka import Message
 
-    from slidr.settings import Settings
+    from events.settings import Settings
 
 DEFAULT_MAX_DISORDER_S = 600.0  # twice the worker's allowed lateness (features.windows)
 DAY_S = 86_400.0
@@ -798,8 +798,8 @@ def _publish(
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from slidr.cli import CliError
-    from slidr.settings import Settings
+    from events.errors import UsageError
+    from events.settings import Settings
 
     settings = Settings.from_env(registry=args.registry)
     try:
@@ -832,7 +832,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         progress("settings:\n" + settings.describe())
         report = run_replay(settings, options, progress)
     except (ReplayError, ValueError) as exc:
-        raise CliError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     print(orjson.dumps(report.to_dict()).decode() if args.json else report)
     return 0
 

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.columns import OPTIONAL_STRINGS, ClickColumns
-from stream.schemas import CLICK_REQUIRED, InvalidEvent, parse_click, parse_purchase, parse_ts
+from events.schemas import CLICK_REQUIRED, InvalidEvent, parse_click, parse_purchase, parse_ts
 
 GROUND_TRUTH = ("is_bot", "bot_kind")
 
@@ -218,7 +218,7 @@ def load_clicks(path: Path, report: LoadReport | None = None) -> ClickColumns:
 
 
 def clicks_from_rows(rows: list[dict]) -> ClickColumns:
-    """Columns from parsed click dicts (``stream.schemas.parse_click`` output)."""
+    """Columns from parsed click dicts (``events.schemas.parse_click`` output)."""
     keys = sorted({k for r in rows for k in (r.get("context") or {})})
 
     def col(name: str, default=None) -> np.ndarray:

@@ -574,7 +574,7 @@ class Monitor:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from slidr.settings import Settings
+    from events.settings import Settings
 
     settings = Settings.from_env(registry=args.registry)
     config, policy = monitor_config(args)

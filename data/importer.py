@@ -4,7 +4,7 @@ A ``ColumnMapping`` says which source column holds each click field of SPEC §1 
 may be several columns joined, e.g. ``ip+device+os``), which columns become
 ``context.<name>``, and which column flags a click that led to a purchase (with its
 time). ``import_events`` streams the source in batches and writes ``clicks.parquet``,
-``purchases.parquet`` and ``import_report.json``: the layout ``models.dataset`` reads.
+``purchases.parquet`` and ``import_report.json``: the layout ``data.dataset`` reads.
 
 Rows that cannot become a click are counted by reason (``REASONS``) and reported, with
 the first few as examples; none is dropped without a trace.

@@ -139,12 +139,12 @@ def _read_rows(path: Path) -> _Rows:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        from models.dataset import LoadReport, _strings, _ts_column
+        from data.dataset import LoadReport, _strings, _ts_column
 
         table = pq.read_table(path)
         ts = _ts_column(table, path, LoadReport())
         return _Rows(path, table, ts, _strings(table, "user_id"), _strings(table, "click_id"))
-    from stream.schemas import InvalidEvent, parse_ts
+    from events.schemas import InvalidEvent, parse_ts
 
     lines, ts, users, named = [], [], [], []
     with path.open("rb") as handle:
@@ -367,11 +367,11 @@ def retrain(
 ) -> RetrainOutcome:
     """One retrain run on ``source`` (a data directory, or the archive when ``archive``).
 
-    ``settings`` (``slidr.settings.Settings``) gives the registry and, for promotion,
+    ``settings`` (``events.settings.Settings``) gives the registry and, for promotion,
     the broker. Never raises for a rejection: the outcome's exit code says it.
     """
+    from data.dataset import DatasetError
     from models.calibration import CalibrationError
-    from models.dataset import DatasetError
     from models.pipeline import TrainingError, run_training
     from models.registry import RegistryError
 
@@ -547,7 +547,7 @@ def _progress(message: str) -> None:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from slidr.settings import Settings
+    from events.settings import Settings
 
     settings = Settings.from_env(registry=args.registry)
     if args.history:

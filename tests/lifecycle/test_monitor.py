@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
-from stream.monitor import (
+from lifecycle.monitor import (
     Deviation,
     DeviationDetector,
     MonitorConfig,
@@ -302,7 +302,7 @@ def test_rollback_policy(policy, watched, active, expected) -> None:
 def test_command_line_flags_reach_the_detector_and_the_policy() -> None:
     import argparse
 
-    from stream.monitor import monitor_config, register_monitor_commands
+    from lifecycle.monitor import monitor_config, register_monitor_commands
 
     parser = argparse.ArgumentParser(prog="slidr")
     register_monitor_commands(parser.add_subparsers(dest="command"))
@@ -360,9 +360,9 @@ def private_registry(trained_model, tmp_path: Path) -> Path:
 def test_a_faulty_version_is_rolled_back_automatically(
     workers, worker_settings, trained_model, dataset, tmp_path: Path
 ) -> None:
+    from lifecycle.monitor import Monitor
     from models.registry import ModelRegistry
     from stream.control import promote
-    from stream.monitor import Monitor
     from tests.stream.worker_harness import (
         DecisionReader,
         PacedProducer,

@@ -1,0 +1,1 @@
+"""Data sets: the one reader of click and purchase files, the importer, the simulator."""

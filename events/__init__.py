@@ -1,0 +1,1 @@
+"""The contract every layer shares: event declarations, settings, errors."""
