@@ -29,6 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from events.errors import SlidrError
+
 Progress = Callable[[str], None]
 
 # Event times outside these bounds (UTC, epoch seconds) are taken as corrupt:
@@ -74,7 +76,7 @@ _CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zst", ".tsv", ".txt")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
-class ImportFailure(ValueError):
+class ImportFailure(SlidrError, ValueError):
     """The import cannot run (unknown format, missing column, bad mapping); says which."""
 
 
@@ -453,6 +455,8 @@ class _BatchConverter:
         else:
             rows = np.arange(first_row, first_row + n)
             click_id = pa.array([f"r{i}" for i in rows.tolist()], pa.string())
+        # ``validate`` has refused a mapping without these before any batch is read.
+        assert m.ts is not None and m.ip is not None
         ts, present = _seconds(col(m.ts), m.ts_format)
         flag(~present, "missing_ts", m.ts)
         flag(present & np.isnan(ts), "bad_ts", m.ts, col(m.ts))

@@ -43,8 +43,8 @@ low_slow        a few identities click all day at a steady slow pace (regular ga
                 diurnal rhythm, stable user_id/IP/UA, ads uniformly at random
 proxy_rotator   residential-looking IPs and human-looking UAs, a fresh user/session/IP every
                 2-5 clicks, flat in time, concentrated on a few advertisers and publishers
-hijacked        real customer accounts (mostly dormant, some heavy buyers) signed in from data-centre
-                IPs on a new device, long sessions on many ads, mostly at night (UTC)
+hijacked        real customer accounts (mostly dormant, some heavy buyers) signed in from
+                data-centre IPs on a new device, long sessions on many ads, mostly at night (UTC)
 crawler         declared crawler UAs (Googlebot, bingbot, AhrefsBot, ...) from their own
                 data-centre ranges, cookieless (new user_id per session), logged out
 datacenter      normal desktop UAs (30% HeadlessChrome) from cloud IP ranges, moderate
@@ -241,64 +241,78 @@ _DOW_VOLUME = np.array([1.00, 0.98, 0.97, 0.99, 0.94, 1.08, 1.12])  # Monday .. 
 # --------------------------------------------------------------------------------------
 _DESKTOP_UAS = (
     (
-        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36",
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/130.0.0.0 Safari/537.36",
         0.22,
     ),
     (
-        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/129.0.0.0 Safari/537.36",
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/129.0.0.0 Safari/537.36",
         0.08,
     ),
     (
-        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36",
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/130.0.0.0 Safari/537.36",
         0.10,
     ),
     (
-        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36",
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 "
+        "Safari/537.36",
         0.03,
     ),
     (
-        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36 Edg/130.0.0.0",
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/130.0.0.0 Safari/537.36 Edg/130.0.0.0",
         0.12,
     ),
     (
-        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/129.0.0.0 Safari/537.36 Edg/129.0.0.0",
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/129.0.0.0 Safari/537.36 Edg/129.0.0.0",
         0.03,
     ),
     ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:132.0) Gecko/20100101 Firefox/132.0", 0.06),
     ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10.15; rv:131.0) Gecko/20100101 Firefox/131.0", 0.02),
     ("Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0", 0.02),
     (
-        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Safari/605.1.15",
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+        "Version/18.1 Safari/605.1.15",
         0.09,
     ),
     (
-        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.6 Safari/605.1.15",
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+        "Version/17.6 Safari/605.1.15",
         0.05,
     ),
 )
 _MOBILE_UAS = (
     (
-        "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1",
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+        "Gecko) Version/18.1 Mobile/15E148 Safari/604.1",
         0.22,
     ),
     (
-        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.6 Mobile/15E148 Safari/604.1",
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+        "Gecko) Version/17.6 Mobile/15E148 Safari/604.1",
         0.14,
     ),
     (
-        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) CriOS/130.0.6723.90 Mobile/15E148 Safari/604.1",
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+        "Gecko) CriOS/130.0.6723.90 Mobile/15E148 Safari/604.1",
         0.05,
     ),
     (
-        "Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Mobile Safari/537.36",
+        "Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/130.0.0.0 Mobile Safari/537.36",
         0.34,
     ),
     (
-        "Mozilla/5.0 (Linux; Android 14; SAMSUNG SM-S911B) AppleWebKit/537.36 (KHTML, like Gecko) SamsungBrowser/26.0 Chrome/122.0.0.0 Mobile Safari/537.36",
+        "Mozilla/5.0 (Linux; Android 14; SAMSUNG SM-S911B) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "SamsungBrowser/26.0 Chrome/122.0.0.0 Mobile Safari/537.36",
         0.10,
     ),
     (
-        "Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/129.0.0.0 Mobile Safari/537.36",
+        "Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/129.0.0.0 Mobile Safari/537.36",
         0.10,
     ),
     ("Mozilla/5.0 (Android 14; Mobile; rv:132.0) Gecko/132.0 Firefox/132.0", 0.05),
@@ -316,11 +330,13 @@ _APP_UAS = (
 )
 _HEADLESS_UAS = (
     (
-        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/130.0.6723.58 Safari/537.36",
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "HeadlessChrome/130.0.6723.58 Safari/537.36",
         0.6,
     ),
     (
-        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/129.0.6668.70 Safari/537.36",
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "HeadlessChrome/129.0.6668.70 Safari/537.36",
         0.4,
     ),
 )
@@ -330,7 +346,9 @@ _CRAWLERS = (
         0.33,
         (
             "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
-            "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.6723.69 Mobile Safari/537.36 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+            "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 (KHTML, "
+            "like Gecko) Chrome/130.0.6723.69 Mobile Safari/537.36 (compatible; Googlebot/2.1; "
+            "+http://www.google.com/bot.html)",
         ),
         ((66, 249, 66), (66, 249, 68), (66, 249, 79)),
     ),
@@ -357,14 +375,17 @@ _CRAWLERS = (
     (
         0.06,
         (
-            "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/13.1.1 Safari/605.1.15 (Applebot/0.1; +http://www.apple.com/go/applebot)",
+            "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_5) AppleWebKit/605.1.15 (KHTML, like "
+            "Gecko) Version/13.1.1 Safari/605.1.15 (Applebot/0.1; "
+            "+http://www.apple.com/go/applebot)",
         ),
         ((17, 241, 219), (17, 241, 75)),
     ),
     (
         0.04,
         (
-            "Mozilla/5.0 (compatible; DotBot/1.2; +https://opensiteexplorer.org/dotbot; help@moz.com)",
+            "Mozilla/5.0 (compatible; DotBot/1.2; +https://opensiteexplorer.org/dotbot; "
+            "help@moz.com)",
         ),
         ((216, 244, 66),),
     ),
@@ -387,23 +408,28 @@ _SCRIPT_UAS = (
 # Smart TVs and game consoles: real people on devices the device classes do not cover.
 _OTHER_DEVICE_UAS = (
     (
-        "Mozilla/5.0 (SMART-TV; Linux; Tizen 7.0) AppleWebKit/537.36 (KHTML, like Gecko) SamsungBrowser/6.2 Chrome/94.0.4606.31 TV Safari/537.36",
+        "Mozilla/5.0 (SMART-TV; Linux; Tizen 7.0) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "SamsungBrowser/6.2 Chrome/94.0.4606.31 TV Safari/537.36",
         0.35,
     ),
     (
-        "Mozilla/5.0 (Web0S; Linux/SmartTV) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/94.0.4606.128 Safari/537.36 WebAppManager",
+        "Mozilla/5.0 (Web0S; Linux/SmartTV) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/94.0.4606.128 Safari/537.36 WebAppManager",
         0.25,
     ),
     (
-        "Mozilla/5.0 (PlayStation; PlayStation 5/8.20) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/15.4 Safari/605.1.15",
+        "Mozilla/5.0 (PlayStation; PlayStation 5/8.20) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+        "Version/15.4 Safari/605.1.15",
         0.15,
     ),
     (
-        "Mozilla/5.0 (Windows NT 10.0; Win64; x64; Xbox; Xbox Series X) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36 Edge/130.0.0.0",
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64; Xbox; Xbox Series X) AppleWebKit/537.36 "
+        "(KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36 Edge/130.0.0.0",
         0.15,
     ),
     (
-        "Mozilla/5.0 (Nintendo Switch; WifiWebAuthApplet) AppleWebKit/606.4 (KHTML, like Gecko) NF/6.0.1.15.4 NintendoBrowser/5.1.0.20389",
+        "Mozilla/5.0 (Nintendo Switch; WifiWebAuthApplet) AppleWebKit/606.4 (KHTML, like Gecko) "
+        "NF/6.0.1.15.4 NintendoBrowser/5.1.0.20389",
         0.10,
     ),
 )
@@ -731,20 +757,19 @@ def simulate(
     say = progress or (lambda _msg: None)
     began = time.perf_counter()
     out_dir = Path(out_dir)
-    world_name = world
-    world = _World(
+    sim = _World(
         t0=t_start.timestamp(),
         days=int(days),
         cpd=int(clicks_per_day),
         dow0=t_start.astimezone(UTC).weekday(),
         seed=int(seed),
-        name=world_name,
+        name=world,
     )
     clicks = _Clicks()
 
     say("population: users, customers, ads")
-    pop = _make_population(world)
-    ads = _make_ads(world)
+    pop = _make_population(sim)
+    ads = _make_ads(sim)
 
     # Daily click budgets: robots are constant, humans follow the weekly rhythm and give up
     # the mimic's share on drift days.
@@ -757,34 +782,34 @@ def simulate(
         ("crawler", _gen_crawler),
         ("datacenter", _gen_datacenter),
     ]
-    if world.proxy_lies:
+    if sim.proxy_lies:
         bot_share.update(PROXY_LIES_BOT_SHARE)
         generators += [("infected_pc", _gen_infected_pc), ("script", _gen_script)]
-    dow = (world.dow0 + np.arange(world.days)) % 7
-    human_share = np.full(world.days, 1.0 - sum(bot_share.values()))
-    mimic_days = np.zeros(world.days, bool)
+    dow = (sim.dow0 + np.arange(sim.days)) % 7
+    human_share = np.full(sim.days, 1.0 - sum(bot_share.values()))
+    mimic_days = np.zeros(sim.days, dtype=np.bool_)
     if new_bot_day is not None:
         mimic_days[new_bot_day:] = True
         human_share[mimic_days] -= MIMIC_SHARE
     say("humans")
-    human_budget = world.cpd * human_share * _DOW_VOLUME[dow]
-    if world.proxy_lies:
-        other_device = np.full(world.days, _PL_OTHER_DEVICE_CLICKS * world.cpd)
+    human_budget = sim.cpd * human_share * _DOW_VOLUME[dow]
+    if sim.proxy_lies:
+        other_device = np.full(sim.days, _PL_OTHER_DEVICE_CLICKS * sim.cpd)
         comparison = (human_budget - other_device) * _PL_COMPARISON_CLICKS
-        _gen_humans(world, pop, ads, clicks, human_budget - other_device - comparison)
+        _gen_humans(sim, pop, ads, clicks, human_budget - other_device - comparison)
         say("humans: comparison browsers, smart TVs and consoles")
-        _gen_comparison_browsers(world, pop, ads, clicks, comparison)
-        _gen_other_device_humans(world, ads, clicks, other_device)
+        _gen_comparison_browsers(sim, pop, ads, clicks, comparison)
+        _gen_other_device_humans(sim, ads, clicks, other_device)
     else:
-        _gen_humans(world, pop, ads, clicks, human_budget)
+        _gen_humans(sim, pop, ads, clicks, human_budget)
 
-    bot_budget = {k: s * world.cpd * world.days for k, s in bot_share.items()}
+    bot_budget = {k: s * sim.cpd * sim.days for k, s in bot_share.items()}
     for kind, gen in generators:
         say(f"robots: {kind}")
-        gen(world, pop, ads, clicks, bot_budget[kind])
+        gen(sim, pop, ads, clicks, bot_budget[kind])
     if new_bot_day is not None:
         say(f"robots: mimic from day {new_bot_day}")
-        _gen_mimic(world, pop, ads, clicks, MIMIC_SHARE * world.cpd, int(new_bot_day))
+        _gen_mimic(sim, pop, ads, clicks, MIMIC_SHARE * sim.cpd, int(new_bot_day))
 
     say("sorting clicks by time")
     cols = clicks.concat()
@@ -795,11 +820,11 @@ def simulate(
     click_ids = pa.array([f"c{i:0{width}d}" for i in range(len(order))], pa.string())
 
     say("purchases")
-    purchases = _gen_purchases(world, pop, cols, rank, click_ids)
+    purchases = _gen_purchases(sim, pop, cols, rank, click_ids)
 
     say("writing parquet")
     out_dir.mkdir(parents=True, exist_ok=True)
-    clicks_table = _clicks_table(world, pop, ads, cols, order, click_ids)
+    clicks_table = _clicks_table(sim, pop, ads, cols, order, click_ids)
     path_clicks = out_dir / "clicks.parquet"
     path_purchases = out_dir / "purchases.parquet"
     _write(clicks_table, path_clicks)
@@ -811,10 +836,10 @@ def simulate(
         k: int(counts[i])
         for i, k in enumerate(KINDS)
         if (k != "mimic" or new_bot_day is not None)
-        and (k not in PROXY_LIES_KINDS or world.proxy_lies)
+        and (k not in PROXY_LIES_KINDS or sim.proxy_lies)
     }
     n = len(kinds)
-    hist = int((purchases.column("ts").to_numpy() < world.t0).sum())
+    hist = int((purchases.column("ts").to_numpy() < sim.t0).sum())
     summary = SimulationSummary(
         n_clicks=n,
         n_purchases=purchases.num_rows,
@@ -826,12 +851,12 @@ def simulate(
         n_purchases_with_click=purchases.num_rows - purchases.column("click_id").null_count,
         n_users=pop.n_users,
         n_customers=len(pop.cust_lambda),
-        days=world.days,
-        seed=world.seed,
+        days=sim.days,
+        seed=sim.seed,
         start=t_start.isoformat(),
         new_bot_day=new_bot_day,
-        world=world.name,
-        human_segments=_human_segments(pop, cols) if world.proxy_lies else {},
+        world=sim.name,
+        human_segments=_human_segments(pop, cols) if sim.proxy_lies else {},
     )
     summary.elapsed_s = time.perf_counter() - began
     say(f"done in {summary.elapsed_s:.1f} s")
@@ -1047,13 +1072,15 @@ def _units_for_budget(
     return sizes[: max(1, n)]
 
 
-def _lognormal_sizes(rng: np.random.Generator, median: float, sigma: float, lo: int, hi: int):
+def _lognormal_sizes(
+    rng: np.random.Generator, median: float, sigma: float, lo: int, hi: int
+) -> Callable[[int], np.ndarray]:
     return lambda n: np.clip(np.round(rng.lognormal(np.log(median), sigma, n)), lo, hi).astype(
         np.int64
     )
 
 
-def _exp_gaps(rng: np.random.Generator, mean: float, floor: float):
+def _exp_gaps(rng: np.random.Generator, mean: float, floor: float) -> Callable[[int], np.ndarray]:
     return lambda n: floor + rng.exponential(mean, n)
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from events.errors import SlidrError
 
-class SettingsError(ValueError):
+
+class SettingsError(SlidrError, ValueError):
     """A setting has a value slidr cannot use; the message names the setting."""
 
 
@@ -98,7 +100,8 @@ class Settings:
             )
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError(
-                f"SLIDR_REDIS_URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+                "SLIDR_REDIS_URL must start with redis://, rediss:// or unix://, "
+                f"got {self.redis_url!r}"
             )
         if self.faust_transport not in ("aiokafka", "confluent"):
             raise SettingsError(

@@ -9,6 +9,8 @@ tests/features/test_parity.py proves both paths agree.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import pyarrow as pa
 
@@ -176,7 +178,9 @@ class _FieldCodes:
         return done
 
 
-def _per_distinct(codes: tuple[list, np.ndarray], encode, width: int) -> np.ndarray:
+def _per_distinct(
+    codes: tuple[list, np.ndarray], encode: Callable[..., Sequence[int]], width: int
+) -> np.ndarray:
     """``encode(value)`` (a tuple of ``width`` ints) of every row, computed once per
     distinct value (``codes``: a ``_FieldCodes`` answer): int64 [n, width]."""
     uniq, inverse = codes
@@ -276,9 +280,10 @@ def compute_features(cols: ClickColumns) -> tuple[np.ndarray, np.ndarray]:
         if spec.previous:
             state.append(previous_bucket_total(entity[spec.entity], b))
     state.append(gap_seconds(user, cols.ts))
-    for spec in DISTINCTS:
-        b = _buckets(cols.ts, spec.window)
-        state.append(running_distinct(_group_ids(entity[spec.entity], b), members[spec.member]))
+    for distinct in DISTINCTS:
+        b = _buckets(cols.ts, distinct.window)
+        groups = _group_ids(entity[distinct.entity], b)
+        state.append(running_distinct(groups, members[distinct.member]))
     devices = resolve_devices(cols)
     matrix = np.empty((len(cols), N_FEATURES), dtype=np.float32)
     k = len(state)

@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Optional string fields of the click schema (SPEC §1), besides ``context``.
-OPTIONAL_STRINGS = ("customer_id", "device", "ad_id", "advertiser_id", "placement", "query")
+from events.declarations import CLICK, Kind
+
+# A click's optional string fields without a default (events.declarations): absent stays
+# absent, so they are columns with None. The others are columns of their own below.
+OPTIONAL_STRINGS = CLICK.select_names(kind=Kind.STRING, required=False, defaulted=False)
 # Every top-level string field of a click (``ClickColumns.strings`` reads them).
-STRING_FIELDS = ("click_id", "user_id", "ip", "session_id", "user_agent", *OPTIONAL_STRINGS)
+STRING_FIELDS = CLICK.select_names(kind=Kind.STRING)
 
 
 @dataclass

@@ -31,13 +31,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import orjson
 
 from features.columns import STRING_FIELDS
 from features.context import HASH_DIM, context_vector, id_bucket
-from features.store import Row, RowPlan, StateStore
+from features.store import PartitionedStore, Row, RowPlan, StateStore
 from features.useragent import (
     BROWSERS,
     DEVICES,
@@ -325,12 +326,17 @@ def combo_entities_function(combos: Sequence[ComboSpec]) -> Callable[[dict], tup
         else:
             lines.append(f"    v{i} = get({field!r}) or ''")
         lines.append(f"    if len(v{i}) > {_LONG_VALUE}: v{i} = long_value(v{i})")
-    packed = [
-        f"{'c:' + c.name + ':'!r} + dumps(({''.join(f'v{fields.index(f)}, ' for f in c.fields)})).decode()"
-        for c in combos
-    ]
+    packed = []
+    for c in combos:
+        prefix = "c:" + c.name + ":"
+        values = "".join(f"v{fields.index(f)}, " for f in c.fields)
+        packed.append(f"{prefix!r} + dumps(({values})).decode()")
     lines.append(f"    return ({''.join(p + ', ' for p in packed)})")
-    namespace = {"EMPTY": _NO_CONTEXT, "dumps": orjson.dumps, "long_value": _long_value}
+    namespace: dict[str, Any] = {
+        "EMPTY": _NO_CONTEXT,
+        "dumps": orjson.dumps,
+        "long_value": _long_value,
+    }
     exec("\n".join(lines), namespace)  # noqa: S102 - source built above from the declarations
     return namespace["entities"]
 
@@ -351,9 +357,10 @@ def _result_positions() -> tuple[tuple[tuple[bool, int], ...], int, tuple[tuple[
             counts.append((spec.entity == "user", at + 1))
     nth = {"user": 0, "ip": 0}
     distincts = []
-    for spec in DISTINCTS:
-        distincts.append((spec.entity == "user", offsets[spec.entity][2][nth[spec.entity]]))
-        nth[spec.entity] += 1
+    for distinct in DISTINCTS:
+        at = offsets[distinct.entity][2][nth[distinct.entity]]
+        distincts.append((distinct.entity == "user", at))
+        nth[distinct.entity] += 1
     return tuple(counts), offsets["user"][1], tuple(distincts)
 
 
@@ -420,10 +427,11 @@ class ClickFeaturizer:
         """Fold a micro-batch of parsed clicks into state and return their features.
 
         With ``partitions`` (the Kafka partition of each click), user-keyed state is
-        routed to that partition's store: ``user_store`` must then offer
-        ``execute_routed_rows(plan, {partition: rows}, now) -> {partition: results}``.
+        routed to that partition's store: ``user_store`` must then be a
+        ``PartitionedStore`` (``execute_routed_rows(plan, {partition: rows}, now)``).
         """
-        user_rows: dict[int | None, list[Row]] = {}  # by partition, in click order
+        # By partition (under None without partitions), in click order.
+        user_rows: dict[Any, list[Row]] = {}
         ip_rows: list[Row] = []
         combo_entities = self._combo_entities
         entities: list[tuple[str, ...]] = []  # per click: its combinations' entities
@@ -467,9 +475,12 @@ class ClickFeaturizer:
         try:
             if partitions is None:
                 rows = user_rows.get(None, [])
-                user_res = {None: self.user_store.execute_rows(self.user_plan, rows, now)}
+                user_res: dict[Any, list[Any]] = {
+                    None: self.user_store.execute_rows(self.user_plan, rows, now)
+                }
             else:
-                user_res = self.user_store.execute_routed_rows(self.user_plan, user_rows, now)
+                routed = cast(PartitionedStore, self.user_store)  # the docstring's contract
+                user_res = routed.execute_routed_rows(self.user_plan, user_rows, now)
             for row, click in enumerate(clicks):
                 ua = click.get("user_agent") or ""
                 device = resolve_device(click.get("device"), ua)

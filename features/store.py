@@ -24,7 +24,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from features.windows import DAY_S
 
@@ -198,6 +198,17 @@ class StateStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (files, connections)."""
+
+
+class PartitionedStore(Protocol):
+    """A user store that keeps state per Kafka partition (the worker's ``PartitionStores``):
+    ``ClickFeaturizer.featurize`` sends it each partition's rows when told the partitions."""
+
+    def execute_routed_rows(
+        self, plan: RowPlan, rows: dict[int, list[Row]], now: float = 0.0
+    ) -> dict[int, list[Any]]:
+        """``execute_rows`` of each partition's rows on that partition's state."""
+        ...
 
 
 def apply_op(record: dict[str, list], op: Op) -> Any:

@@ -38,15 +38,12 @@ Two parts:
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import orjson
 
@@ -493,49 +490,31 @@ class Monitor:
 
     # -- the loop -----------------------------------------------------------------------
 
-    def _consumer(self):
-        from confluent_kafka import Consumer, TopicPartition
-
-        from stream.kafka import CONTROL, DECISIONS, PURCHASES, consumer_config, ensure_topics
-
-        s = self.settings
-        ensure_topics(s, names=(DECISIONS, PURCHASES, CONTROL))
-        consumer = Consumer(consumer_config(s, group_id=f"{s.group_id}-monitor-{time.time_ns()}"))
-        assignment = []
-        for name in (DECISIONS, PURCHASES, CONTROL):
-            topic = s.topic(name)
-            metadata = consumer.list_topics(topic, timeout=10)
-            for p in sorted(metadata.topics[topic].partitions):
-                _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                assignment.append(TopicPartition(topic, p, high))
-        consumer.assign(assignment)
-        return consumer, {
-            s.topic(DECISIONS): "decision",
-            s.topic(PURCHASES): "purchase",
-            s.topic(CONTROL): "control",
-        }
-
     def run(self, duration_s: float = 0.0) -> list[dict]:
         """Follow the topics until ``stop_event`` (or ``duration_s`` seconds; 0: forever)."""
+        from stream.kafka import CONTROL, DECISIONS, PURCHASES, ensure_topics
+        from stream.topics import END, TopicTail
+
         active = self.registry.active_version()
         if active:
             self.watch(_last_activation(self.registry, active))
-        consumer, kinds = self._consumer()
+        s = self.settings
+        kinds = {DECISIONS: "decision", PURCHASES: "purchase", CONTROL: "control"}
+        ensure_topics(s, names=tuple(kinds))
+        kind_of = {s.topic(name): kind for name, kind in kinds.items()}
+        tail = TopicTail(s, tuple(kinds), start=END, label="monitor", batch=500, wait_s=0.1)
         self.ready.set()
         started = last_status = time.monotonic()
-        try:
-            while not self.stop_event.is_set():
-                if duration_s and time.monotonic() - started > duration_s:
-                    break
-                for msg in consumer.consume(500, 0.1):
-                    if msg.error() or msg.value() is None:
-                        continue
-                    self._message(kinds.get(msg.topic()), msg.value())
+        with tail:
+            for messages in tail.batches(stop=self.stop_event):
+                for msg in messages:
+                    if msg.value() is not None:
+                        self._message(kind_of.get(msg.topic()), msg.value())
                 if self.status_every_s and time.monotonic() - last_status >= self.status_every_s:
                     last_status = time.monotonic()
                     self.out("monitor: " + orjson.dumps(self.detector.stats()).decode())
-        finally:
-            consumer.close()
+                if duration_s and time.monotonic() - started > duration_s:
+                    break
         return self.events
 
     def _message(self, kind: str | None, raw: bytes) -> None:
@@ -566,139 +545,3 @@ class Monitor:
 
     def stop(self) -> None:
         self.stop_event.set()
-
-
-# --------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------
-
-
-def cmd_monitor(args: argparse.Namespace) -> int:
-    from events.settings import Settings
-
-    settings = Settings.from_env(registry=args.registry)
-    config, policy = monitor_config(args)
-    print("slidr monitor settings:\n" + settings.describe(), file=sys.stderr, flush=True)
-    monitor = Monitor(settings, config, policy, status_every_s=args.status_every)
-    try:
-        events = monitor.run(duration_s=args.duration)
-    except KeyboardInterrupt:
-        events = monitor.events
-    rollbacks = sum(1 for e in events if e["event"] == "rollback")
-    print(
-        f"monitor: {len(events)} deviations, {rollbacks} rollbacks (log: {monitor.registry.root / MONITOR_LOG})"
-    )
-    return 0
-
-
-def monitor_config(args: argparse.Namespace) -> tuple[MonitorConfig, RollbackPolicy]:
-    """The detector's config and the rollback policy from ``slidr monitor`` flags."""
-    config = MonitorConfig(
-        window_decisions=args.window,
-        window_seconds=args.window_seconds,
-        min_decisions=args.min_decisions,
-        ivr_factor=args.ivr_factor,
-        slice_ivr_factor=args.slice_ivr_factor,
-        min_slice_decisions=args.min_slice_decisions,
-        spike_decisions=args.spike_decisions,
-        spike_share=args.spike_share,
-        fpr_factor=args.fpr_factor,
-        min_purchasing=args.min_purchasing,
-    )
-    return config, RollbackPolicy(
-        enabled=not args.no_rollback, within_s=args.rollback_within_hours * 3600.0
-    )
-
-
-def register_monitor_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``slidr monitor`` to the CLI's subparsers."""
-    d = MonitorConfig()
-    p = sub.add_parser(
-        "monitor",
-        help="watch live decisions; roll back a version that deviates from its promise",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--registry",
-        type=Path,
-        default=None,
-        help="model registry (default: SLIDR_REGISTRY or var/registry)",
-    )
-    p.add_argument(
-        "--window",
-        type=int,
-        default=d.window_decisions,
-        help=f"decisions in the sliding window (default {d.window_decisions})",
-    )
-    p.add_argument(
-        "--window-seconds",
-        type=float,
-        default=d.window_seconds,
-        help=f"oldest decision in the window, s (default {d.window_seconds:g})",
-    )
-    p.add_argument(
-        "--min-decisions",
-        type=int,
-        default=d.min_decisions,
-        help=f"decisions before the IVR is judged (default {d.min_decisions})",
-    )
-    p.add_argument(
-        "--ivr-factor",
-        type=float,
-        default=d.ivr_factor,
-        help=f"deviation: IVR > factor x promised (default {d.ivr_factor:g})",
-    )
-    p.add_argument(
-        "--slice-ivr-factor",
-        type=float,
-        default=d.slice_ivr_factor,
-        help=f"... per slice (default {d.slice_ivr_factor:g})",
-    )
-    p.add_argument(
-        "--min-slice-decisions",
-        type=int,
-        default=d.min_slice_decisions,
-        help=f"decisions of a slice before it is judged (default {d.min_slice_decisions})",
-    )
-    p.add_argument(
-        "--spike-decisions",
-        type=int,
-        default=d.spike_decisions,
-        help=f"newest decisions checked for a spike of invalid verdicts (default {d.spike_decisions})",
-    )
-    p.add_argument(
-        "--spike-share",
-        type=float,
-        default=d.spike_share,
-        help=f"invalid share that is a spike (default {d.spike_share:g})",
-    )
-    p.add_argument(
-        "--fpr-factor",
-        type=float,
-        default=d.fpr_factor,
-        help=f"deviation: FPR of purchased / high-RFM clicks > factor x promised (default {d.fpr_factor:g})",
-    )
-    p.add_argument(
-        "--min-purchasing",
-        type=int,
-        default=d.min_purchasing,
-        help=f"purchased clicks before the FPR is judged (default {d.min_purchasing})",
-    )
-    p.add_argument("--no-rollback", action="store_true", help="log deviations only")
-    p.add_argument(
-        "--rollback-within-hours",
-        type=float,
-        default=0.0,
-        help="roll back only versions activated at most this long before (default 0: any)",
-    )
-    p.add_argument(
-        "--status-every", type=float, default=10.0, help="seconds between status lines (0: none)"
-    )
-    p.add_argument(
-        "--duration",
-        type=float,
-        default=0.0,
-        help="stop after this many seconds (default 0: run until interrupted)",
-    )
-    p.set_defaults(func=cmd_monitor)

@@ -29,14 +29,10 @@ decision of each click when it is known.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import math
-import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -46,23 +42,29 @@ import numpy as np
 import orjson
 
 from data.dataset import clicks_from_rows
+from events.errors import SlidrError
 from events.schemas import InvalidEvent, parse_click, parse_ts
 from features.batch import compute_features
 from features.definitions import N_FEATURES
 from models.registry import ModelRegistry, ModelVersion
 from stream.engine import decision_record
 from stream.kafka import CLICKS, DECISIONS, FEATURES_SERVED
+from stream.topics import (
+    OffsetRange,
+    TopicScanner,
+    offset_ranges,
+    resolve_time_range,
+    scan_topic,
+)
 
 if TYPE_CHECKING:
-    from confluent_kafka import Message
-
     from events.settings import Settings
 
 DEFAULT_MAX_DISORDER_S = 600.0  # twice the worker's allowed lateness (features.windows)
 DAY_S = 86_400.0
 
 
-class ReplayError(RuntimeError):
+class ReplayError(SlidrError, RuntimeError):
     """A replay that cannot run as asked; the message says why."""
 
 
@@ -114,55 +116,7 @@ def parse_offsets(text: str | None) -> int | dict[int, int] | None:
         raise ReplayError(f"expected an offset N or PARTITION:OFFSET,... got {text!r}") from None
 
 
-# -- reading a topic by offsets and by event time ---------------------------------------
-
-
-@dataclass(frozen=True)
-class OffsetRange:
-    """Offsets [start, end) of one partition."""
-
-    partition: int
-    start: int
-    end: int
-
-    @property
-    def size(self) -> int:
-        return max(0, self.end - self.start)
-
-
-def first_offset_at_or_after(
-    probe: Callable[[int, int], tuple[int, float]],
-    lo: int,
-    hi: int,
-    t: float,
-    scan: Callable[[int, int], Iterable[tuple[int, float | None]]] | None = None,
-    linear_span: int = 0,
-) -> int:
-    """Smallest offset in [lo, hi] whose first valid click (at or after it) has ``ts >= t``.
-
-    ``probe(offset, hi)`` returns (offset of the first valid click at or after ``offset``,
-    its ts), or (hi, inf) when there is none before ``hi``. Binary search, exact for a
-    partition in event-time order: about log2(hi - lo) probes. With ``scan(lo, hi)``
-    (every (offset, ts or None for an invalid event) of [lo, hi), in order), the last
-    ``linear_span`` offsets are read in one go instead: one read beats many probes there.
-    """
-    while hi - lo > linear_span or (scan is None and lo < hi):
-        mid = (lo + hi) // 2
-        found, ts = probe(mid, hi)
-        if ts >= t:
-            hi = mid
-        else:  # every offset in [mid, found] leads to this click, which is too early
-            lo = found + 1
-    if scan is None or lo >= hi:
-        return lo
-    answer = lo
-    for offset, ts in scan(lo, hi):
-        if ts is None:
-            continue
-        if ts >= t:
-            return answer
-        answer = offset + 1
-    return answer
+# -- reading clicks and decisions from their topics (stream.topics) --------------------
 
 
 def _click_ts(value: bytes | None) -> float | None:
@@ -174,207 +128,9 @@ def _click_ts(value: bytes | None) -> float | None:
         return None
 
 
-class TopicScanner:
-    """Reads offset ranges of one topic by assignment: no consumer group, no commits."""
-
-    def __init__(
-        self, settings: Settings, topic: str, stall_s: float = 20.0, linear_span: int = 2000
-    ) -> None:
-        from confluent_kafka import Consumer
-
-        from stream.kafka import consumer_config
-
-        self.topic = settings.topic(topic)
-        self.stall_s = stall_s
-        self.linear_span = linear_span  # bisect down to this many offsets, then read them
-        self.consumer = Consumer(
-            consumer_config(
-                settings,
-                group_id=f"slidr-replay-{uuid.uuid4().hex[:12]}",
-                enable_partition_eof=False,
-            )
-        )
-        metadata = self.consumer.list_topics(self.topic, timeout=10)
-        topic_meta = metadata.topics.get(self.topic)
-        if topic_meta is None or topic_meta.error is not None or not topic_meta.partitions:
-            self.consumer.close()
-            raise ReplayError(
-                f"topic {self.topic} does not exist (run `slidr up`, or check SLIDR_TOPIC_PREFIX)"
-            )
-        self.partitions = sorted(topic_meta.partitions)
-        self.probes = 0
-
-    def watermarks(self, partition: int) -> tuple[int, int]:
-        """(low, high) offsets of a partition: [low, high) holds its messages.
-
-        Tansu 0.6 answers ListOffsets(latest) with the *first* offset of the last record
-        batch plus one, not the end of that batch (measured: 3 batches of 10 records ->
-        21, not 30); the high watermark in a fetch response is right. So fetch from the
-        listed end minus one and take the fetch's watermark (one cheap fetch on Kafka).
-        """
-        from confluent_kafka import TopicPartition
-
-        tp = TopicPartition(self.topic, partition)
-        low, listed = self.consumer.get_watermark_offsets(tp, timeout=10, cached=False)
-        if listed <= low:
-            return low, listed
-        self.consumer.assign([TopicPartition(self.topic, partition, listed - 1)])
-        try:
-            deadline = time.monotonic() + self.stall_s
-            while time.monotonic() < deadline:
-                messages = self.consumer.consume(1, 0.1)
-                if any(m.error() is None for m in messages):
-                    break
-            else:
-                raise ReplayError(
-                    f"{self.topic}[{partition}]: offset {listed - 1} could not be fetched"
-                )
-            _, high = self.consumer.get_watermark_offsets(tp, cached=True)
-        finally:
-            self.consumer.unassign()
-        return low, max(listed, high)
-
-    def read(self, ranges: list[OffsetRange], batch: int = 1000) -> Iterator[Message]:
-        """Every message in the ranges (each partition in offset order), then stop."""
-        from confluent_kafka import TopicPartition
-
-        todo = {r.partition: r for r in ranges if r.size}
-        if not todo:
-            return
-        self.consumer.assign(
-            [TopicPartition(self.topic, r.partition, r.start) for r in todo.values()]
-        )
-        last = time.monotonic()
-        try:
-            while todo:
-                messages = self.consumer.consume(batch, 0.1)
-                now = time.monotonic()
-                for msg in messages:
-                    if msg.error() is not None:
-                        continue
-                    r = todo.get(msg.partition())
-                    if r is None or msg.offset() < r.start:
-                        continue
-                    last = now
-                    if msg.offset() >= r.end:
-                        del todo[r.partition]
-                        continue
-                    yield msg
-                    if msg.offset() + 1 >= r.end:
-                        del todo[r.partition]
-                if not messages and todo:
-                    # The range may end with offsets that are never delivered (control
-                    # records, compacted gaps): the position says when we are past them.
-                    for tp in self.consumer.position([TopicPartition(self.topic, p) for p in todo]):
-                        if tp.offset >= 0 and tp.offset >= todo[tp.partition].end:
-                            del todo[tp.partition]
-                    if todo and now - last > self.stall_s:
-                        raise ReplayError(
-                            f"{self.topic}: no messages for {self.stall_s:g} s while reading "
-                            f"{sorted((r.partition, r.start, r.end) for r in todo.values())}"
-                        )
-        finally:
-            self.consumer.unassign()
-
-    def first_click(self, partition: int, offset: int, end: int) -> tuple[int, float]:
-        """(offset, ts) of the first valid click at or after ``offset``; (end, inf) if none."""
-        self.probes += 1
-        with contextlib.closing(self.read([OffsetRange(partition, offset, end)])) as messages:
-            for msg in messages:
-                ts = _click_ts(msg.value())
-                if ts is not None:
-                    return msg.offset(), ts
-        return end, math.inf
-
-    def offset_for_time(self, partition: int, t: float, lo: int, hi: int) -> int:
-        """First offset in [lo, hi] at which clicks reach event time ``t`` (bisection)."""
-
-        def scan(start: int, end: int) -> Iterator[tuple[int, float | None]]:
-            self.probes += 1
-            for msg in self.read([OffsetRange(partition, start, end)]):
-                yield msg.offset(), _click_ts(msg.value())
-
-        return first_offset_at_or_after(
-            lambda offset, end: self.first_click(partition, offset, end),
-            lo,
-            hi,
-            t,
-            scan=scan,
-            linear_span=self.linear_span,
-        )
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
-def resolve_time_range(
-    scanner: TopicScanner,
-    since: float | None,
-    until: float | None,
-    max_disorder_s: float = DEFAULT_MAX_DISORDER_S,
-    partitions: list[int] | None = None,
-    full_scan: bool = False,
-) -> list[OffsetRange]:
-    """Per partition, offsets that hold every click with ``since <= ts < until``.
-
-    The ranges are widened by ``max_disorder_s`` on both sides; filter by ``ts`` when
-    reading them (``read_clicks`` does).
-    """
-    out = []
-    for p in partitions if partitions is not None else scanner.partitions:
-        low, high = scanner.watermarks(p)
-        start, end = low, high
-        if not full_scan:
-            if since is not None:
-                start = scanner.offset_for_time(p, since - max_disorder_s, low, high)
-            if until is not None:
-                end = scanner.offset_for_time(p, until + max_disorder_s, start, high)
-        out.append(OffsetRange(p, start, end))
-    return out
-
-
-def offset_ranges(
-    scanner: TopicScanner,
-    from_offset: int | dict[int, int] | None,
-    to_offset: int | dict[int, int] | None,
-    partitions: list[int] | None = None,
-) -> list[OffsetRange]:
-    """Offset ranges from ``--from-offset``/``--to-offset`` (clipped to the watermarks).
-
-    A dict names partitions; a partition missing from a dict starts at the low
-    watermark (``from``) or ends at the high one (``to``). With dicts only and no
-    ``partitions``, only the partitions the dicts name are read.
-    """
-    if partitions is None:
-        named = set()
-        for value in (from_offset, to_offset):
-            if isinstance(value, dict):
-                named |= set(value)
-        partitions = (
-            sorted(named)
-            if named and not any(isinstance(v, int) for v in (from_offset, to_offset))
-            else scanner.partitions
-        )
-    unknown = sorted(set(partitions) - set(scanner.partitions))
-    if unknown:
-        raise ReplayError(
-            f"{scanner.topic} has no partition(s) {unknown} (it has {scanner.partitions})"
-        )
-    out = []
-    for p in partitions:
-        low, high = scanner.watermarks(p)
-        start = (
-            from_offset.get(p, low)
-            if isinstance(from_offset, dict)
-            else (low if from_offset is None else from_offset)
-        )
-        end = (
-            to_offset.get(p, high)
-            if isinstance(to_offset, dict)
-            else (high if to_offset is None else to_offset)
-        )
-        out.append(OffsetRange(p, min(max(start, low), high), min(max(end, low), high)))
-    return out
+def click_scanner(settings: Settings) -> TopicScanner:
+    """A scanner of the clicks topic whose event-time bounds bisect on valid clicks' ``ts``."""
+    return TopicScanner(settings, CLICKS, event_time=_click_ts)
 
 
 @dataclass
@@ -422,25 +178,17 @@ def clicks_between(
     full_scan: bool = False,
 ) -> ClickRead:
     """The clicks on the ``clicks`` topic with ``since <= ts < until`` (epoch seconds)."""
-    scanner = TopicScanner(settings, CLICKS)
-    try:
+    with click_scanner(settings) as scanner:
         ranges = resolve_time_range(scanner, since, until, max_disorder_s, full_scan=full_scan)
         return read_clicks(scanner, ranges, since, until)
-    finally:
-        scanner.close()
 
 
 def latest_decisions(settings: Settings, click_ids: set[str]) -> dict[str, dict]:
     """The latest decision (by ``decided_at``) of each of ``click_ids`` on the decisions
     topic; the whole topic is scanned (it is in decision order, not event-time order)."""
-    scanner = TopicScanner(settings, DECISIONS)
     latest: dict[str, dict] = {}
-    try:
-        ranges = [OffsetRange(p, *scanner.watermarks(p)) for p in scanner.partitions]
-        for msg in scanner.read(ranges):
-            _keep_latest(latest, msg.value(), click_ids)
-    finally:
-        scanner.close()
+    for msg in scan_topic(settings, DECISIONS):
+        _keep_latest(latest, msg.value(), click_ids)
     return latest
 
 
@@ -461,23 +209,18 @@ def _keep_latest(latest: dict[str, dict], raw: bytes | dict | None, click_ids: s
 def logged_features(settings: Settings, click_ids: set[str]) -> dict[str, np.ndarray]:
     """Features the worker logged on ``features.served`` for ``click_ids`` (the latest
     record per click; records of another feature layout are ignored)."""
-    scanner = TopicScanner(settings, FEATURES_SERVED)
     out: dict[str, np.ndarray] = {}
-    try:
-        ranges = [OffsetRange(p, *scanner.watermarks(p)) for p in scanner.partitions]
-        for msg in scanner.read(ranges):
-            try:
-                record = orjson.loads(msg.value() or b"")
-                click_id = record["click_id"]
-                if click_id not in click_ids:
-                    continue
-                vector = np.asarray(record["features"], dtype=np.float32)
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+    for msg in scan_topic(settings, FEATURES_SERVED):
+        try:
+            record = orjson.loads(msg.value() or b"")
+            click_id = record["click_id"]
+            if click_id not in click_ids:
                 continue
-            if vector.shape == (N_FEATURES,) and np.all(np.isfinite(vector)):
-                out[click_id] = vector
-    finally:
-        scanner.close()
+            vector = np.asarray(record["features"], dtype=np.float32)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        if vector.shape == (N_FEATURES,) and np.all(np.isfinite(vector)):
+            out[click_id] = vector
     return out
 
 
@@ -600,7 +343,7 @@ def _gather_from_topic(
     settings: Settings, o: ReplayOptions, report: ReplayReport, say: Callable[[str], None]
 ) -> tuple[list[dict], list[dict]]:
     """(range clicks, warmup clicks) from the clicks topic."""
-    scanner = TopicScanner(settings, CLICKS)
+    scanner = click_scanner(settings)
     partitions = list(o.partitions) if o.partitions else None
     try:
         if o.by_offsets:
@@ -792,139 +535,3 @@ def _publish(
             say(f"published {min(s + batch, len(decisions)):,}/{len(decisions):,} decisions")
     finally:
         publisher.close()
-
-
-# -- command line -----------------------------------------------------------------------
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    from events.errors import UsageError
-    from events.settings import Settings
-
-    settings = Settings.from_env(registry=args.registry)
-    try:
-        partitions = (
-            tuple(int(p) for p in args.partitions.split(",") if p.strip())
-            if args.partitions
-            else None
-        )
-        options = ReplayOptions(
-            model_version=args.model,
-            since=None if args.since is None else parse_time(args.since),
-            until=None if args.until is None else parse_time(args.until),
-            from_offset=parse_offsets(args.from_offset),
-            to_offset=parse_offsets(args.to_offset),
-            partitions=partitions,
-            archive=args.archive,
-            warmup_s=args.warmup,
-            use_logged_features=args.use_logged_features,
-            missing_only=args.missing_only,
-            compare=not args.no_compare,
-            dry_run=args.dry_run,
-            max_disorder_s=args.max_disorder,
-            full_scan=args.full_scan,
-        )
-
-        def progress(message: str) -> None:
-            if not args.quiet:
-                print(f"replay: {message}", file=sys.stderr, flush=True)
-
-        progress("settings:\n" + settings.describe())
-        report = run_replay(settings, options, progress)
-    except (ReplayError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-    print(orjson.dumps(report.to_dict()).decode() if args.json else report)
-    return 0
-
-
-def register_replay_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``slidr replay`` to the ``slidr`` parser."""
-    p = sub.add_parser(
-        "replay",
-        help="re-decide a range of clicks with a model version and publish replay decisions",
-        description="Re-feed a range of the clicks topic (by offsets or event time) or of the "
-        "archive through a model version; decisions go to the decisions topic with replay=true "
-        "and supersede earlier ones for the same clicks.",
-    )
-    p.add_argument(
-        "--since",
-        default=None,
-        metavar="TIME",
-        help="first event time, inclusive: epoch seconds, RFC 3339 or YYYY-MM-DD (UTC)",
-    )
-    p.add_argument(
-        "--until", default=None, metavar="TIME", help="end event time, exclusive (same forms)"
-    )
-    p.add_argument(
-        "--from-offset",
-        default=None,
-        metavar="N|P:N,...",
-        help="first offset of the clicks topic, for every partition or per partition",
-    )
-    p.add_argument(
-        "--to-offset",
-        default=None,
-        metavar="N|P:N,...",
-        help="end offset, exclusive (default: the end of the partition)",
-    )
-    p.add_argument(
-        "--partitions",
-        default=None,
-        metavar="P,...",
-        help="only these partitions of the clicks topic",
-    )
-    p.add_argument(
-        "--archive",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="read the range from this archive (slidr archive) instead of the topic",
-    )
-    p.add_argument(
-        "--model", default=None, metavar="VERSION", help="model version (default: the active one)"
-    )
-    p.add_argument(
-        "--registry",
-        type=Path,
-        default=None,
-        help="model registry directory (default: $SLIDR_REGISTRY or var/registry)",
-    )
-    p.add_argument(
-        "--warmup",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="fold in this much earlier traffic into the feature state first, not "
-        "republished (default 0: state starts empty at the range start)",
-    )
-    p.add_argument(
-        "--use-logged-features",
-        action="store_true",
-        help="use the features the worker logged on features.served where present",
-    )
-    p.add_argument(
-        "--missing-only",
-        action="store_true",
-        help="publish only for clicks of the range that never got a decision",
-    )
-    p.add_argument(
-        "--no-compare",
-        action="store_true",
-        help="do not scan earlier decisions to count verdict changes",
-    )
-    p.add_argument("--dry-run", action="store_true", help="decide and summarise, publish nothing")
-    p.add_argument(
-        "--max-disorder",
-        type=float,
-        default=DEFAULT_MAX_DISORDER_S,
-        metavar="SECONDS",
-        help="how far out of event-time order clicks may sit in a partition (default 600)",
-    )
-    p.add_argument(
-        "--full-scan",
-        action="store_true",
-        help="read whole partitions instead of bisecting for --since/--until",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=cmd_replay)

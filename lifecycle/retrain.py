@@ -21,11 +21,8 @@ version is unchanged), 2 for errors (no data in the window, broker unreachable, 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from data.dataset import EventRows, find_source, read_rows
+from events.errors import SlidrError
 from features.windows import DAY_S
 from models.guardrails import (
     GuardrailFailure,
@@ -57,7 +56,7 @@ RUNS_FILE = "runs.jsonl"
 Progress = Callable[[str], None]
 
 
-class RetrainError(RuntimeError):
+class RetrainError(SlidrError, RuntimeError):
     """A run that cannot train (no data in the window, unknown source); says why."""
 
 
@@ -111,73 +110,8 @@ def training_window(
     return DataWindow(float(end - days * DAY_S), float(end), float(end + delay_s))
 
 
-@dataclass
-class _Rows:
-    """A click or purchase file's rows, their event times, users and named clicks."""
-
-    path: Path
-    raw: object  # a pyarrow Table, or the JSONL lines
-    ts: np.ndarray
-    user_id: np.ndarray
-    click_id: np.ndarray  # purchases: the attributed click when named, else None
-
-    def write(self, out_dir: Path, mask: np.ndarray) -> int:
-        """The rows under ``mask`` to ``out_dir`` in the source's format."""
-        out = out_dir / self.path.name
-        if self.path.suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(self.raw.filter(pa.array(mask)), out, compression="zstd")
-        else:
-            with out.open("wb") as handle:
-                handle.writelines(line for line, k in zip(self.raw, mask, strict=True) if k)
-        return int(mask.sum())
-
-
-def _read_rows(path: Path) -> _Rows:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        from data.dataset import LoadReport, _strings, _ts_column
-
-        table = pq.read_table(path)
-        ts = _ts_column(table, path, LoadReport())
-        return _Rows(path, table, ts, _strings(table, "user_id"), _strings(table, "click_id"))
-    from events.schemas import InvalidEvent, parse_ts
-
-    lines, ts, users, named = [], [], [], []
-    with path.open("rb") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                row = orjson.loads(line)
-                value = parse_ts(row.get("ts"))
-            except (orjson.JSONDecodeError, InvalidEvent, AttributeError):
-                row, value = {}, np.nan  # malformed: left out of every window
-            lines.append(line if line.endswith(b"\n") else line + b"\n")
-            ts.append(value)
-            users.append(row.get("user_id"))
-            named.append(row.get("click_id"))
-    return _Rows(
-        path,
-        lines,
-        np.asarray(ts, dtype=np.float64),
-        np.asarray(users, dtype=object),
-        np.asarray(named, dtype=object),
-    )
-
-
-def _source_file(directory: Path, stem: str) -> Path:
-    for suffix in (".parquet", ".jsonl"):
-        if (directory / f"{stem}{suffix}").exists():
-            return directory / f"{stem}{suffix}"
-    raise RetrainError(f"{directory}: no {stem}.parquet or {stem}.jsonl")
-
-
 def late_purchases_of_window(
-    clicks: _Rows, purchases: _Rows, end: float, until: float
+    clicks: EventRows, purchases: EventRows, end: float, until: float
 ) -> np.ndarray:
     """Which purchases in ``[end, until)`` may belong to a click before ``end``.
 
@@ -207,11 +141,11 @@ def cut_window(
     labels), and the late purchases of the window's clicks up to ``labels_until``
     (``late_purchases_of_window``).
     """
-    clicks = _read_rows(_source_file(source_dir, "clicks"))
-    purchases = _read_rows(_source_file(source_dir, "purchases"))
+    clicks = read_rows(find_source(source_dir, "clicks"))
+    purchases = read_rows(find_source(source_dir, "purchases"))
     finite = clicks.ts[np.isfinite(clicks.ts)]
     if len(finite) == 0:
-        raise RetrainError(f"{clicks.path}: no clicks with a valid time")
+        raise RetrainError(f"{clicks.source}: no clicks with a valid time")
     window = training_window(now, days, delay_s, newest_click=float(finite.max()))
     out_dir.mkdir(parents=True, exist_ok=True)
     n_clicks = clicks.write(out_dir, (clicks.ts >= window.start) & (clicks.ts < window.end))
@@ -474,218 +408,3 @@ def retrain(
         )
     record["promoted"] = True
     return finish(EXIT_PROMOTED, "promoted", reason)
-
-
-# --------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------
-
-
-def parse_when(text: str) -> float:
-    """Epoch seconds, or an ISO 8601 date/time (UTC unless it names a zone)."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected epoch seconds or an ISO 8601 time, got {text!r}"
-        ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
-
-
-def parse_limit(text: str) -> tuple[str, float]:
-    """``NAME=VALUE`` for a field of ``ModelGuardrailConfig``."""
-    name, _, value = text.partition("=")
-    known = {f.name for f in dataclasses.fields(ModelGuardrailConfig)}
-    name = name.strip().replace("-", "_")
-    if name not in known:
-        raise argparse.ArgumentTypeError(
-            f"unknown guardrail limit {name!r} (known: {', '.join(sorted(known))})"
-        )
-    try:
-        return name, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name}: expected a number, got {value!r}") from None
-
-
-def format_history(runs: list[dict]) -> str:
-    """The run history as a fixed-width table, oldest first."""
-    header = f"{'when (UTC)':19}  {'outcome':8}  {'version':7}  {'active':7}  {'data':23}  {'fingerprint':12}  guardrails / reason"
-    lines = [header, "-" * len(header)]
-    for r in runs:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.get("started_at", 0)))
-        w = r.get("window") or {}
-        d = r.get("data") or {}
-        span = (
-            f"{d.get('first_day') or w.get('from')}..{d.get('last_day') or w.get('to')}"
-            if w
-            else "-"
-        )
-        fp = (d.get("fingerprint") or "-")[:12]
-        guards = r.get("guardrails") or []
-        failed = [g["name"] for g in guards if not g["passed"]]
-        if failed:
-            note = "failed: " + ", ".join(failed)
-        elif guards:
-            note = f"{len(guards)}/{len(guards)} passed"
-        else:
-            note = (r.get("reason") or "")[:80]
-        lines.append(
-            f"{when:19}  {r.get('outcome', '?'):8}  {r.get('version') or '-':7}  "
-            f"{r.get('active_after') or '-':7}  {span:23}  {fp:12}  {note}"
-        )
-    return "\n".join(lines)
-
-
-def _progress(message: str) -> None:
-    print(f"[retrain {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def cmd_retrain(args: argparse.Namespace) -> int:
-    from events.settings import Settings
-
-    settings = Settings.from_env(registry=args.registry)
-    if args.history:
-        runs = read_runs(settings.registry)
-        if args.last:
-            runs = runs[-args.last :]
-        print(
-            format_history(runs) if runs else f"no retrain runs in {settings.registry / RUNS_FILE}"
-        )
-        return 0
-    if (args.data is None) == (args.archive is None):
-        print(
-            "slidr retrain: error: give exactly one of --data DIR or --archive DIR", file=sys.stderr
-        )
-        return EXIT_ERROR
-    train = TrainOptions(
-        fpr_budget=args.fpr_budget,
-        seed=args.seed,
-        max_epochs=args.epochs,
-        calibration_method=args.calibration,
-    )
-    if args.min_coverage is not None:
-        from slidr.cli import parse_min_coverage
-
-        train = dataclasses.replace(train, min_coverage=parse_min_coverage(args.min_coverage))
-    options = RetrainOptions(
-        days=args.days,
-        delay_s=args.delay_hours * 3600.0,
-        now=args.now,
-        train=train,
-        model_guardrails=dataclasses.replace(ModelGuardrailConfig(), **dict(args.limit or [])),
-        publish=not args.no_publish,
-        keep_data=args.keep_data,
-    )
-    outcome = retrain(
-        args.data or args.archive,
-        settings,
-        options,
-        archive=args.archive is not None,
-        work_dir=args.work_dir,
-        progress=_progress,
-    )
-    r = outcome.record
-    if outcome.exit_code == EXIT_PROMOTED:
-        print(f"promoted {r['version']} (was {r['active_before'] or 'none'}): {r['reason']}")
-    elif outcome.exit_code == EXIT_REJECTED:
-        print(
-            f"slidr retrain: rejected: {r['reason']}; active version unchanged ({r['active_after'] or 'none'})",
-            file=sys.stderr,
-        )
-    else:
-        print(
-            f"slidr retrain: error: {r['reason']}; active version {r['active_after'] or 'none'}",
-            file=sys.stderr,
-        )
-    for g in r["guardrails"]:
-        print(f"  {'ok  ' if g['passed'] else 'FAIL'} {g['name']:24} {g['detail'] or g['value']}")
-    print(f"run {r['run']} recorded in {settings.registry / RUNS_FILE}")
-    return outcome.exit_code
-
-
-def register_lifecycle_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``slidr retrain`` to the CLI's subparsers."""
-    p = sub.add_parser(
-        "retrain",
-        help="train on the last days, check guardrails, promote only if all pass",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    src = p.add_argument_group("data source (one of)")
-    src.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="data directory (clicks and purchases, Parquet or JSONL)",
-    )
-    src.add_argument(
-        "--archive", type=Path, default=None, help="the Parquet archive (stream.archive)"
-    )
-    p.add_argument(
-        "--registry",
-        type=Path,
-        default=None,
-        help="model registry (default: SLIDR_REGISTRY or var/registry)",
-    )
-    p.add_argument(
-        "--days",
-        type=int,
-        default=8,
-        help="UTC days to train on, the last held out (default 8: the held-out weekday is also trained on)",
-    )
-    p.add_argument(
-        "--delay-hours",
-        type=float,
-        default=ATTRIBUTION_WINDOW_S / 3600,
-        help="attribution delay: a day is used once this long has passed after it (default 24)",
-    )
-    p.add_argument(
-        "--now",
-        type=parse_when,
-        default=None,
-        help="the clock, epoch seconds or ISO time (default: now); for backfills and tests",
-    )
-    p.add_argument(
-        "--fpr-budget", type=float, default=0.02, help="overall FPR budget B (default 0.02)"
-    )
-    p.add_argument(
-        "--min-coverage",
-        default=None,
-        metavar="SHARE|SLICE=SHARE,...",
-        help="minimum robotic coverage per slice (default: as `slidr train`)",
-    )
-    p.add_argument("--calibration", choices=["quadratic", "empirical"], default="empirical")
-    p.add_argument("--epochs", type=int, default=8, help="most training epochs (default 8)")
-    p.add_argument("--seed", type=int, default=7, help="training seed (default 7)")
-    p.add_argument(
-        "--limit",
-        type=parse_limit,
-        action="append",
-        metavar="NAME=VALUE",
-        help="a model guardrail limit, e.g. max_score_psi=0.3 (repeatable; see ModelGuardrailConfig)",
-    )
-    p.add_argument(
-        "--no-publish",
-        action="store_true",
-        help="activate in the registry only, without telling the workers on slidr.control",
-    )
-    p.add_argument(
-        "--work-dir",
-        type=Path,
-        default=None,
-        help="where the window is copied (default SLIDR_HOME/retrain)",
-    )
-    p.add_argument("--keep-data", action="store_true", help="keep the window's copy after the run")
-    p.add_argument(
-        "--history",
-        action="store_true",
-        help="print the run history (REGISTRY/runs.jsonl) and exit",
-    )
-    p.add_argument("--last", type=int, default=0, help="with --history: only the last N runs")
-    p.set_defaults(func=cmd_retrain)

@@ -160,9 +160,11 @@ def to_text(figures: dict) -> str:
     f = figures["features"]
     t = figures["training"]
     lines = [
-        f"offline bench: {figures['clicks']:,} clicks over {figures['days']} days (seed {figures['seed']})",
-        f"  machine     {m['cpu']}; {m['usable_cores']} of {m['cores']} cores; Python {m['python']}, "
-        f"numpy {m['numpy']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}",
+        f"offline bench: {figures['clicks']:,} clicks over {figures['days']} days "
+        f"(seed {figures['seed']})",
+        f"  machine     {m['cpu']}; {m['usable_cores']} of {m['cores']} cores; "
+        f"Python {m['python']}, numpy {m['numpy']}, torch {m['torch']}, "
+        f"onnxruntime {m['onnxruntime']}",
         f"  simulate    {figures['simulate_s']:.1f} s",
         f"  load        {figures['load_s']:.2f} s",
         f"  features    {f['median_s']:.2f} s median of {len(f['runs_s'])} "
@@ -174,8 +176,8 @@ def to_text(figures: dict) -> str:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in t["stages_s"].items() if k != "total")
         fits = ", ".join(f"{k} {v:.1f}" for k, v in t["fit_s"].items())
         lines.append(
-            f"  training    {t['total_s']:.1f} s total (shipped {t['architecture']}, folds stopped at "
-            f"epochs {t['fold_epochs']}; cross-fits {fits} s; {stages} s)"
+            f"  training    {t['total_s']:.1f} s total (shipped {t['architecture']}, "
+            f"folds stopped at epochs {t['fold_epochs']}; cross-fits {fits} s; {stages} s)"
         )
     lines.append(f"  peak memory {figures['peak_rss_mib']:,.0f} MiB")
     return "\n".join(lines)

@@ -270,7 +270,8 @@ def to_text(result: Mapping[str, Any]) -> str:
     imp, split = result["import"], result["split"]
     lines = [
         f"bench-real: {result['data']}",
-        f"  imported {imp['clicks']:,} clicks, {imp['purchases']:,} downloads in {imp['seconds']:.1f} s"
+        f"  imported {imp['clicks']:,} clicks, {imp['purchases']:,} downloads "
+        f"in {imp['seconds']:.1f} s"
         + (f" ({sum(imp['rejected'].values()):,} rows rejected)" if imp["rejected"] else ""),
     ]
     for name in ("train", "test"):

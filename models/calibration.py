@@ -47,6 +47,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from events.errors import SlidrError
 from models.metrics import (
     Curve,
     compute_metrics,
@@ -66,7 +67,7 @@ DEFAULT_FIT_SPAN = 2.0
 _TOL = 1e-9
 
 
-class CalibrationError(ValueError):
+class CalibrationError(SlidrError, ValueError):
     """The calibration problem has no solution (e.g. coverage minima exceed the budget)."""
 
 
@@ -588,7 +589,7 @@ def calibrate_slices(
     # calibrate a slice, but can refuse a threshold that is plainly too low for it).
     # They spend their share of the budget first.
     fallback: dict[int, tuple[float, str]] = {}
-    for i in np.flatnonzero(~calibrated):
+    for i in np.flatnonzero(~calibrated).tolist():
         m = members[i]
         own = threshold_for_fpr(s[m], pur[m], budget) if p_s[i] else -np.inf
         if own > global_t:
@@ -612,10 +613,10 @@ def calibrate_slices(
     raw_curves = [curve(s[members[i]], pur[members[i]], rob[members[i]]) for i in cal]
     mins = [min_fpr_for_coverage(c, required[i]) for c, i in zip(raw_curves, cal, strict=True)]
     lo = np.array([m[0] for m in mins])
-    for (_, reachable), i in zip(mins, cal, strict=True):
+    for (_, reachable), i in zip(mins, cal.tolist(), strict=True):
         if not reachable:
             warnings.append(f"slice {str(names[i])!r}: coverage {required[i]} unreachable")
-    for k in np.flatnonzero(lo > max_slice_fpr):
+    for k in np.flatnonzero(lo > max_slice_fpr).tolist():
         warnings.append(
             f"slice {str(names[cal[k]])!r}: coverage {required[cal[k]]} needs FPR {lo[k]:.4f}, "
             f"over the slice cap {max_slice_fpr}: capped"
@@ -663,7 +664,7 @@ def calibrate_slices(
 
     # Thresholds: the score giving f_s on the slice's own clicks.
     thresholds: dict[str, float] = {}
-    for k, i in enumerate(cal):
+    for k, i in enumerate(cal.tolist()):
         m = members[i]
         thresholds[str(names[i])] = threshold_for_fpr(s[m], pur[m], float(f_chosen[k]))
     for i, (t, _) in fallback.items():

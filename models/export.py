@@ -8,15 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from models.training import RobotClassifier, predict
+from models.training import predict
 
 INPUT_NAME = "features"
 OUTPUT_NAME = "score"
 OPSET = 17
 
 
-def export_onnx(model: RobotClassifier, n_features: int, path: Path) -> Path:
+def export_onnx(model: nn.Module, n_features: int, path: Path) -> Path:
     """Write ``model`` as ONNX: float32 [n, n_features] -> P(robot) float32 [n]."""
     model.eval()
     buffer = io.BytesIO()
@@ -27,7 +28,9 @@ def export_onnx(model: RobotClassifier, n_features: int, path: Path) -> Path:
         torch.onnx.export(
             model,
             (torch.zeros(2, n_features),),
-            buffer,
+            # The TorchScript exporter writes to a file object too; torch's annotation
+            # names paths only.
+            buffer,  # type: ignore[arg-type]
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "clicks"}, OUTPUT_NAME: {0: "clicks"}},
@@ -38,7 +41,7 @@ def export_onnx(model: RobotClassifier, n_features: int, path: Path) -> Path:
     return path
 
 
-def max_export_error(model: RobotClassifier, onnx_path: Path, x: np.ndarray) -> float:
+def max_export_error(model: nn.Module, onnx_path: Path, x: np.ndarray) -> float:
     """Largest absolute difference between torch and ONNX Runtime scores on ``x``."""
     from models.scoring import OnnxScorer
 

@@ -8,9 +8,14 @@ failed names in the message (``slidr train`` exits non-zero with them).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from events.errors import EXIT_GUARDRAIL, SlidrError
+
+if TYPE_CHECKING:
+    from models.pipeline import Prepared, Split
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,10 @@ class GuardrailResult:
     detail: str = ""
 
 
-class GuardrailFailure(RuntimeError):
+class GuardrailFailure(SlidrError, RuntimeError):
     """One or more guardrails failed; ``report`` has every result."""
+
+    exit_code = EXIT_GUARDRAIL  # nothing registered or promoted
 
     def __init__(self, report: GuardrailReport) -> None:
         self.report = report
@@ -86,7 +93,10 @@ class GuardrailReport:
 
 
 def check_training_data(
-    prepared, split, config: GuardrailConfig = GuardrailConfig(), previous: dict | None = None
+    prepared: Prepared,
+    split: Split,
+    config: GuardrailConfig = GuardrailConfig(),
+    previous: dict | None = None,
 ) -> GuardrailReport:
     """Data guardrails on the fit days of a prepared data set; ``previous`` is the active
     version's manifest, whose label shares per slice say what to expect."""
@@ -138,7 +148,8 @@ def slice_label_share(
         for k, v in now.items()
         if v["clicks"] >= config.min_slice_clicks and v["human_share"] * v["clicks"] < 20
     ]
-    before = (previous or {}).get("label_share_by_slice")
+    previous_report = previous or {}
+    before = previous_report.get("label_share_by_slice")
     if not before:
         detail = "no previous version to compare with"
         if poor:
@@ -161,7 +172,7 @@ def slice_label_share(
         ):
             drops.append(
                 f"{name}: {labelled:.0f} human labels vs ~{expected:.0f} expected from "
-                f"{previous.get('version', 'the previous version')}"
+                f"{previous_report.get('version', 'the previous version')}"
             )
     detail = (
         "; ".join(drops)
@@ -190,14 +201,16 @@ def human_density(
         )
     share = labels.mean()
     hour = np.floor_divide(ts, 3600).astype(np.int64)
-    holes, worst = [], None
+    holes: list[str] = []
+    worst = np.inf  # the smallest share of expected labels in any cell
     for grouping, cell in (("hour", hour), ("hour of day", hour % 24)):
         cells, inverse = np.unique(cell, return_inverse=True)
         clicks = np.bincount(inverse).astype(np.float64)
-        labelled = np.bincount(inverse, weights=labels.astype(np.float64))
+        # float64 with weights (numpy's stubs say an integer array).
+        labelled: np.ndarray = np.bincount(inverse, weights=labels.astype(np.float64))
         expected = share * clicks
         relative = labelled / expected
-        worst = min(float(relative.min()), worst if worst is not None else np.inf)
+        worst = min(float(relative.min()), worst)
         p = poisson.cdf(labelled, config.min_relative_human_density * expected)
         for c, n, e in zip(
             cells[p < config.density_alpha],
@@ -216,8 +229,10 @@ def human_density(
         by_hour = np.bincount(hours, minlength=24).astype(np.float64)
         labelled_by_hour = np.bincount(hours, weights=labels.astype(np.float64), minlength=24)
         k = config.density_block_hours
-        clicks = sum(np.roll(by_hour, -j) for j in range(k))  # block starting at each hour
-        labelled = sum(np.roll(labelled_by_hour, -j) for j in range(k))
+        clicks, labelled = np.zeros(24), np.zeros(24)  # in the block starting at each hour
+        for j in range(k):
+            clicks += np.roll(by_hour, -j)
+            labelled += np.roll(labelled_by_hour, -j)
         expected = share * clicks
         seen = clicks > 0
         worst = min(worst, float((labelled[seen] / expected[seen]).min()))
@@ -231,8 +246,10 @@ def human_density(
         detail = f"no hour with too few {kind} labels (overall share {share:.4f})"
     else:
         detail = (
-            f"{len(holes)} hours with significantly under {config.min_relative_human_density:.0%} of the "
-            f"{kind} labels expected: " + ", ".join(holes[:6]) + (" ..." if len(holes) > 6 else "")
+            f"{len(holes)} hours with significantly under "
+            f"{config.min_relative_human_density:.0%} of the {kind} labels expected: "
+            + ", ".join(holes[:6])
+            + (" ..." if len(holes) > 6 else "")
         )
     return GuardrailResult(
         name, not holes, round(worst, 3), config.min_relative_human_density, detail
@@ -412,7 +429,8 @@ def check_model(
             True,
             overall["fpr"],
             round(limit, 4),
-            f"only {overall['purchasing_clicks']} purchasing clicks on the held-out day: not judged",
+            f"only {overall['purchasing_clicks']} purchasing clicks on the held-out day: "
+            "not judged",
         )
     else:
         invalid_purchasing = int(np.count_nonzero(held_out.invalid & purchasing))
@@ -422,9 +440,9 @@ def check_model(
             not bad,
             round(overall["fpr"], 4),
             round(limit, 4),
-            f"FPR {overall['fpr']:.4f} ({invalid_purchasing}/{overall['purchasing_clicks']}) vs limit "
-            f"{limit:.4f} = max({config.fpr_budget_factor} x budget {budget}, {config.fpr_active_factor} x "
-            f"active {_fmt(active_fpr)}); p = {p:.3g}",
+            f"FPR {overall['fpr']:.4f} ({invalid_purchasing}/{overall['purchasing_clicks']}) "
+            f"vs limit {limit:.4f} = max({config.fpr_budget_factor} x budget {budget}, "
+            f"{config.fpr_active_factor} x active {_fmt(active_fpr)}); p = {p:.3g}",
         )
 
     # slice_fpr_budget

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from features.columns import ClickColumns
 from features.windows import DAY_S
+
+if TYPE_CHECKING:
+    from data.dataset import Purchases
 
 ATTRIBUTION_WINDOW_S = 24 * 3600.0
 
@@ -166,7 +170,12 @@ def rfm_scores(
     return scores
 
 
-def rfm_formula(recency_days, count, amount, policy: RfmPolicy = RfmPolicy()):
+def rfm_formula(
+    recency_days: np.ndarray | float,
+    count: np.ndarray | float,
+    amount: np.ndarray | float,
+    policy: RfmPolicy = RfmPolicy(),
+) -> np.ndarray:
     """The RFM score from recency (days), purchase count and amount (arrays or scalars)."""
     r = np.clip(
         (policy.stale_days - recency_days) / (policy.stale_days - policy.recent_days), 0.0, 1.0
@@ -176,7 +185,9 @@ def rfm_formula(recency_days, count, amount, policy: RfmPolicy = RfmPolicy()):
     return (r + f + m) / 3.0
 
 
-def rfm_snapshot(purchases, at: float, policy: RfmPolicy = RfmPolicy()) -> dict[str, np.ndarray]:
+def rfm_snapshot(
+    purchases: Purchases, at: float, policy: RfmPolicy = RfmPolicy()
+) -> dict[str, np.ndarray]:
     """Per customer, purchases in the lookback before ``at``: last time, count, amount.
 
     Written next to each model version for the stream worker's RFM cache.
@@ -195,8 +206,10 @@ def rfm_snapshot(purchases, at: float, policy: RfmPolicy = RfmPolicy()) -> dict[
     }
 
 
-def make_labels(clicks: ClickColumns, purchases, policy: RfmPolicy = RfmPolicy()) -> Labels:
-    """Weak labels for every click of a data set (``purchases``: data.dataset.Purchases)."""
+def make_labels(
+    clicks: ClickColumns, purchases: Purchases, policy: RfmPolicy = RfmPolicy()
+) -> Labels:
+    """Weak labels for every click of a data set."""
     purchasing, attributed, unattributed = attribute_purchases(
         clicks, purchases.ts, purchases.user_id, purchases.click_id
     )

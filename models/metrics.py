@@ -276,6 +276,7 @@ def curve(
 
     order = np.argsort(-s, kind="stable")
     ascending = s[order][::-1]
+    thresholds: np.ndarray
     if grid is None:
         distinct = np.unique(s)[::-1]
         top = np.nextafter(distinct[0], np.inf) if s.size else np.inf

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from events.errors import SlidrError
+
 # LightGBM settings for click fraud: small trees, a moderate rate and early stopping,
 # two threads (the CI machines have two cores) and deterministic results for a seed.
 LIGHTGBM_PARAMS: dict[str, Any] = {
@@ -40,8 +42,11 @@ LIGHTGBM_PARAMS: dict[str, Any] = {
 MAX_ROUNDS = 1000
 EARLY_STOPPING_ROUNDS = 50
 
+# Id columns by name: one 1-D array (or sequence) of values per column, one value a row.
+IdColumns = Mapping[str, np.ndarray | Sequence[Any]]
 
-class PeerUnavailable(RuntimeError):
+
+class PeerUnavailable(SlidrError, RuntimeError):
     """A peer's library is not installed (``pip install -e '.[dev]'`` brings it)."""
 
 
@@ -134,11 +139,11 @@ class OneHotLogistic:
     def n_features(self) -> int:
         return len(self.coef)
 
-    def design(self, data: Mapping[str, npt.ArrayLike]) -> Any:
+    def design(self, data: IdColumns) -> Any:
         """The sparse one-hot matrix (CSR, rows x ``n_features``) of ``data``."""
         return _one_hot(data, self.columns, self.vocabulary, self.n_features)
 
-    def predict(self, data: Mapping[str, npt.ArrayLike]) -> np.ndarray:
+    def predict(self, data: IdColumns) -> np.ndarray:
         """P(y = 1) per row; ``data`` maps each of ``columns`` to an array of values."""
         return _sigmoid(self.design(data) @ self.coef + self.intercept)
 
@@ -152,7 +157,7 @@ def _as_strings(values: npt.ArrayLike) -> np.ndarray:
 
 
 def _one_hot(
-    data: Mapping[str, npt.ArrayLike],
+    data: IdColumns,
     columns: list[str],
     vocabulary: dict[str, dict[str, int]],
     width: int,
@@ -178,7 +183,7 @@ def _one_hot(
 
 
 def one_hot_logistic(
-    data: Mapping[str, npt.ArrayLike],
+    data: IdColumns,
     y: npt.ArrayLike,
     w: npt.ArrayLike | None = None,
     l2: float = 1.0,

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -31,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.dataset import Dataset, load_dataset
+from events.errors import SlidrError
 from features.batch import compute_features
 from features.definitions import EMBEDDINGS, FEATURE_NAMES, FEATURE_SPEC_VERSION, INDEX, N_FEATURES
 from features.windows import DAY_S
@@ -39,12 +41,17 @@ from models.guardrails import GuardrailReport, HeldOut, check_training_data, lab
 from models.labels import Labels, balancing_weights, make_labels, propensity_weights, rfm_snapshot
 from models.registry import ModelRegistry
 
+if TYPE_CHECKING:  # torch loads only where a model is trained
+    from torch import nn
+
+    from models.training import RobotClassifier, TrainConfig
+
 Progress = Callable[[str], None]
 # Model guardrails run before registration: (training summary, held-out day) -> report.
 ModelCheck = Callable[[dict, HeldOut], GuardrailReport]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SlidrError, RuntimeError):
     """Training cannot run on this data set; the message says why."""
 
 
@@ -61,7 +68,7 @@ class TrainOptions:
     robotic_k: int = 10  # sessions with more than k clicks within an hour are robotic
     # "empirical" solves exactly on the empirical curves; "quadratic" is SLIDR's concave fit.
     # On simulated traffic the fit loses ~1.5 IVR points (see the report), so exact is default.
-    calibration_method: str = "empirical"
+    calibration_method: calibration.Method = "empirical"
     min_slice_purchases: int = 50
     # No slice's FPR target above this multiple of the budget: the proxy cannot show
     # humans who never buy, so no slice's humans should pay for the others' IVR.
@@ -276,7 +283,7 @@ class CrossFit:
     """A model variant cross-fitted over the fit days."""
 
     name: str
-    model: object  # the fold models averaged (AveragedClassifier): what ships
+    model: nn.Module  # the fold models averaged (AveragedClassifier): what ships
     oof: np.ndarray  # out-of-fold P(robot) of every fit-day click (NaN elsewhere)
     best_epochs: list[int]
     seconds: float
@@ -284,12 +291,12 @@ class CrossFit:
 
 def cross_fit(
     name: str,
-    make_model: Callable[[], object],
+    make_model: Callable[[], RobotClassifier],
     x: np.ndarray,
     y: np.ndarray,
     w: np.ndarray,
     split: Split,
-    config,
+    config: TrainConfig,
     progress: Progress,
 ) -> CrossFit:
     """One model per fit day held out: trained on the other fit days, stopped early on the
@@ -470,8 +477,8 @@ def run_training(
     p = prepare(directory, options, progress)
     split = split_by_day(p.data.clicks.ts)
     progress(
-        f"split: fit {len(split.fit):,} clicks ({', '.join(split.days[:-1])}; cross-fitted by day), "
-        f"held-out test {len(split.test):,} ({split.days[-1]})"
+        f"split: fit {len(split.fit):,} clicks ({', '.join(split.days[:-1])}; "
+        f"cross-fitted by day), held-out test {len(split.test):,} ({split.days[-1]})"
     )
     active = registry.active_version()
     previous = registry.manifest(active) if active is not None else None
@@ -502,7 +509,7 @@ def run_training(
     hashed_names = {n for n in FEATURE_NAMES if n.startswith("ctx_")}
     ids = _embedding_inputs()
 
-    def factory(architecture: str) -> Callable[[], object]:
+    def factory(architecture: str) -> Callable[[], RobotClassifier]:
         context, cross = ARCHITECTURES[architecture]
         if context == "embeddings":
             mask = _input_mask(FEATURE_NAMES, off | id_names | hashed_names)
@@ -533,7 +540,7 @@ def run_training(
 
     # The architecture ships that invalidates most of the fit days' clicks at the FPR
     # budget, out of fold: chosen without looking at the held-out day.
-    representations = []
+    representations: list[dict[str, Any]] = []
     for name, f in fits.items():
         representations.append(
             {
@@ -588,7 +595,9 @@ def run_training(
             max_slice_fpr=slice_cap,
         )
         cal.warnings.insert(0, f"coverage minima dropped: {exc}")
-    other_method = "empirical" if options.calibration_method == "quadratic" else "quadratic"
+    other_method: calibration.Method = (
+        "empirical" if options.calibration_method == "quadratic" else "quadratic"
+    )
     try:
         alt = calibration.calibrate_slices(
             *calibration_inputs,
@@ -600,7 +609,7 @@ def run_training(
         )
     except calibration.CalibrationError:
         alt = None
-    label_poor = [
+    label_poor: list[dict[str, Any]] = [
         {
             "slice": row.name,
             "clicks": row.n,
@@ -682,7 +691,7 @@ def run_training(
         )
         for s in sorted(set(p.slices[te]))
     }
-    result = {
+    result: dict[str, Any] = {
         "feature_spec_version": FEATURE_SPEC_VERSION,
         "feature_names": list(FEATURE_NAMES),
         "data": {
@@ -714,7 +723,9 @@ def run_training(
         "metrics": {"test": test_metrics, "validation": fit_metrics},
         "guardrails": guardrails.to_dict(),
         "timings_s": {**p.seconds},
-        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.python_version()}".strip(),
+        "machine": (
+            f"{platform.machine()} {platform.processor() or ''} {platform.python_version()}"
+        ).strip(),
     }
     model_report = None
     if model_check is not None:

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from events.errors import SlidrError
 from models.scoring import OnnxScorer
 
 
-class RegistryError(RuntimeError):
+class RegistryError(SlidrError, RuntimeError):
     """A registry operation that cannot be done; the message says why."""
 
 

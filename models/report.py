@@ -138,6 +138,14 @@ def write_report(folder: Path, result: dict, curves: dict[str, Curve]) -> Path:
     ]
     prop_cols = list(prop_rows[0].keys()) if prop_rows else []
     poor = result.get("label_poor_slices", [])
+    poor_table = (
+        _table(poor, ["slice", "clicks", "purchasing_clicks", "threshold", "why"])
+        if poor
+        else "<p>none</p>"
+    )
+    architecture = html.escape(str(result.get("architecture", "mlp")))
+    spec_version = html.escape(result["feature_spec_version"])
+    calibration_method = html.escape(str(result["calibration"].get("method")))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>slidr model report</title>
 <style>
@@ -151,7 +159,7 @@ figure {{ display: inline-block; margin: 0.3em; }}
 <p>Data {html.escape(", ".join(result["data"]["days"]))}: the first days cross-fitted (models
 averaged over folds, thresholds calibrated on out-of-fold scores), figures below on the
 held-out day {html.escape(result["data"]["days"][-1])}; architecture shipped:
-{html.escape(str(result.get("architecture", "mlp")))}. Feature spec {html.escape(result["feature_spec_version"])},
+{architecture}. Feature spec {spec_version},
 data fingerprint <code>{result["data"]["fingerprint"][:16]}</code>.</p>
 <h2>Baselines at equal overall FPR (held-out day)</h2>
 <p>Every model gets one global threshold giving the same overall FPR as the MLP's slice
@@ -173,10 +181,10 @@ budget ships. Held-out figures are shown for every one, and were not used to cho
 {html.escape(str(propensity.get("weighting", "")))}.</p>
 {_table(prop_rows, prop_cols)}
 <h2>Label-poor slices</h2>
-{_table(poor, ["slice", "clicks", "purchasing_clicks", "threshold", "why"]) if poor else "<p>none</p>"}
+{poor_table}
 <h2>Slice calibration against one global threshold (held-out day)</h2>
 {_table(comp_rows, ["measure", "value"])}
-<h2>Calibration ({html.escape(str(result["calibration"].get("method")))}, on out-of-fold scores of the fit days)</h2>
+<h2>Calibration ({calibration_method}, on out-of-fold scores of the fit days)</h2>
 {_table(cal_rows, cal_cols)}
 <h2>Metrics per slice (held-out day, slice thresholds)</h2>
 {_table(slice_rows, metric_cols)}

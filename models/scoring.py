@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from events.errors import SlidrError
 from features.definitions import INDEX
 
 
-class ModelFileError(RuntimeError):
+class ModelFileError(SlidrError, RuntimeError):
     """The model file is missing or unreadable; the message names the path."""
 
 

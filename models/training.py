@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -47,6 +48,11 @@ class Standardize(nn.Module):
     a few days of training data), so such inputs are switched off, inside the exported
     graph, so serving does exactly the same.
     """
+
+    # Buffers, registered in __init__ (declared here for the type checker).
+    mean: torch.Tensor
+    std: torch.Tensor
+    mask: torch.Tensor
 
     def __init__(self, mean: np.ndarray, std: np.ndarray, mask: np.ndarray | None = None) -> None:
         super().__init__()
@@ -97,7 +103,8 @@ class FieldEmbeddings(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = []
-        for i, table in enumerate(self.tables):
+        for i, module in enumerate(self.tables):
+            table = cast(nn.Embedding, module)  # the list holds only the tables built above
             ids = x.index_select(1, getattr(self, f"cols_{i}"))
             ids = ids.clamp(0, table.num_embeddings - 1).long()
             parts.append(table(ids).sum(dim=1))
@@ -240,7 +247,7 @@ def fit(
     others = [
         p for n, p in model.named_parameters() if not (".tables." in n or n.startswith("tables."))
     ]
-    groups = [{"params": others}]
+    groups: list[dict[str, Any]] = [{"params": others}]
     if tables:
         groups.append(
             {
@@ -252,7 +259,8 @@ def fit(
     optimiser = torch.optim.Adam(groups, lr=config.learning_rate, weight_decay=config.l2)
     loss_fn = nn.BCEWithLogitsLoss(reduction="none")
     generator = torch.Generator().manual_seed(config.seed)
-    best = (math.inf, 0, None)
+    # (validation loss, its epoch, the model's state then)
+    best: tuple[float, int, dict[str, torch.Tensor] | None] = (math.inf, 0, None)
     train_losses, val_losses = [], []
     for epoch in range(1, config.max_epochs + 1):
         model.train()
@@ -289,8 +297,9 @@ def fit(
     )
 
 
-def predict(model: RobotClassifier, x: np.ndarray, batch: int = 65_536) -> np.ndarray:
-    """P(robot) per row with the torch model (float64)."""
+def predict(model: nn.Module, x: np.ndarray, batch: int = 65_536) -> np.ndarray:
+    """P(robot) per row with the torch model (float64): a ``RobotClassifier`` or the
+    ``AveragedClassifier`` of several."""
     out = []
     with torch.no_grad():
         for start in range(0, len(x), batch):

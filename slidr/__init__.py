@@ -1,3 +1,3 @@
-"""slidr: real-time detection of robotic ad clicks (command line, settings, simulator)."""
+"""slidr: real-time detection of robotic ad clicks; this package is the command line and the demo."""
 
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ import orjson
 
 from data.dataset import load_dataset
 from data.simulator import simulate
+from events.errors import SlidrError, UsageError
 from events.settings import Settings
 from models.batch_scoring import evaluate
 from models.labels import make_labels
@@ -31,6 +32,10 @@ from stream.local_stack import LocalStack
 from stream.producer import click_payload, produce_dataset, purchase_payload
 
 DAY_S = 86_400
+
+
+class DemoError(SlidrError):
+    """The demo cannot go on; the message says which step failed and why."""
 
 
 def say(message: str) -> None:
@@ -104,7 +109,7 @@ def _retrain(settings: Settings, directory: Path, now: float, days: int) -> str:
     )
     active = ModelRegistry(settings.registry).active_version()
     if active is None:
-        raise RuntimeError(f"no active model after retraining: {record['reason']}")
+        raise DemoError(f"no active model after retraining: {record['reason']}")
     return active
 
 
@@ -165,7 +170,10 @@ def run_demo(directory: Path, clicks_per_day: int = 60_000, rate: float | None =
         print(f"   broker {info.bootstrap}, redis {info.redis_url}")
 
         say(f"2/8 simulating 5 days of traffic ({clicks_per_day:,} clicks a day)")
-        summary = simulate(directory / "data", days=5, seed=7, clicks_per_day=clicks_per_day)
+        try:
+            summary = simulate(directory / "data", days=5, seed=7, clicks_per_day=clicks_per_day)
+        except ValueError as exc:  # the simulator checks its arguments with ValueError
+            raise UsageError(f"--clicks-per-day: {exc}") from exc
         print(summary.to_text())
         first_day = np.floor(load_dataset(directory / "data").clicks.ts.min() / DAY_S) * DAY_S
 

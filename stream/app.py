@@ -2,7 +2,7 @@
 
 Agents:
 
-- ``decide``: consumes ``clicks`` one fetch at a time (``stream.faust_batches``: Faust's
+- ``decide``: consumes ``clicks`` one fetch at a time (``stream.faust_compat``: Faust's
   per-message path would cost more than the decision itself), runs the
   ``DecisionEngine`` and publishes the decisions. A batch's messages are acked to Faust
   (which commits acked offsets every second) only when the broker has acknowledged
@@ -29,11 +29,9 @@ import time
 from dataclasses import dataclass
 
 import faust
-import orjson
 from confluent_kafka import Consumer, TopicPartition
-from faust.transport.drivers import aiokafka as faust_aiokafka
 
-from events.schemas import InvalidEvent, parse_purchase
+from events.schemas import InvalidEvent, parse_control, parse_purchase
 from events.settings import Settings
 from features.windows import DAY_S
 from models.registry import ModelRegistry
@@ -43,7 +41,7 @@ from stream.engine import (
     dead_letter,
     tune_garbage_collector,
 )
-from stream.faust_batches import BatchingApp
+from stream.faust_compat import BatchingApp
 from stream.kafka import CLICKS, CONTROL, PURCHASES, consumer_config, ensure_topics
 from stream.local_stack import resolve_endpoints
 from stream.metrics import WorkerMetrics
@@ -52,42 +50,6 @@ from stream.rfm import RfmCache
 from stream.state import PartitionStores, shared_ip_state
 
 log = logging.getLogger("slidr.worker")
-
-_FETCH_WAIT_MS = 20
-
-
-def _patch_fetch_wait(fetch_wait_ms: int) -> None:
-    """Replace faust-streaming's fetch waits (see module docstring): 1500 ms hard-coded in
-    its aiokafka driver, librdkafka's 500 ms default in its confluent driver."""
-    global _FETCH_WAIT_MS
-    _FETCH_WAIT_MS = fetch_wait_ms
-    thread_cls = faust_aiokafka.AIOKafkaConsumerThread
-    if getattr(thread_cls, "_slidr_patched", False):
-        return
-    original = thread_cls._create_worker_consumer
-
-    def create(self, transport):
-        consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = _FETCH_WAIT_MS  # read by aiokafka when it starts
-        return consumer
-
-    thread_cls._create_worker_consumer = create
-    thread_cls._slidr_patched = True
-
-    from faust.transport.drivers import confluent as faust_confluent
-
-    original_init = faust_confluent.AsyncConsumer.__init__
-
-    def init(self, config, *args, **kwargs):
-        config = {
-            **config,
-            "fetch.wait.max.ms": _FETCH_WAIT_MS,
-            "fetch.error.backoff.ms": _FETCH_WAIT_MS,
-        }
-        original_init(self, config, *args, **kwargs)
-
-    faust_confluent.AsyncConsumer.__init__ = init
-
 
 _CONTROL_FETCH_WAIT_MS = 500
 
@@ -132,7 +94,7 @@ class ControlFollower(threading.Thread):
 
     def apply(self, raw: bytes) -> None:
         try:
-            command = orjson.loads(raw)
+            command = parse_control(raw)
             version = command["model_version"]
             if version == self.engine.model.version:
                 return
@@ -201,7 +163,6 @@ def build_worker(settings: Settings) -> Worker:
     publisher = Publisher(settings, linger_ms=settings.decision_linger_ms)
     control = ControlFollower(settings, registry, engine)
 
-    _patch_fetch_wait(settings.fetch_wait_ms)
     (settings.home / "faust").mkdir(parents=True, exist_ok=True)
     session_s = settings.session_timeout_ms / 1000
     app = BatchingApp(
@@ -213,6 +174,7 @@ def build_worker(settings: Settings) -> Worker:
         datadir=str(settings.home / "faust"),  # not the working directory
         web_enabled=False,
         topic_partitions=settings.partitions,
+        fetch_wait_ms=settings.fetch_wait_ms,  # see the module docstring
         topic_allow_declare=False,
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
@@ -252,7 +214,7 @@ def build_worker(settings: Settings) -> Worker:
 
     @app.agent(click_batches, name="decide")
     async def decide(fetches):
-        # One list of click messages per fetch (stream.faust_batches), at most
+        # One list of click messages per fetch (stream.faust_compat), at most
         # batch_size long: decide, publish, and let the messages be committed only
         # once the broker has acknowledged every decision of the batch.
         ack = app.consumer.ack

@@ -29,10 +29,8 @@ day range is a data set directory for ``slidr train``/``evaluate``/``score``.
 
 from __future__ import annotations
 
-import argparse
+import math
 import os
-import signal
-import sys
 import threading
 import time
 import uuid
@@ -47,10 +45,14 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from events.schemas import InvalidEvent, load_object, parse_click, parse_purchase, parse_ts
-from features.columns import OPTIONAL_STRINGS
+from data.dataset import DatasetError, read_parquet
+from events.arrow import arrow_schema
+from events.declarations import CLICK, DECISION, PURCHASE
+from events.errors import SlidrError
+from events.schemas import InvalidEvent, parse_click, parse_decision, parse_purchase
 from features.windows import DAY_S
 from stream.kafka import CLICKS, DECISIONS, PURCHASES
 
@@ -62,51 +64,10 @@ KINDS = ("clicks", "purchases", "decisions")
 TOPIC_OF = {"clicks": CLICKS, "purchases": PURCHASES, "decisions": DECISIONS}
 DEFAULT_ATTRIBUTION_DELAY_S = DAY_S  # the default attribution window (models.labels)
 
-_STRING = pa.string()
-_CONTEXT = pa.map_(pa.string(), pa.string())
-
-CLICK_SCHEMA = pa.schema(
-    [
-        ("click_id", _STRING),
-        ("ts", pa.float64()),
-        ("user_id", _STRING),
-        ("ip", _STRING),
-        ("session_id", _STRING),
-        ("user_agent", _STRING),
-        ("logged_in", pa.bool_()),
-    ]
-    + [(name, _STRING) for name in OPTIONAL_STRINGS]
-    + [("context", _CONTEXT), ("extra", _STRING)]
-)
-PURCHASE_SCHEMA = pa.schema(
-    [
-        ("purchase_id", _STRING),
-        ("ts", pa.float64()),
-        ("user_id", _STRING),
-        ("customer_id", _STRING),
-        ("click_id", _STRING),
-        ("amount", pa.float64()),
-        ("extra", _STRING),
-    ]
-)
-DECISION_SCHEMA = pa.schema(
-    [
-        ("click_id", _STRING),
-        ("ts", pa.float64()),
-        ("verdict", _STRING),
-        ("score", pa.float64()),
-        ("threshold", pa.float64()),
-        ("slice", _STRING),
-        ("model_version", _STRING),
-        ("reasons", pa.list_(_STRING)),
-        ("decided_at", pa.float64()),
-        ("degraded", pa.bool_()),
-        ("replay", pa.bool_()),
-        ("late", pa.bool_()),
-        ("customer_rfm", pa.float64()),
-        ("extra", _STRING),
-    ]
-)
+# One column per declared field (events.declarations), then unknown fields as JSON.
+CLICK_SCHEMA = arrow_schema(CLICK, extra="extra")
+PURCHASE_SCHEMA = arrow_schema(PURCHASE, extra="extra")
+DECISION_SCHEMA = arrow_schema(DECISION, extra="extra")
 SCHEMAS = {"clicks": CLICK_SCHEMA, "purchases": PURCHASE_SCHEMA, "decisions": DECISION_SCHEMA}
 # Columns that make up an event's id, per kind.
 ID_COLUMNS = {
@@ -116,51 +77,14 @@ ID_COLUMNS = {
 }
 
 
-class ArchiveError(RuntimeError):
+class ArchiveError(SlidrError, RuntimeError):
     """The archive cannot be read or written as asked; the message says why."""
 
 
 # -- events -> archive rows -------------------------------------------------------------
 
 
-def parse_decision(raw: bytes | str | dict) -> dict:
-    """A decision dict checked against SPEC §1 (``ts`` and ``decided_at`` as epoch seconds).
-
-    Raises ``InvalidEvent`` when it is not a JSON object, lacks ``click_id``, ``ts``,
-    ``verdict`` or ``decided_at``, or has a wrongly typed field.
-    """
-    event = load_object(raw, "decision")
-    decision = dict(event)
-    for name in ("click_id", "verdict"):
-        value = event.get(name)
-        if not isinstance(value, str) or not value:
-            raise InvalidEvent(f"decision field {name!r} must be a non-empty string")
-    for name in ("ts", "decided_at"):
-        if event.get(name) is None:
-            raise InvalidEvent(f"missing required field {name!r}")
-        decision[name] = parse_ts(event[name], name)
-    for name in ("score", "threshold", "customer_rfm"):
-        value = event.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise InvalidEvent(f"decision field {name!r} must be a number")
-    for name in ("slice", "model_version"):
-        value = event.get(name)
-        if value is not None and not isinstance(value, str):
-            raise InvalidEvent(f"decision field {name!r} must be a string")
-    reasons = event.get("reasons") or []
-    if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
-        raise InvalidEvent("decision field 'reasons' must be a list of strings")
-    decision["reasons"] = reasons
-    for name in ("degraded", "replay", "late"):
-        value = event.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise InvalidEvent(f"decision field {name!r} must be a boolean")
-    decision["degraded"] = bool(event.get("degraded"))
-    decision["replay"] = bool(event.get("replay"))
-    return decision
-
-
-_PARSERS: dict[str, Callable[[bytes | str | dict], dict]] = {
+_PARSERS: dict[str, Callable[[bytes | str | dict | None], dict]] = {
     "clicks": parse_click,
     "purchases": parse_purchase,
     "decisions": parse_decision,
@@ -218,33 +142,31 @@ def partition_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("part-*.parquet"))
 
 
-def _partition_start(directory: Path) -> float | None:
-    """Epoch seconds at which an ``hour=HH`` directory under ``date=...`` starts."""
-    try:
-        day = directory.parent.name.removeprefix("date=")
-        hour = int(directory.name.removeprefix("hour="))
-        start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        return None
-    return start + hour * HOUR_S
+# The folders above each part file, as ``pyarrow.dataset`` reads them.
+HOUR_PARTITIONING = ds.partitioning(
+    pa.schema([("date", pa.string()), ("hour", pa.int8())]), flavor="hive"
+)
 
 
-def hour_partitions(
-    root: Path | str, kind: str, since: float | None = None, until: float | None = None
-) -> list[Path]:
-    """Hour partition directories of ``kind`` overlapping [since, until), oldest first."""
-    base = Path(root) / kind
-    out = []
-    for directory in base.glob("date=*/hour=*"):
-        start = _partition_start(directory)
-        if start is None:
-            continue
-        if since is not None and start + HOUR_S <= since:
-            continue
-        if until is not None and start >= until:
-            continue
-        out.append((start, directory))
-    return [d for _, d in sorted(out)]
+def hours_overlapping(since: float | None, until: float | None) -> ds.Expression | None:
+    """A filter on the ``date``/``hour`` folders: the hours that overlap [since, until).
+
+    ``YYYY-MM-DD`` sorts as the days do, so (date, hour) compares as the hours do.
+    """
+
+    def at_or_after(day: str, hour: int) -> ds.Expression:
+        return (ds.field("date") > day) | ((ds.field("date") == day) & (ds.field("hour") >= hour))
+
+    def at_or_before(day: str, hour: int) -> ds.Expression:
+        return (ds.field("date") < day) | ((ds.field("date") == day) & (ds.field("hour") <= hour))
+
+    where = None
+    if since is not None:  # the hour holding ``since`` and later ones
+        where = at_or_after(*hour_partition(since))
+    if until is not None:  # hours that start before ``until``
+        last = at_or_before(*hour_partition((math.ceil(until / HOUR_S) - 1) * HOUR_S))
+        where = last if where is None else where & last
+    return where
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -373,28 +295,32 @@ def read_archive(
     root: Path | str, kind: str, since: float | None = None, until: float | None = None
 ) -> pa.Table:
     """Events of ``kind`` with ``since <= ts < until`` (epoch seconds), each id once,
-    sorted by event time. An empty table (with the schema) when there are none."""
+    sorted by event time. An empty table (with the schema) when there are none.
+
+    Read through ``pyarrow.dataset``: only the hour folders that overlap the bounds are
+    opened (``hours_overlapping``).
+    """
     if kind not in KINDS:
         raise ArchiveError(f"unknown archive kind {kind!r} (one of {', '.join(KINDS)})")
-    tables = []
-    for directory in hour_partitions(root, kind, since, until):
-        for path in partition_files(directory):
-            try:
-                tables.append(pq.read_table(path, schema=SCHEMAS[kind]))
-            except (OSError, pa.ArrowInvalid) as exc:
-                raise ArchiveError(f"{path}: unreadable archive file ({exc})") from None
-    if not tables:
-        return SCHEMAS[kind].empty_table()
-    table = pa.concat_tables(tables)
-    ts = table.column("ts")
-    mask = None
+    schema = SCHEMAS[kind]
+    directory = Path(root) / kind
+    if not directory.is_dir():
+        return schema.empty_table()
+    where = hours_overlapping(since, until)
     if since is not None:
-        mask = pc.greater_equal(ts, since)
+        where &= ds.field("ts") >= since
     if until is not None:
-        below = pc.less(ts, until)
-        mask = below if mask is None else pc.and_(mask, below)
-    if mask is not None:
-        table = table.filter(mask)
+        where &= ds.field("ts") < until
+    try:
+        table = read_parquet(
+            directory,
+            columns=schema.names,
+            where=where,
+            schema=pa.unify_schemas([schema, HOUR_PARTITIONING.schema]),
+            partitioning=HOUR_PARTITIONING,
+        )
+    except DatasetError as exc:
+        raise ArchiveError(f"unreadable archive: {exc}") from None
     # Two archivers (or a copied file) could still hold an id twice: keep the first.
     ids = np.array(_table_ids(kind, table), dtype=object)
     if len(ids):
@@ -574,57 +500,56 @@ def run_archive(
 
     Offsets are committed after each flush, for exactly the messages the flush covers.
     """
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka import KafkaException
 
-    from stream.kafka import consumer_config
+    from stream.topics import TopicTail
 
     say = progress or (lambda _m: None)
     kind_of = {settings.topic(TOPIC_OF[k]): k for k in options.kinds}
     writer = ArchiveWriter(options.out)
     consumed: Counter = Counter()
     pending: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to commit
-    consumer = Consumer(consumer_config(settings, options.group_id))
     started = time.monotonic()
-    state = {"assigned_at": None}
 
     def flush_and_commit() -> None:
         if writer.buffered:
             writer.flush()
         if pending:
-            offsets = [TopicPartition(t, p, o) for (t, p), o in pending.items()]
             try:
-                consumer.commit(offsets=offsets, asynchronous=False)
+                tail.commit(pending)
             except KafkaException as exc:  # e.g. lost the partitions: the next owner dedupes
                 say(
                     f"offset commit failed ({exc}); the re-delivered events will be skipped as duplicates"
                 )
             pending.clear()
 
-    def on_assign(_consumer, partitions) -> None:
+    def on_assign(partitions) -> None:
         writer.forget_index()
-        state["assigned_at"] = time.monotonic()
         say(f"assigned {len(partitions)} partitions")
 
-    def on_revoke(_consumer, partitions) -> None:
+    def on_revoke(_partitions) -> None:
         flush_and_commit()
         writer.forget_index()
 
-    consumer.subscribe(list(kind_of), on_assign=on_assign, on_revoke=on_revoke)
-    last_message = last_flush = last_progress = time.monotonic()
+    tail = TopicTail(
+        settings,
+        [TOPIC_OF[k] for k in options.kinds],
+        group_id=options.group_id,
+        batch=options.poll_batch,
+        wait_s=0.2,
+        on_assign=on_assign,
+        on_revoke=on_revoke,
+    )
+    last_flush = last_progress = time.monotonic()
     say(f"archiving {', '.join(options.kinds)} into {options.out} (group {options.group_id})")
-    try:
-        while stop is None or not stop.is_set():
-            batch = consumer.consume(options.poll_batch, 0.2)
-            now = time.monotonic()
-            for msg in batch:
-                if msg.error() is not None:
-                    continue
+    with tail:
+        for messages in tail.batches(options.idle_s, stop, options.startup_timeout_s):
+            for msg in messages:
                 kind = kind_of[msg.topic()]
                 consumed[kind] += 1
                 writer.add(kind, msg.value())
                 pending[(msg.topic(), msg.partition())] = msg.offset() + 1
-            if batch:
-                last_message = now
+            now = time.monotonic()
             if writer.buffered >= options.max_buffered or (
                 now - last_flush >= options.flush_interval_s and (writer.buffered or pending)
             ):
@@ -639,16 +564,9 @@ def run_archive(
                     f"{sum(c.duplicates.values()):,} duplicates, {sum(c.malformed.values()):,} malformed, "
                     f"{writer.buffered:,} buffered"
                 )
-            if options.idle_s is not None:
-                if state["assigned_at"] is None:
-                    if now - started > max(options.startup_timeout_s, options.idle_s):
-                        say("no partitions assigned: stopping")
-                        break
-                elif now - max(last_message, state["assigned_at"]) >= options.idle_s:
-                    break
+        if tail.assigned_at is None and (stop is None or not stop.is_set()):
+            say("no partitions assigned: stopping")
         flush_and_commit()
-    finally:
-        consumer.close()
     c = writer.counts
     report = ArchiveReport(
         consumed,
@@ -661,152 +579,3 @@ def run_archive(
         c.examples,
     )
     return report
-
-
-# -- command line -----------------------------------------------------------------------
-
-
-def _kinds(text: str) -> tuple[str, ...]:
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise argparse.ArgumentTypeError(f"expected some of {','.join(KINDS)}, got {text!r}")
-    return kinds
-
-
-def cmd_archive(args: argparse.Namespace) -> int:
-    from events.settings import Settings
-    from stream.kafka import ensure_topics
-
-    settings = Settings.from_env()
-    out = args.out or settings.home / "archive"
-    options = ArchiveOptions(
-        out=out,
-        group_id=args.group_id,
-        kinds=args.kinds,
-        idle_s=None if args.follow or args.idle is None else args.idle,
-        flush_interval_s=args.flush_interval,
-        max_buffered=args.batch,
-    )
-
-    def progress(message: str) -> None:
-        if not args.quiet:
-            print(f"archive: {message}", file=sys.stderr, flush=True)
-
-    progress("settings:\n" + settings.describe())
-    ensure_topics(settings, [TOPIC_OF[k] for k in options.kinds])
-    # SIGTERM and Ctrl-C end the loop between batches: the buffered events are written
-    # and their offsets committed before exiting.
-    stop = threading.Event()
-    previous = {
-        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
-    }
-    try:
-        report = run_archive(settings, options, progress, stop)
-    except ArchiveError as exc:
-        from events.errors import UsageError
-
-        raise UsageError(str(exc)) from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print(orjson.dumps(report.to_dict()).decode() if args.json else report)
-    return 0
-
-
-def cmd_archive_export(args: argparse.Namespace) -> int:
-    from events.settings import Settings
-
-    settings = Settings.from_env()
-    archive = args.archive or settings.home / "archive"
-    try:
-        counts = export_days(
-            archive,
-            args.start_day,
-            args.end_day or args.start_day,
-            args.out,
-            attribution_delay_s=args.attribution_delay * 3600.0,
-            history_s=args.history_days * DAY_S,
-            include_decisions=args.with_decisions,
-        )
-    except ArchiveError as exc:
-        from events.errors import UsageError
-
-        raise UsageError(str(exc)) from None
-    print(f"{args.out}: " + ", ".join(f"{n:,} {kind}" for kind, n in counts.items()))
-    return 0
-
-
-def register_archive_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``slidr archive`` and ``slidr archive-export`` to the ``slidr`` parser."""
-    p = sub.add_parser(
-        "archive",
-        help="archive clicks, purchases and decisions from Kafka into hourly Parquet files",
-        description="Consume the clicks, purchases and decisions topics (consumer group of its "
-        "own) into OUT/<kind>/date=YYYY-MM-DD/hour=HH/part-<uuid>.parquet, partitioned by event "
-        "time. Each event is written once, also when re-consumed after a crash or restart.",
-    )
-    p.add_argument(
-        "--out", type=Path, default=None, help="archive directory (default $SLIDR_HOME/archive)"
-    )
-    p.add_argument(
-        "--group-id", default="slidr-archive", help="consumer group (default slidr-archive)"
-    )
-    p.add_argument(
-        "--kinds",
-        type=_kinds,
-        default=KINDS,
-        help="what to archive, comma-separated (default clicks,purchases,decisions)",
-    )
-    stop = p.add_mutually_exclusive_group()
-    stop.add_argument(
-        "--idle",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="stop after this many seconds without messages (default: run forever)",
-    )
-    stop.add_argument("--follow", action="store_true", help="run until interrupted (the default)")
-    p.add_argument(
-        "--flush-interval",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="write files and commit offsets at least this often (default 10)",
-    )
-    p.add_argument(
-        "--batch",
-        type=int,
-        default=50_000,
-        metavar="EVENTS",
-        help="write earlier when this many events are buffered (default 50000)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--json", action="store_true", help="print the final report as JSON")
-    p.set_defaults(func=cmd_archive)
-
-    p = sub.add_parser(
-        "archive-export",
-        help="write a data set directory (clicks.parquet, purchases.parquet) from archived days",
-    )
-    p.add_argument(
-        "--archive", type=Path, default=None, help="archive directory (default $SLIDR_HOME/archive)"
-    )
-    p.add_argument("--start-day", required=True, help="first day, YYYY-MM-DD (UTC)")
-    p.add_argument("--end-day", default=None, help="last day, inclusive (default: the start day)")
-    p.add_argument("--out", type=Path, required=True, help="output data set directory")
-    p.add_argument(
-        "--attribution-delay",
-        type=float,
-        default=DEFAULT_ATTRIBUTION_DELAY_S / 3600,
-        metavar="HOURS",
-        help="purchases up to this long after the last day (default 24)",
-    )
-    p.add_argument(
-        "--history-days",
-        type=float,
-        default=0.0,
-        help="purchases this many days before the first day, for RFM (default 0)",
-    )
-    p.add_argument("--with-decisions", action="store_true", help="also write decisions.parquet")
-    p.set_defaults(func=cmd_archive_export)

@@ -28,16 +28,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import orjson
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from data.dataset import load_dataset
 from events.settings import Settings
 from models.bench import cpu_model
 from models.registry import ModelRegistry
 from stream.engine import DecisionEngine, RawMessage
-from stream.kafka import CLICKS, DECISIONS, consumer_config, ensure_topics, producer_config
+from stream.kafka import CLICKS, DECISIONS, ensure_topics, producer_config
 from stream.producer import click_payload, produce_dataset
 from stream.state import PartitionStores, shared_ip_state
+from stream.topics import BEGINNING, TopicTail
 
 
 def machine() -> dict:
@@ -102,21 +103,6 @@ def p99_by_sixth(values_s: list[float]) -> list[float]:
     return [round(float(np.percentile(part, 99)) * 1000, 1) for part in np.array_split(values_s, 6)]
 
 
-def arrived_now(consumer: Consumer, wait_s: float, most: int = 1000) -> list:
-    """Messages already fetched, waiting up to ``wait_s`` for the first one only.
-
-    ``Consumer.consume(n, timeout)`` returns when it has ``n`` messages or when the
-    timeout ends, so a reader timing arrivals with ``consume(1000, 0.05)`` adds up to
-    50 ms to every message it sees. Measured, bare produce -> consume on a fresh Tansu,
-    2,000 msg/s for 10 s, linger 10 ms, fetch wait 20 ms, two runs each: read that way
-    p50 38 ms / p99 68-69 ms; read this way p50 13 ms / p99 23-24 ms.
-    """
-    first = consumer.poll(wait_s)
-    if first is None:
-        return []
-    return [first, *consumer.consume(most - 1, 0)]
-
-
 def _unique(settings: Settings, label: str) -> Settings:
     tag = f"bench{uuid.uuid4().hex[:6]}-{label}-"
     s = settings.replace(topic_prefix=tag, redis_key_prefix=f"slidr:{tag}", group_id=f"{tag}group")
@@ -168,21 +154,19 @@ class ArrivalWatcher(threading.Thread):
 
     def __init__(self, settings: Settings, topic: str = DECISIONS, label: str = "watch") -> None:
         super().__init__(daemon=True)
-        self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}-{label}"))
-        name = settings.topic(topic)
-        parts = self.consumer.list_topics(name, timeout=10).topics[name].partitions
-        self.consumer.assign([TopicPartition(name, p, 0) for p in parts])
+        # Messages are timed as they arrive (``stream.topics.arrived_now``).
+        self.tail = TopicTail(
+            settings, [topic], start=BEGINNING, label=label, wait_s=0.05, as_arrived=True
+        )
         self.arrived: dict[str, float] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while not self.stop.is_set():
-            messages = arrived_now(self.consumer, 0.05)
-            now = time.time()  # one clock read per fetch: the watcher shares the CPUs
-            for msg in messages:
-                if msg.error() is None:
+        with self.tail:
+            for messages in self.tail.batches(stop=self.stop):
+                now = time.time()  # one clock read per fetch: the watcher shares the CPUs
+                for msg in messages:
                     self.arrived.setdefault(msg.key().decode(), now)
-        self.consumer.close()
 
     def wait_for(
         self,

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
 
 from events.settings import Settings
-from stream.kafka import DECISIONS, consumer_config
+from stream.kafka import DECISIONS
+from stream.topics import BEGINNING, TopicTail
 
 
 @dataclass
@@ -94,29 +94,17 @@ def read_decisions(
     on_tick=None,
     tick_s: float = 5.0,
 ) -> BillingLedger:
-    """Read ``decisions`` from the beginning into ``ledger``; stop after ``idle_s`` of silence."""
-    consumer = Consumer(consumer_config(settings, group_id=f"slidr-billing-{time.time_ns()}"))
-    topic = settings.topic(DECISIONS)
-    metadata = consumer.list_topics(topic, timeout=10)
-    partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    last_message = last_tick = time.monotonic()
-    try:
-        while True:
-            batch = consumer.consume(1000, 0.2)
-            now = time.monotonic()
-            for msg in batch:
-                if msg.error() is None:
-                    ledger.apply(orjson.loads(msg.value()))
-            if batch:
-                last_message = now
-            if on_tick is not None and now - last_tick >= tick_s:
+    """Read ``decisions`` from the beginning into ``ledger``; stop after ``idle_s`` of
+    silence, or never with ``follow``."""
+    last_tick = time.monotonic()
+    with TopicTail(settings, [DECISIONS], start=BEGINNING, label="billing") as tail:
+        for messages in tail.batches(idle_s=None if follow else idle_s):
+            for msg in messages:
+                ledger.apply(orjson.loads(msg.value()))
+            if on_tick is not None and time.monotonic() - last_tick >= tick_s:
                 on_tick(ledger)
-                last_tick = now
-            if not follow and now - last_message >= idle_s:
-                return ledger
-    finally:
-        consumer.close()
+                last_tick = time.monotonic()
+    return ledger
 
 
 def run_billing(

@@ -1,5 +1,5 @@
 """Model switches: the registry says which version is active, ``slidr.control`` tells
-the running workers (SPEC §1: ``{"action", "model_version", "reason", "at"}``)."""
+the running workers (SPEC §1; the message is declared in ``events.declarations``)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import time
 import orjson
 from confluent_kafka import Producer
 
+from events.declarations import CONTROL as CONTROL_MESSAGE
 from events.settings import Settings
 from models.registry import ModelRegistry
-from stream.kafka import CONTROL, ensure_topics, producer_config
+from stream.kafka import CONTROL, BrokerUnavailable, ensure_topics, producer_config
 
 
 def publish_control(settings: Settings, action: str, version: str, reason: str) -> dict:
     """Publish one control message and wait for the broker's acknowledgement."""
-    message = {"action": action, "model_version": version, "reason": reason, "at": time.time()}
+    message = CONTROL_MESSAGE.build(
+        action=action, model_version=version, reason=reason, at=time.time()
+    )
     ensure_topics(settings, names=(CONTROL,))
     producer = Producer(producer_config(settings))
     errors: list[str] = []
@@ -26,7 +29,11 @@ def publish_control(settings: Settings, action: str, version: str, reason: str) 
         on_delivery=lambda err, _m: errors.append(str(err)) if err else None,
     )
     if producer.flush(15) or errors:
-        raise RuntimeError(f"control message not delivered: {errors or 'timeout'}")
+        raise BrokerUnavailable(
+            f"control message not delivered: {errors or 'timeout'}; the registry already "
+            f"has {version} active: check the broker, then `slidr promote {version}` to tell "
+            "the running workers"
+        )
     return message
 
 

@@ -28,7 +28,8 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import orjson
 
-from events.schemas import InvalidEvent, parse_click
+from events.declarations import ABSENT, DEAD_LETTER, DEAD_LETTER_SOURCE, DECISION, Absent
+from events.schemas import InvalidEvent, decode_click
 from features.definitions import ClickFeaturizer
 from models.registry import ModelVersion
 from models.scoring import reason_codes
@@ -87,6 +88,12 @@ MAX_DEAD_LETTER_BYTES = 6 * DEAD_LETTER_ORIGINAL_BYTES + 6 * (DEAD_LETTER_ERROR_
 assert MAX_DEAD_LETTER_BYTES < 256 * 1024
 
 
+# Record builders compiled from the declarations (events.declarations), once.
+_build_decision = DECISION.build
+_build_dead_letter = DEAD_LETTER.build
+_build_source = DEAD_LETTER_SOURCE.build
+
+
 def _cut_text(raw: bytes, limit: int) -> str | None:
     """The longest prefix of ``raw`` of at most ``limit`` bytes that is whole UTF-8
     (a character cut by the bound is left out), or None when ``raw`` is not UTF-8."""
@@ -119,20 +126,23 @@ def bounded_dead_letter(
     if len(error) > DEAD_LETTER_ERROR_CHARS:
         error = error[:DEAD_LETTER_ERROR_CHARS] + "…"
     error = error.encode("utf-8", "replace").decode("utf-8")  # no lone surrogate for orjson
-    source: dict = {"topic": topic[:256], "partition": partition, "offset": offset}
-    if key is not None:
-        source["key"] = base64.b64encode(key[:256]).decode("ascii")
+    source = _build_source(
+        topic=topic[:256],
+        partition=partition,
+        offset=offset,
+        key=ABSENT if key is None else base64.b64encode(key[:256]).decode("ascii"),
+    )
     record = orjson.dumps(
-        {
-            "error": error,
-            "original": original,
-            "encoding": encoding,
-            "original_bytes": len(raw),
-            "original_sha256": hashlib.sha256(raw).hexdigest(),
-            "truncated": cut,
-            "source": source,
-            "at": time.time(),
-        }
+        _build_dead_letter(
+            error=error,
+            original=original,
+            encoding=encoding,
+            original_bytes=len(raw),
+            original_sha256=hashlib.sha256(raw).hexdigest(),
+            truncated=cut,
+            source=source,
+            at=time.time(),
+        )
     )
     assert len(record) <= MAX_DEAD_LETTER_BYTES, len(record)
     return record
@@ -156,25 +166,30 @@ def decision_record(
     decided_at: float,
     degraded: bool = False,
     replay: bool = False,
+    late: bool | Absent = ABSENT,
+    customer_rfm: float | None | Absent = ABSENT,
 ) -> dict:
     """One decision with every SPEC §1 field; reasons only for an invalid verdict.
+    ``late`` and ``customer_rfm`` (None: a customer not seen) are written when given.
 
     The live engine and replay both build decisions here, so they cannot drift apart.
     """
     bad = score >= threshold
-    return {
-        "click_id": click_id,
-        "ts": ts,
-        "verdict": "invalid" if bad else "valid",
-        "score": float(score),
-        "threshold": float(threshold),
-        "slice": slice_name,
-        "model_version": version,
-        "reasons": reason_codes(features) if bad else [],
-        "decided_at": decided_at,
-        "degraded": degraded,
-        "replay": replay,
-    }
+    return _build_decision(
+        click_id=click_id,
+        ts=ts,
+        verdict="invalid" if bad else "valid",
+        score=float(score),
+        threshold=float(threshold),
+        slice=slice_name,
+        model_version=version,
+        reasons=reason_codes(features) if bad else [],
+        decided_at=decided_at,
+        degraded=degraded,
+        replay=replay,
+        late=late,
+        customer_rfm=customer_rfm,
+    )
 
 
 def tune_garbage_collector() -> None:
@@ -238,7 +253,7 @@ class DecisionEngine:
         m.clicks_in.inc(len(messages))
         for message in messages:
             try:
-                click = parse_click(message.value)
+                click = decode_click(message.value)
             except InvalidEvent as exc:
                 result.dead_letters.append((None, dead_letter(message, str(exc))))
                 m.dlq.labels(topic=message.topic).inc()
@@ -292,10 +307,9 @@ class DecisionEngine:
                 features.matrix[j],
                 decided_at,
                 degraded,
+                late=features.late[j],
+                customer_rfm=rfm[j] if rfm is not None and click.get("customer_id") else ABSENT,
             )
-            decision["late"] = features.late[j]
-            if rfm is not None and click.get("customer_id"):
-                decision["customer_rfm"] = rfm[j]
             value = orjson.dumps(decision)
             key = click["click_id"].encode()
             published.append((key, value))

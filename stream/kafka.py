@@ -10,7 +10,7 @@ broker; see FINDINGS.md) and are harmless on a real Kafka cluster:
   3.0 s at 6000 ms (2.0 s at 3000, 1.0 s at 2000); the wait repeats at every rebalance.
 - Tansu does not wake a long poll when data arrives, so ``fetch.wait.max.ms`` is short
   (``SLIDR_FETCH_WAIT_MS``, 20 by default). Measured produce -> consume round trip with
-  linger 10 ms / fetch wait 20 ms, read as messages arrive (``stream.bench.arrived_now``):
+  linger 10 ms / fetch wait 20 ms, read as messages arrive (``stream.topics.arrived_now``):
   a steady 2,000 msg/s for 30 s p50 15 ms, p99 31-33 ms, rising as the broker stores more
   batches (FINDINGS.md). The same rate was p50 12-13 ms, p99 22-23 ms in its first 5 s.
   A longer linger means fewer batches and a flatter tail (``Settings.linger_ms``).
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
+from events.errors import SlidrError
 from events.settings import SettingsError
 from stream.local_stack import resolve_bootstrap
 
@@ -65,7 +66,7 @@ _UNDERSCORE_KEYS = frozenset(
 _SECRET_KEYS = frozenset({"sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret"})
 
 
-class BrokerUnavailable(RuntimeError):
+class BrokerUnavailable(SlidrError, RuntimeError):
     """The Kafka broker did not answer in time; the message names the address."""
 
 
@@ -285,7 +286,10 @@ def ensure_topics(
             return created
         if time.monotonic() >= deadline:
             absent = sorted(topic for topic in wanted if topic not in visible)
-            raise BrokerUnavailable(f"topics not visible after {timeout:g} s: {absent}")
+            raise BrokerUnavailable(
+                f"topics not visible after {timeout:g} s: {absent}; check the broker at "
+                f"{resolve_bootstrap(settings)} (`slidr status`, SLIDR_KAFKA_BOOTSTRAP)"
+            )
         time.sleep(0.05)
 
 
@@ -296,7 +300,8 @@ def _topic_partitions(admin: AdminClient, settings: Settings, timeout: float) ->
     except KafkaException as exc:
         raise BrokerUnavailable(
             f"Kafka broker at {resolve_bootstrap(settings)} did not answer a metadata "
-            f"request within {timeout:g} s ({exc.args[0].str()})"
+            f"request within {timeout:g} s ({exc.args[0].str()}): run `slidr up`, or check "
+            "SLIDR_KAFKA_BOOTSTRAP"
         ) from None
     return {
         name: len(topic.partitions)

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from events.errors import SlidrError
+
 if TYPE_CHECKING:
     from events.settings import Settings
 
@@ -63,7 +65,7 @@ _EXE_PREFIXES = {BROKER: ("tansu",), REDIS: ("valkey-server", "redis-server")}
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
-class StackError(RuntimeError):
+class StackError(SlidrError, RuntimeError):
     """The local stack cannot be started, stopped or found; the message says what to do."""
 
 
@@ -477,13 +479,13 @@ def _running_stack(home: Path, variable: str, what: str) -> StackInfo:
     info = read_stack_info(home)
     if info is None:
         raise StackNotRunning(
-            f"No {what} configured: set {variable}, or run `slidr up` to start the local "
+            f"no {what} configured: set {variable}, or run `slidr up` to start the local "
             f"stack (no {path})"
         )
     for name, pid in ((BROKER, info.broker_pid), (REDIS, info.redis_pid)):
         if not _is_our_server(pid, name, _binary_of(info, name)):
             raise StackNotRunning(
-                f"The local stack recorded in {path} is not running ({name} pid {pid} is "
+                f"the local stack recorded in {path} is not running ({name} pid {pid} is "
                 f"gone): run `slidr up` again, or set {variable}"
             )
     return info

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import time
 
-from confluent_kafka import Consumer
-
 from events.settings import Settings
 from stream.engine import DecisionEngine, RawMessage, tune_garbage_collector
-from stream.kafka import CLICKS, consumer_config
+from stream.kafka import CLICKS
 from stream.publisher import Publisher
+from stream.topics import TopicTail
 
 
 def run_plain_loop(
@@ -31,34 +30,33 @@ def run_plain_loop(
     Idleness counts from the first click: joining the group takes seconds on Tansu.
     """
     tune_garbage_collector()  # as the Faust worker does
-    consumer = Consumer(consumer_config(settings, settings.group_id))
-    consumer.subscribe([settings.topic(CLICKS)])
     decided = 0
     last = time.monotonic()
-    try:
-        while True:
-            batch = consumer.consume(settings.batch_size, settings.batch_wait_ms / 1000)
-            messages = [
-                RawMessage(m.value(), m.topic(), m.partition(), m.offset())
-                for m in batch
-                if m.error() is None
-            ]
-            if messages:
-                result = engine.process(messages)
-                publisher.send(result)
+    with TopicTail(
+        settings,
+        [CLICKS],
+        group_id=settings.group_id,
+        batch=settings.batch_size,
+        wait_s=settings.batch_wait_ms / 1000,
+    ) as tail:
+        for batch in tail.batches():
+            if batch:
+                messages = [
+                    RawMessage(m.value(), m.topic(), m.partition(), m.offset()) for m in batch
+                ]
+                publisher.send(engine.process(messages))
                 publisher.wait()
-                consumer.commit(asynchronous=False)
+                tail.commit()
                 decided += len(messages)
                 last = time.monotonic()
             if max_clicks is not None and decided >= max_clicks:
-                return decided
+                break
             idle = time.monotonic() - last
             if stop_after_idle_s is not None and idle > (
                 stop_after_idle_s if decided else startup_timeout_s
             ):
-                return decided
-    finally:
-        consumer.close()
+                break
+    return decided
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from events.errors import SlidrError
 from events.settings import Settings
 from stream.engine import BatchResult, bounded_dead_letter
 from stream.kafka import CLICKS_DLQ, DECISIONS, FEATURES_SERVED, producer_config
@@ -41,7 +42,7 @@ def _too_large(exc: BaseException) -> bool:
     return isinstance(err, KafkaError) and err.code() == KafkaError.MSG_SIZE_TOO_LARGE
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(SlidrError, RuntimeError):
     """The broker refused a message; the batch must not be committed."""
 
 

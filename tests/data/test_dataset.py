@@ -1,16 +1,28 @@
-"""Reading data set directories: Parquet and JSON Lines agree; bad rows are counted, bad files named."""
+"""Reading data sets: Parquet and JSON Lines, files and directories (hive partitions too)
+agree; bad rows are counted, bad files named."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from data.dataset import DatasetError, LoadReport, load_clicks, load_dataset
+from data.dataset import (
+    DatasetError,
+    LoadReport,
+    find_source,
+    load_clicks,
+    load_dataset,
+    read_parquet,
+    read_rows,
+    source_format,
+)
 from data.simulator import simulate
 from features.columns import ClickColumns
 
@@ -190,3 +202,122 @@ def test_parquet_without_a_required_column_is_a_dataset_error(tmp_path: Path) ->
     pq.write_table(pa.table({"click_id": ["a"], "ts": [1.0], "user_id": ["u"]}), path)
     with pytest.raises(DatasetError, match=rf"{path}: missing required columns \['ip'\]"):
         load_clicks(path)
+
+
+# -- directories ----------------------------------------------------------------------------
+
+
+def _day(ts: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def test_directories_of_files_and_of_hive_partitions_give_the_same_data(
+    parquet_dir: Path, jsonl_dir: Path, tmp_path: Path
+) -> None:
+    # clicks/: two Parquet files; purchases/: one file per day, in date=YYYY-MM-DD folders.
+    clicks = pq.read_table(parquet_dir / "clicks.parquet")
+    (tmp_path / "clicks").mkdir()
+    half = clicks.num_rows // 2
+    pq.write_table(clicks.slice(0, half), tmp_path / "clicks/part-0.parquet")
+    pq.write_table(clicks.slice(half), tmp_path / "clicks/part-1.parquet")
+    (tmp_path / "clicks/_SUCCESS").write_bytes(b"")  # not data: skipped
+    purchases = pq.read_table(parquet_dir / "purchases.parquet")
+    days = np.array([_day(t) for t in purchases.column("ts").to_numpy()])
+    for day in np.unique(days):
+        folder = tmp_path / "purchases" / f"date={day}"
+        folder.mkdir(parents=True)
+        pq.write_table(purchases.filter(pa.array(days == day)), folder / "part-0.parquet")
+    assert find_source(tmp_path, "clicks") == tmp_path / "clicks"
+    assert source_format(tmp_path / "purchases") == "parquet"
+
+    expected = load_dataset(parquet_dir)
+    from_dirs = load_dataset(tmp_path)
+    assert_same_clicks(expected.clicks, from_dirs.clicks)
+    for name in ("purchase_id", "ts", "user_id", "customer_id", "click_id", "amount"):
+        np.testing.assert_array_equal(
+            getattr(expected.purchases, name), getattr(from_dirs.purchases, name), err_msg=name
+        )
+    assert from_dirs.report.rows == {"clicks": len(expected.clicks), "purchases": len(purchases)}
+    # The folder names are a column of the rows, and a filter on them skips folders.
+    table = read_parquet(tmp_path / "purchases")
+    assert sorted(set(table.column("date").to_pylist())) == sorted(set(days))
+    first = min(days)
+    (tmp_path / "purchases" / f"date={first}" / "part-1.parquet").write_bytes(b"not parquet")
+    later = read_parquet(tmp_path / "purchases", where=pc.field("date") > first)
+    assert later.num_rows == int((days > first).sum())
+    with pytest.raises(DatasetError, match=r"purchases: not a readable Parquet data set"):
+        read_parquet(tmp_path / "purchases")
+
+    # JSON Lines directories: files read in path order, problems named by file.
+    (tmp_path / "jsonl" / "clicks").mkdir(parents=True)
+    lines = (jsonl_dir / "clicks.jsonl").read_bytes().splitlines(keepends=True)
+    (tmp_path / "jsonl/clicks/a.jsonl").write_bytes(b"".join(lines[:100]))
+    (tmp_path / "jsonl/clicks/b.jsonl").write_bytes(b"".join(lines[100:]) + b"[1]\n")
+    (tmp_path / "jsonl/purchases.jsonl").write_bytes((jsonl_dir / "purchases.jsonl").read_bytes())
+    from_jsonl = load_dataset(tmp_path / "jsonl")
+    assert_same_clicks(expected.clicks, from_jsonl.clicks)
+    assert from_jsonl.report.rows["clicks/a.jsonl"] == 100
+    assert from_jsonl.report.malformed == {"clicks/b.jsonl": 1}
+    assert from_jsonl.report.examples[0].startswith(f"clicks/b.jsonl:{len(lines) - 99}:")
+
+
+def test_files_with_different_columns_are_read_as_one_table(tmp_path: Path) -> None:
+    pq.write_table(
+        pa.table({"click_id": ["a"], "ts": [2.0], "user_id": ["u"], "ip": ["1.1.1.1"]}),
+        tmp_path / "part-0.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "click_id": ["b"],
+                "ts": [1],  # an integer time in this file
+                "user_id": ["v"],
+                "ip": ["2.2.2.2"],
+                "device": ["mobile"],
+            }
+        ),
+        tmp_path / "part-1.parquet",
+    )
+    clicks = load_clicks(tmp_path)
+    assert list(clicks.click_id) == ["b", "a"]
+    assert list(clicks.optional["device"]) == ["mobile", None]
+
+
+def test_a_directory_of_both_formats_or_of_none_is_a_dataset_error(tmp_path: Path) -> None:
+    (tmp_path / "clicks").mkdir()
+    with pytest.raises(DatasetError, match="no .parquet or .jsonl files"):
+        load_clicks(tmp_path / "clicks")
+    (tmp_path / "clicks/a.jsonl").write_bytes(b"")
+    (tmp_path / "clicks/b.parquet").write_bytes(b"")
+    with pytest.raises(DatasetError, match="both .jsonl and .parquet"):
+        load_clicks(tmp_path / "clicks")
+
+
+def test_rows_as_stored_keep_every_line_and_place_it_in_time(tmp_path: Path) -> None:
+    lines = [
+        b'{"click_id": "a", "ts": 5, "user_id": "u"}\n',
+        b"not json\n",
+        b'{"click_id": "b", "ts": "yesterday", "user_id": "v"}\n',
+        b'{"purchase_id": "p", "ts": "2026-11-02T00:00:00Z", "click_id": "a"}',  # no newline
+    ]
+    (tmp_path / "events.jsonl").write_bytes(b"".join(lines) + b"\n\n")
+    rows = read_rows(tmp_path / "events.jsonl")
+    np.testing.assert_array_equal(rows.ts, [5.0, np.nan, np.nan, 1_793_577_600.0])
+    assert list(rows.user_id) == ["u", None, None, None]
+    assert list(rows.click_id) == ["a", None, None, "a"]
+    out = tmp_path / "out"
+    out.mkdir()
+    assert rows.write(out, np.array([True, True, False, True])) == 3
+    assert (out / "events.jsonl").read_bytes() == lines[0] + lines[1] + lines[3] + b"\n"
+
+    # A Parquet directory is written back as one file named after it.
+    (tmp_path / "clicks/date=2026-11-02").mkdir(parents=True)
+    pq.write_table(
+        pa.table({"click_id": ["a", "b"], "ts": ["2026-11-02T00:00:01Z", "soon"]}),
+        tmp_path / "clicks/date=2026-11-02/part-0.parquet",
+    )
+    rows = read_rows(tmp_path / "clicks")
+    np.testing.assert_array_equal(rows.ts, [1_793_577_601.0, np.nan])
+    assert rows.file_name == "clicks.parquet"
+    assert rows.write(out, np.array([True, False])) == 1
+    assert pq.read_table(out / "clicks.parquet").column("click_id").to_pylist() == ["a"]

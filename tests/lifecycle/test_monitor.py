@@ -299,34 +299,6 @@ def test_rollback_policy(policy, watched, active, expected) -> None:
     assert go is expected[0] and expected[1] in why
 
 
-def test_command_line_flags_reach_the_detector_and_the_policy() -> None:
-    import argparse
-
-    from lifecycle.monitor import monitor_config, register_monitor_commands
-
-    parser = argparse.ArgumentParser(prog="slidr")
-    register_monitor_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        [
-            "monitor",
-            "--window",
-            "800",
-            "--ivr-factor",
-            "1.5",
-            "--spike-share",
-            "0.8",
-            "--no-rollback",
-            "--rollback-within-hours",
-            "2",
-        ]
-    )
-    config, policy = monitor_config(args)
-    assert (config.window_decisions, config.ivr_factor, config.spike_share) == (800, 1.5, 0.8)
-    assert config.min_decisions == MonitorConfig().min_decisions
-    assert policy == RollbackPolicy(enabled=False, within_s=7200.0)
-    assert callable(args.func)
-
-
 # -- end to end: a faulty version rolled back while clicks flow -----------------------------
 
 

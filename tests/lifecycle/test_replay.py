@@ -3,7 +3,6 @@ re-decided with a chosen version and published as replay decisions that billing 
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 import uuid
@@ -16,68 +15,28 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
+from events.declarations import DECISION
 from events.settings import Settings
 from lifecycle.replay import (
+    DEFAULT_MAX_DISORDER_S,
     ReplayError,
     ReplayOptions,
-    TopicScanner,
+    click_scanner,
     clicks_between,
-    first_offset_at_or_after,
-    offset_ranges,
     parse_offsets,
     parse_time,
     read_clicks,
-    register_replay_commands,
     run_replay,
 )
+from slidr.cli import build_parser
 from stream.kafka import CLICKS, DECISIONS, FEATURES_SERVED, producer_config
+from stream.topics import offset_ranges, resolve_time_range, scan_topic
 
 DAY = 86_400.0
-DECISION_FIELDS = (
-    "click_id",
-    "ts",
-    "verdict",
-    "score",
-    "threshold",
-    "slice",
-    "model_version",
-    "reasons",
-    "decided_at",
-    "degraded",
-    "replay",
-)
+DECISION_FIELDS = DECISION.spec_names  # every decision has them (SPEC §1)
 
 
 # -- without a broker -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("linear_span", [0, 4, 1000])
-def test_bisection_finds_the_first_offset_at_or_after_a_time(linear_span: int) -> None:
-    # Event times by offset; None is a malformed event (no time).
-    ts = [None, 1.0, 2.0, None, None, 2.0, 5.0, None, 7.0, 9.0, None, 9.5, 12.0, None]
-    probes = []
-
-    def probe(offset: int, end: int) -> tuple[int, float]:
-        probes.append(offset)
-        for o in range(offset, end):
-            if ts[o] is not None:
-                return o, ts[o]
-        return end, float("inf")
-
-    def scan(lo: int, hi: int):
-        return [(o, ts[o]) for o in range(lo, hi)]
-
-    def expected(t: float) -> int:  # brute force: smallest o whose next valid click has ts >= t
-        for o in range(len(ts) + 1):
-            following = [x for x in ts[o:] if x is not None]
-            if not following or following[0] >= t:
-                return o
-        raise AssertionError
-
-    for t in (-1, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 6.0, 9.0, 9.2, 12.0, 13.0):
-        got = first_offset_at_or_after(probe, 0, len(ts), t, scan, linear_span)
-        assert got == expected(t), t
-    assert first_offset_at_or_after(probe, 5, 5, 3.0) == 5
 
 
 def test_arguments_and_options_are_checked() -> None:
@@ -251,14 +210,7 @@ def produce_clicks(settings: Settings, trained: Trained) -> None:
 
 
 def topic_decisions(settings: Settings) -> list[dict]:
-    from lifecycle.replay import OffsetRange
-
-    scanner = TopicScanner(settings, DECISIONS)
-    try:
-        ranges = [OffsetRange(p, *scanner.watermarks(p)) for p in scanner.partitions]
-        return [orjson.loads(m.value()) for m in scanner.read(ranges)]
-    finally:
-        scanner.close()
+    return [orjson.loads(m.value()) for m in scan_topic(settings, DECISIONS)]
 
 
 def in_range(trained: Trained, since: float | None, until: float | None) -> np.ndarray:
@@ -304,11 +256,9 @@ def test_event_time_bounds_pick_exactly_the_clicks_in_range(
     } == set(cols.click_id[in_range(trained, *windows[0])])
 
     # Bisection reads a small part of the topic, not all of it.
-    scanner = TopicScanner(settings, CLICKS)
+    scanner = click_scanner(settings)
     try:
-        from lifecycle.replay import resolve_time_range
-
-        ranges = resolve_time_range(scanner, *windows[0])
+        ranges = resolve_time_range(scanner, *windows[0], DEFAULT_MAX_DISORDER_S)
         assert sum(r.size for r in ranges) < 0.3 * len(records)
         assert scanner.probes < 40
 
@@ -503,8 +453,6 @@ def test_replay_from_the_archive_and_with_logged_features(
 
 
 def test_replay_command_line(settings: Settings, trained: Trained, monkeypatch, capsys) -> None:
-    from events.errors import UsageError
-
     cols = trained.clicks
     produce(
         settings,
@@ -517,8 +465,7 @@ def test_replay_command_line(settings: Settings, trained: Trained, monkeypatch, 
         "SLIDR_REGISTRY": str(trained.registry),
     }.items():
         monkeypatch.setenv(name, value)
-    parser = argparse.ArgumentParser(prog="slidr")
-    register_replay_commands(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     since, until = float(cols.ts[100]), float(cols.ts[400])
     args = parser.parse_args(
         [
@@ -540,5 +487,5 @@ def test_replay_command_line(settings: Settings, trained: Trained, monkeypatch, 
     assert summary["model_version"] == trained.earlier and summary["dry_run"] is True
 
     args = parser.parse_args(["replay", "--model", trained.earlier])
-    with pytest.raises(UsageError, match="give a range"):
+    with pytest.raises(ReplayError, match="give a range"):
         args.func(args)

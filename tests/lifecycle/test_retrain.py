@@ -6,7 +6,6 @@ training set whose purchases are missing 09-12 UTC every day is rejected by
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import shutil
@@ -25,13 +24,10 @@ from lifecycle.retrain import (
     EXIT_REJECTED,
     RetrainError,
     cut_window,
-    format_history,
-    parse_limit,
-    parse_when,
     read_runs,
-    register_lifecycle_commands,
     training_window,
 )
+from slidr.cli import build_parser
 
 
 def at(text: str) -> float:
@@ -153,49 +149,6 @@ def test_the_archive_gives_the_same_window_as_a_data_directory(tmp_path: Path) -
     assert not (tmp_path / "from-archive-archive").exists()  # the raw export is cleaned up
 
 
-def test_flag_parsers() -> None:
-    assert parse_when("2026-11-07T06:00") == at("2026-11-07T06:00:00")
-    assert parse_when("1700000000") == 1_700_000_000.0
-    assert parse_limit("max-score-psi=0.3") == ("max_score_psi", 0.3)
-    with pytest.raises(argparse.ArgumentTypeError, match="unknown guardrail limit"):
-        parse_limit("max_everything=1")
-
-
-def test_history_table() -> None:
-    runs = [
-        {
-            "started_at": at("2026-11-07T06:00:00"),
-            "outcome": "promoted",
-            "version": "v0002",
-            "active_after": "v0002",
-            "window": {"from": "2026-11-01", "to": "2026-11-05"},
-            "data": {"fingerprint": "ab" * 32, "first_day": "2026-11-02", "last_day": "2026-11-05"},
-            "guardrails": [
-                {"name": "min_clicks", "passed": True},
-                {"name": "score_psi", "passed": True},
-            ],
-        },
-        {
-            "started_at": at("2026-11-08T06:00:00"),
-            "outcome": "rejected",
-            "version": None,
-            "active_after": "v0002",
-            "window": {"from": "2026-11-02", "to": "2026-11-06"},
-            "data": {},
-            "guardrails": [{"name": "purchase_label_density", "passed": False}],
-        },
-    ]
-    lines = format_history(runs).splitlines()
-    assert lines[0].startswith("when (UTC)") and len(lines) == 4
-    assert (
-        "promoted" in lines[2]
-        and "2026-11-02..2026-11-05" in lines[2]
-        and "abababababab" in lines[2]
-    )
-    assert "2/2 passed" in lines[2]
-    assert "rejected" in lines[3] and "failed: purchase_label_density" in lines[3]
-
-
 # -- end to end: simulation -> retrain -> promote / reject ---------------------------------
 
 # 5 simulated weekdays (2026-11-02 .. 06) of ~20k clicks; retrains see the first 3 or 4
@@ -206,10 +159,7 @@ TRAIN_FLAGS = ["--epochs", "4", "--min-coverage", "0"]
 
 def slidr(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     """Run ``slidr retrain ...`` in process, as the CLI would; (exit code, stdout + stderr)."""
-    parser = argparse.ArgumentParser(prog="slidr")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_lifecycle_commands(sub)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     out = io.StringIO()
     with (
         pytest.MonkeyPatch.context() as mp,

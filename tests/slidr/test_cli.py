@@ -20,13 +20,14 @@ import pytest
 
 from data.dataset import load_dataset
 from data.simulator import simulate
+from events.errors import EXIT_ERROR, EXIT_GUARDRAIL
 from events.schemas import parse_click
 from features.batch import compute_features
 from features.definitions import ClickFeaturizer
 from features.store import MemoryStore
 from models.registry import ModelRegistry
 from models.scoring import reason_codes
-from slidr.cli import EXIT_ERROR, EXIT_GUARDRAIL, build_parser, main
+from slidr.cli import build_parser, main
 
 SCORE_COLUMNS = {"click_id", "score", "verdict", "slice", "reasons"}
 
@@ -265,8 +266,6 @@ def test_evaluate_errors_are_one_line(
 
 
 def subcommands() -> list[str]:
-    from slidr import commands  # noqa: F401 - registers the stream and lifecycle commands
-
     actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     return sorted(actions[0].choices)
 

@@ -19,6 +19,7 @@ from events.schemas import InvalidEvent
 from events.settings import Settings
 from stream.archive import (
     CLICK_SCHEMA,
+    ArchiveError,
     ArchiveOptions,
     ArchiveWriter,
     day_bounds,
@@ -27,7 +28,6 @@ from stream.archive import (
     load_archive_dataset,
     parse_decision,
     read_archive,
-    register_archive_commands,
     rows_of,
     run_archive,
 )
@@ -140,6 +140,27 @@ def test_read_archive_bounds_and_rows_round_trip(tmp_path: Path) -> None:
     assert read_archive(tmp_path, "purchases").column("amount").to_pylist() == [0.0]
     assert read_archive(tmp_path, "decisions").num_rows == 0
     assert day_bounds("2026-11-02", "2026-11-03") == (T0, T0 + 2 * 86_400)
+
+
+def test_read_archive_opens_only_the_hours_in_its_bounds(tmp_path: Path) -> None:
+    writer = ArchiveWriter(tmp_path, fsync=False)
+    for i in range(48):  # one click an hour for two days
+        writer.add("clicks", orjson.dumps(click(i, T0 + 3600 * i + 1800)))
+    writer.flush()
+    # An unreadable file in 02:00 of the first day, and a half-written one in 05:00.
+    (tmp_path / "clicks/date=2026-11-02/hour=02/part-broken.parquet").write_bytes(b"junk")
+    (tmp_path / "clicks/date=2026-11-02/hour=05/.part-x.parquet.tmp").write_bytes(b"junk")
+    for since, until, first, last in [
+        (T0 + 3 * 3600, T0 + 30 * 3600, 3, 29),  # hour boundaries
+        (T0 + 3 * 3600 + 1801, T0 + 30 * 3600 + 1800, 4, 29),  # within hours
+        (T0 + 23 * 3600, T0 + 24 * 3600 + 1, 23, 23),  # across midnight
+        (T0 + 40 * 3600, None, 40, 47),
+    ]:
+        ids = read_archive(tmp_path, "clicks", since, until).column("click_id").to_pylist()
+        assert ids == [f"c{i}" for i in range(first, last + 1)], (since, until)
+    with pytest.raises(ArchiveError, match="part-broken.parquet"):
+        read_archive(tmp_path, "clicks", T0, T0 + 3 * 3600)
+    assert read_archive(tmp_path / "nowhere", "clicks", T0).num_rows == 0
 
 
 def test_parse_decision_rejects_what_breaks_the_contract() -> None:
@@ -359,10 +380,9 @@ def test_archive_writes_each_event_once_and_exports_an_equal_dataset(
 def test_archive_command_line(
     stream_settings: Settings, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    import argparse
+    from slidr.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="slidr")
-    register_archive_commands(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     clicks = [click(i, T0 + 60 * i) for i in range(30)]
     produce(stream_settings, CLICKS, [(c["user_id"].encode(), orjson.dumps(c)) for c in clicks])
     for name, value in {

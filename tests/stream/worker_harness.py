@@ -23,25 +23,14 @@ from pathlib import Path
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from events.declarations import DECISION
 from events.settings import Settings
 from stream.kafka import CLICKS, CLICKS_DLQ, DECISIONS, consumer_config, producer_config
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The product contract's decision fields (SPEC §1, Decision).
-DECISION_FIELDS = (
-    "click_id",
-    "ts",
-    "verdict",
-    "score",
-    "threshold",
-    "slice",
-    "model_version",
-    "reasons",
-    "decided_at",
-    "degraded",
-    "replay",
-)
+# The product contract's decision fields (SPEC §1, Decision): every decision has them.
+DECISION_FIELDS = DECISION.spec_names
 
 
 def unique(prefix: str) -> str:
