@@ -29,6 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from events.arrow import arrow_schema
+from events.declarations import CLICK, PURCHASE, Kind
 from events.errors import SlidrError
 
 Progress = Callable[[str], None]
@@ -57,15 +59,10 @@ REASONS = (
     "duplicate_click_id",
 )
 
-# Optional string fields of a click copied as they are (SPEC §1).
-PLAIN_FIELDS = (
-    "session_id",
-    "user_agent",
-    "device",
-    "ad_id",
-    "advertiser_id",
-    "placement",
-    "query",
+# Optional string fields of a click copied as they are (events.declarations); the
+# customer id is derived from its own mapping instead.
+PLAIN_FIELDS = tuple(
+    name for name in CLICK.select_names(kind=Kind.STRING, required=False) if name != "customer_id"
 )
 
 _TRUE = ("1", "1.0", "true", "t", "yes", "y")
@@ -397,27 +394,20 @@ def _flags(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _click_schema(mapping: ColumnMapping) -> pa.Schema:
-    cols = [
-        ("click_id", pa.string()),
-        ("ts", pa.float64()),
-        ("user_id", pa.string()),
-        ("ip", pa.string()),
-    ]
-    cols += [(name, pa.string()) for name in PLAIN_FIELDS if getattr(mapping, name)]
+    """The declared click columns this mapping fills, in the declaration's order."""
+    declared = arrow_schema(CLICK)
+    cols = [declared.field(name) for name in CLICK.select_names(required=True)]
+    cols += [declared.field(name) for name in PLAIN_FIELDS if getattr(mapping, name)]
     if mapping.logged_in:
-        cols.append(("logged_in", pa.bool_()))
+        cols.append(declared.field("logged_in"))
     if mapping.context:
-        cols.append(("context", pa.struct([(c, pa.string()) for c in mapping.context])))
+        cols.append(pa.field("context", pa.struct([(c, pa.string()) for c in mapping.context])))
     return pa.schema(cols)
 
 
+# A purchase as the importer derives it from an attribution column: no customer, no amount.
 PURCHASE_SCHEMA = pa.schema(
-    [
-        ("purchase_id", pa.string()),
-        ("ts", pa.float64()),
-        ("user_id", pa.string()),
-        ("click_id", pa.string()),
-    ]
+    [arrow_schema(PURCHASE).field(name) for name in ("purchase_id", "ts", "user_id", "click_id")]
 )
 
 

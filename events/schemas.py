@@ -188,13 +188,14 @@ def parse_click(raw: bytes | str | dict | None) -> dict:
 # -- the worker's click decoder -----------------------------------------------------------
 #
 # decode_click returns what parse_click returns and raises what it raises (tested on odd
-# JSON in every field and on thousands of damaged clicks), in about 70% of the time. Decode, validate and defaults of one simulated day
-# (20,040 clicks, 1% spoiled as dead letters), medians of 7 alternating rounds, seven
-# sittings on a busy 2-core host: parse_click 6.95-8.66 µs a message, decode_click
-# 4.59-6.33 µs, 0.66-0.79 of parse_click's time in each sitting (median 0.70);
-# `python -m tests.events.bench_click_decoder`. msgspec checks each declared
-# field's type, emptiness and length while it decodes; a message it refuses (bad JSON, a
-# wrong type, an unknown field) goes through parse_click, whose reason the dead letter
+# JSON in every field and on thousands of damaged clicks), in about 70% of the time.
+# Decode, validate and defaults of one simulated day (20,040 clicks, 1% spoiled as dead
+# letters), medians of 7 alternating rounds, seven sittings on a busy 2-core host:
+# parse_click 6.95-8.66 µs a message, decode_click 4.59-6.33 µs, 0.66-0.79 of
+# parse_click's time in each sitting (median 0.70);
+# `python -m tests.events.bench_click_decoder`. msgspec checks each declared field's
+# type, emptiness and length while it decodes; a message it refuses (bad JSON, a wrong
+# type, an unknown field) goes through parse_click, whose reason the dead letter
 # carries. Unknown fields are refused rather than skipped because msgspec skips them
 # without checking what orjson refuses (invalid UTF-8, a number beyond a float, deep
 # nesting); they are rare on the clicks topic, so that slower path is the exception.

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from events.errors import SlidrError
 
@@ -44,6 +46,7 @@ class Settings:
     group_id: str = "slidr-worker"
     batch_size: int = 500  # clicks scored per micro-batch
     batch_wait_ms: int = 20  # longest wait to fill a micro-batch
+    batch_retries: int = 2  # a failed micro-batch is tried again this often, then click by click
     session_timeout_ms: int = 6000  # Tansu holds joins for half of it: keep it short
     fetch_wait_ms: int = 20  # Tansu does not wake long polls: short waits keep latency low
     # Producer lingers. Tansu's fetches slow down as a partition's stored batches pile
@@ -57,10 +60,14 @@ class Settings:
     producer_idempotence: bool = False  # see stream/kafka.py: costly on the embedded broker
     faust_transport: str = "aiokafka"  # Faust's Kafka driver: aiokafka or confluent
     metrics_port: int = 0  # 0: no Prometheus endpoint
+    # The endpoint's address: loopback unless opened (it needs no credentials to read).
+    metrics_host: str = "127.0.0.1"
+    rfm_cache_size: int = 1_000_000  # customers the worker's RFM cache holds (LRU)
     log_features: bool = False  # publish served features for skew checks
     model_version: str = ""  # empty: follow the registry's active version
 
     _SECRET = ("kafka_sasl_password", "redis_password")
+    _URLS = ("redis_url",)  # may carry a password: shown through mask_url
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -89,6 +96,16 @@ class Settings:
             raise SettingsError(f"SLIDR_PARTITIONS must be at least 1, got {self.partitions}")
         if self.batch_size < 1:
             raise SettingsError(f"SLIDR_BATCH_SIZE must be at least 1, got {self.batch_size}")
+        if self.batch_retries < 0:
+            raise SettingsError(
+                f"SLIDR_BATCH_RETRIES must not be negative, got {self.batch_retries}"
+            )
+        if self.rfm_cache_size < 1:
+            raise SettingsError(
+                f"SLIDR_RFM_CACHE_SIZE must be at least 1, got {self.rfm_cache_size}"
+            )
+        if not self.metrics_host.strip():
+            raise SettingsError("SLIDR_METRICS_HOST must not be empty (127.0.0.1: local only)")
         for name in ("batch_wait_ms", "fetch_wait_ms", "linger_ms", "decision_linger_ms"):
             if getattr(self, name) < 0:
                 raise SettingsError(
@@ -101,7 +118,7 @@ class Settings:
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError(
                 "SLIDR_REDIS_URL must start with redis://, rediss:// or unix://, "
-                f"got {self.redis_url!r}"
+                f"got {mask_url(self.redis_url)!r}"
             )
         if self.faust_transport not in ("aiokafka", "confluent"):
             raise SettingsError(
@@ -120,18 +137,55 @@ class Settings:
 
     def describe(self) -> str:
         """One line per setting, secrets masked: printed once when a process starts."""
-        lines = []
+        return "\n".join(f"  {name} = {value}" for name, value in self._shown())
+
+    def __repr__(self) -> str:
+        # Not the dataclass's own repr, which would print passwords wherever a Settings
+        # lands in a log line or a traceback.
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in self._shown())})"
+
+    def _shown(self) -> list[tuple[str, Any]]:
+        """Every setting's (name, value) with passwords masked."""
+        shown = []
         for f in fields(self):
             if f.name.startswith("_"):
                 continue
             value = getattr(self, f.name)
             if f.name in self._SECRET and value:
                 value = "***"
-            lines.append(f"  {f.name} = {value}")
-        return "\n".join(lines)
+            elif f.name in self._URLS and value:
+                value = mask_url(value)
+            shown.append((f.name, value))
+        return shown
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+_PASSWORD_QUERY_KEYS = frozenset({"password", "pass", "pwd"})
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: the one in ``user:password@`` (or
+    ``:password@``) and a ``password=`` query parameter, which redis-py also reads.
+    Anything that does not parse as a URL has its ``:...@`` part masked."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return re.sub(r":[^:/@]*@", ":***@", url)
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _PASSWORD_QUERY_KEYS for k, _ in pairs):
+            masked = [(k, "***" if k.lower() in _PASSWORD_QUERY_KEYS else v) for k, v in pairs]
+            query = urlencode(masked, safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:

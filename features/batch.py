@@ -9,6 +9,7 @@ tests/features/test_parity.py proves both paths agree.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -31,6 +32,12 @@ from features.definitions import (
     query_ids,
     slice_of,
     time_features,
+)
+from features.limits import (
+    MAX_CONTEXT_KEY_CHARS,
+    MAX_CONTEXT_KEYS,
+    MAX_CONTEXT_VALUE_CHARS,
+    MAX_USER_AGENT_CHARS,
 )
 from features.useragent import resolve_device
 from features.windows import COMBOS, COUNTS, DAY_S, DISTINCTS, GAP_CAP_S, ComboSpec, Window
@@ -136,7 +143,7 @@ def _static_block(cols: ClickColumns, devices: np.ndarray) -> np.ndarray:
     out[:, :_TIME_WIDTH] = time_features(cols.ts, cols.logged_in)
     agents, devs, inverse = _distinct_pairs(cols.user_agent, devices)
     table = np.array(
-        [agent_features(a, d) for a, d in zip(agents, devs, strict=True)],
+        [agent_features(a[:MAX_USER_AGENT_CHARS], d) for a, d in zip(agents, devs, strict=True)],
         dtype=np.float64,
     ).reshape(len(agents), _STATIC_WIDTH - _TIME_WIDTH)
     out[:, _TIME_WIDTH:] = table[inverse]
@@ -157,7 +164,7 @@ def _context_block(cols: ClickColumns) -> np.ndarray:
         slots = np.empty(len(uniq), dtype=np.int64)
         signs = np.empty(len(uniq))
         for j, value in enumerate(uniq):
-            slots[j], signs[j] = token_slot(field, value)
+            slots[j], signs[j] = token_slot(field, value[:MAX_CONTEXT_VALUE_CHARS])
         rows = np.nonzero(present)[0]
         np.add.at(out, (rows, slots[inverse]), signs[inverse])
     return out
@@ -189,33 +196,58 @@ def _per_distinct(
 
 
 def _id_block(cols: ClickColumns, fields: _FieldCodes) -> np.ndarray:
-    """Embedding ids in ``EMBEDDINGS`` order, as ``id_features`` gives them per click."""
+    """Embedding ids in ``EMBEDDINGS`` order, as ``id_features`` gives them per click.
+
+    ``cols`` with its context as the features read it (``_read_context``); values are cut
+    to ``MAX_CONTEXT_VALUE_CHARS`` here, once per distinct value."""
     n = len(cols)
-    blocks = [
-        _per_distinct(fields(field), lambda v, f=field, b=b: (id_bucket(f, v, b),), 1)
-        for field, b in ID_FIELDS
-    ]
-    blocks.append(_per_distinct(fields("query"), query_ids, QUERY_TOKENS))
+    cut = MAX_CONTEXT_VALUE_CHARS
+
+    def ids_of(field: str, buckets: int) -> Callable[[str], tuple[int]]:
+        return lambda v: (id_bucket(field, v[:cut], buckets),)
+
+    blocks = [_per_distinct(fields(field), ids_of(field, b), 1) for field, b in ID_FIELDS]
+    blocks.append(_per_distinct(fields("query"), lambda v: query_ids(v[:cut]), QUERY_TOKENS))
     for key, b in ID_CONTEXT_KEYS:
         field = f"context.{key}"
-        blocks.append(
-            _per_distinct(fields(field), lambda v, f=field, b=b: (id_bucket(f, v, b),), 1)
-        )
+        blocks.append(_per_distinct(fields(field), ids_of(field, b), 1))
     # Other context keys fill their columns in key order, each click its first ones.
     other = np.zeros((n, OTHER_CONTEXT_IDS), dtype=np.int64)
     filled = np.zeros(n, dtype=np.int64)
     configured = {key for key, _ in ID_CONTEXT_KEYS}
     for key in sorted(k for k in cols.context if k not in configured):
         field = f"context.{key}"
-        ids = _per_distinct(
-            fields(field), lambda v, f=field: (id_bucket(f, v, OTHER_CONTEXT_BUCKETS),), 1
-        )[:, 0]
+        ids = _per_distinct(fields(field), ids_of(field, OTHER_CONTEXT_BUCKETS), 1)[:, 0]
         rows = np.nonzero((ids > 0) & (filled < OTHER_CONTEXT_IDS))[0]
         other[rows, filled[rows]] = ids[rows]
         filled[rows] += 1
     blocks.append(other)
-    blocks.append(_per_distinct(fields("user_agent"), agent_ids, len(agent_ids(""))))
+    blocks.append(
+        _per_distinct(
+            fields("user_agent"), lambda v: agent_ids(v[:MAX_USER_AGENT_CHARS]), len(agent_ids(""))
+        )
+    )
     return np.hstack(blocks) if n else np.zeros((0, N_FEATURES - ID_COLUMN), dtype=np.int64)
+
+
+def _read_context(cols: ClickColumns) -> ClickColumns:
+    """``cols`` with its context as the per-event path reads it (``features.limits``):
+    keys over ``MAX_CONTEXT_KEY_CHARS`` left out, and in a click with more than
+    ``MAX_CONTEXT_KEYS`` of the others only the first in key order. ``cols`` itself when
+    no click is affected, which is the usual case."""
+    context = {k: v for k, v in cols.context.items() if len(k) <= MAX_CONTEXT_KEY_CHARS}
+    if len(context) == len(cols.context) and len(context) <= MAX_CONTEXT_KEYS:
+        return cols
+    if len(context) > MAX_CONTEXT_KEYS:
+        read = np.zeros(len(cols), dtype=np.int64)  # keys each click had, in key order
+        for key in sorted(context):
+            values = context[key]
+            present = values != None  # noqa: E711 - elementwise on an object array
+            kept = values.copy()
+            kept[~present | (read >= MAX_CONTEXT_KEYS)] = None
+            context[key] = kept
+            read += present
+    return dataclasses.replace(cols, context=context)
 
 
 def combo_codes(combo: ComboSpec, fields: _FieldCodes) -> np.ndarray:
@@ -289,11 +321,14 @@ def compute_features(cols: ClickColumns) -> tuple[np.ndarray, np.ndarray]:
     k = len(state)
     matrix[:, :k] = np.log1p(np.stack(state, axis=1).astype(np.float64)) if len(cols) else 0
     matrix[:, k : k + _STATIC_WIDTH] = _static_block(cols, devices)
-    matrix[:, k + _STATIC_WIDTH : COMBO_COLUMN] = _context_block(cols)
+    # The encoders read the context as capped (features/limits.py); the combination
+    # counters read it as it came, as the per-event path does.
+    read = _read_context(cols)
+    matrix[:, k + _STATIC_WIDTH : COMBO_COLUMN] = _context_block(read)
     fields = _FieldCodes(cols)
     if len(cols):
         matrix[:, COMBO_COLUMN:ID_COLUMN] = np.log1p(_combo_block(cols, fields).astype(np.float64))
-    matrix[:, ID_COLUMN:] = _id_block(cols, fields)
+    matrix[:, ID_COLUMN:] = _id_block(read, fields if read is cols else _FieldCodes(read))
     slices = np.array(
         [slice_of(d, li) for d, li in zip(devices, cols.logged_in, strict=True)], dtype=object
     )

@@ -19,14 +19,14 @@ HASH_DIM = 16
 CONTEXT_FIELDS = ("ad_id", "advertiser_id", "placement", "query")
 
 
-@functools.lru_cache(maxsize=262_144)  # ad ids and placements repeat: hash each once
+@functools.lru_cache(maxsize=65_536)  # ad ids and placements repeat: hash each once
 def token_slot(field: str, value: str) -> tuple[int, float]:
     """Slot and sign of one ``field=value`` pair."""
     h = zlib.crc32(f"{field}={value}".encode())
     return h % HASH_DIM, (1.0 if (h >> 16) & 1 else -1.0)
 
 
-@functools.lru_cache(maxsize=262_144)
+@functools.lru_cache(maxsize=65_536)
 def id_bucket(field: str, value: str, buckets: int) -> int:
     """Embedding bucket of one ``field=value`` pair, in [0, buckets): 0 for an absent or
     empty value, else ``1 + crc32("field=value") % (buckets - 1)``. No vocabulary: an
@@ -45,8 +45,10 @@ def context_slot(key: str, value: str) -> tuple[int, float]:
 def context_vector(click: dict) -> list[float]:
     """The hashed encoding of one click: every present field's sign added to its slot.
 
-    Empty values are skipped. Runs per click in the worker; the offline path hashes each
-    distinct value once (features/batch.py) and must agree (tests/features/test_parity.py).
+    Empty values are skipped. Runs per click in the worker, on the click as
+    ``features.limits.bounded_click`` leaves it (its strings become cache keys); the
+    offline path hashes each distinct value once (features/batch.py) and must agree
+    (tests/features/test_parity.py, tests/features/test_limits.py).
     """
     vec = [0.0] * HASH_DIM
     get = click.get

@@ -38,6 +38,7 @@ import orjson
 
 from features.columns import STRING_FIELDS
 from features.context import HASH_DIM, context_vector, id_bucket
+from features.limits import bounded_click
 from features.store import PartitionedStore, Row, RowPlan, StateStore
 from features.useragent import (
     BROWSERS,
@@ -216,7 +217,8 @@ def query_ids(query: str | None) -> tuple[int, ...]:
     return (*ids, *(0,) * (QUERY_TOKENS - len(ids)))
 
 
-@functools.lru_cache(maxsize=65_536)
+# A context of up to 16 keys is ~6 KB as a cache key (features/limits.py): fewer entries.
+@functools.lru_cache(maxsize=16_384)
 def context_ids(items: tuple[tuple[str, str], ...]) -> tuple[int, ...]:
     """Ids of a click's context (``items``: its key, value pairs): one per
     ``ID_CONTEXT_KEYS`` key, then up to ``OTHER_CONTEXT_IDS`` other keys with a value,
@@ -239,7 +241,8 @@ def agent_ids(user_agent: str) -> tuple[int, ...]:
 
 def id_features(click: dict) -> tuple[int, ...]:
     """The embedding ids of one click, in ``EMBEDDINGS`` order. Each part is cached (by
-    value, query, whole context and agent: they repeat), not the click's whole tuple."""
+    value, query, whole context and agent: they repeat), not the click's whole tuple, so
+    the click is one as ``features.limits.bounded_click`` leaves it."""
     get = click.get
     context = get("context")
     return (
@@ -288,10 +291,25 @@ def combo_plan(combo: ComboSpec, lateness_s: float) -> RowPlan:
 _LONG_VALUE = 32
 
 
-@functools.lru_cache(maxsize=65_536)  # user agents, mostly: a few thousand repeat
+# Combinations read values as they came (up to 4096 characters): only digests of values
+# up to this long are cached, so the cache holds at most 65,536 of them.
+_CACHED_LONG_VALUE_CHARS = 512
+
+
 def _long_value(value: str) -> tuple[str]:
     """A long value's stand-in in entity names: a one-element list (in JSON) holding its
     128-bit BLAKE2b digest, which no string value can be equal to."""
+    if len(value) > _CACHED_LONG_VALUE_CHARS:
+        return _digest(value)
+    return _cached_digest(value)
+
+
+@functools.lru_cache(maxsize=65_536)  # user agents, mostly: a few thousand repeat
+def _cached_digest(value: str) -> tuple[str]:
+    return _digest(value)
+
+
+def _digest(value: str) -> tuple[str]:
     return (hashlib.blake2b(value.encode(), digest_size=16).hexdigest(),)
 
 
@@ -481,7 +499,9 @@ class ClickFeaturizer:
             else:
                 routed = cast(PartitionedStore, self.user_store)  # the docstring's contract
                 user_res = routed.execute_routed_rows(self.user_plan, user_rows, now)
-            for row, click in enumerate(clicks):
+            for row, raw_click in enumerate(clicks):
+                # Strings cut to the caps before any parse or cache (features/limits.py).
+                click = bounded_click(raw_click)
                 ua = click.get("user_agent") or ""
                 device = resolve_device(click.get("device"), ua)
                 logged_in = bool(click.get("logged_in"))

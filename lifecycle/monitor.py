@@ -245,11 +245,8 @@ class DeviationDetector:
         joins the purchased window (purchases without ``click_id`` cannot be matched:
         decisions carry no user)."""
         c = self.config
-        seen = (
-            self.remembered.pop(purchase.get("click_id"), None)
-            if purchase.get("click_id")
-            else None
-        )
+        click_id = purchase.get("click_id")
+        seen = self.remembered.pop(click_id, None) if click_id else None
         if self.promise is None or seen is None:
             return None
         invalid, slice_ = seen
@@ -307,7 +304,8 @@ class DeviationDetector:
                     w.share(),
                     limit,
                     w.n,
-                    f"IVR {w.share():.3f} over the last {w.n} decisions > {limit:.3f} (promised {p.ivr:.3f}"
+                    f"IVR {w.share():.3f} over the last {w.n} decisions > {limit:.3f} "
+                    f"(promised {p.ivr:.3f}"
                     f"{f', traffic x{self.traffic:.2f}' if self.traffic > 1 else ''})",
                     at,
                 )
@@ -324,8 +322,9 @@ class DeviationDetector:
                     value,
                     limit,
                     n_slice,
-                    f"slice {slice_} IVR {value:.3f} over its last {n_slice} decisions > {limit:.3f} "
-                    f"(promised {promised:.3f}{f', traffic x{traffic:.2f}' if traffic > 1 else ''})",
+                    f"slice {slice_} IVR {value:.3f} over its last {n_slice} decisions "
+                    f"> {limit:.3f} (promised {promised:.3f}"
+                    f"{f', traffic x{traffic:.2f}' if traffic > 1 else ''})",
                     at,
                 )
         if self.vouched.n >= c.min_vouched and p.fpr is not None:
@@ -338,8 +337,8 @@ class DeviationDetector:
                     value,
                     limit,
                     self.vouched.n,
-                    f"{self.vouched.invalid} of {self.vouched.n} clicks of high-RFM customers invalid "
-                    f"({value:.3f} > {limit:.3f}; promised FPR {p.fpr:.3f})",
+                    f"{self.vouched.invalid} of {self.vouched.n} clicks of high-RFM "
+                    f"customers invalid ({value:.3f} > {limit:.3f}; promised FPR {p.fpr:.3f})",
                     at,
                 )
         return None
@@ -445,7 +444,8 @@ class Monitor:
         self.detector.watch(promise)
         fpr = f"{promise.fpr:.3f}" if promise.fpr is not None else "n/a"
         self.out(
-            f"monitor: watching {watched.version} ({watched.via}); promised IVR {promise.ivr:.3f}, FPR {fpr}"
+            f"monitor: watching {watched.version} ({watched.via}); "
+            f"promised IVR {promise.ivr:.3f}, FPR {fpr}"
         )
 
     def _record(self, event: dict) -> None:
@@ -470,7 +470,10 @@ class Monitor:
         self.out(f"monitor: DEVIATION {deviation.reason()}")
         if go:
             try:
-                message = rollback(self.settings, reason=deviation.reason())
+                # Only from the version judged: a retrain that promoted meanwhile wins.
+                message = rollback(
+                    self.settings, reason=deviation.reason(), expected_active=deviation.version
+                )
             except Exception as exc:  # e.g. no stable version to return to
                 event.update(event="deviation", rollback_error=str(exc))
                 self.out(f"monitor: cannot roll back: {exc}")
@@ -508,8 +511,9 @@ class Monitor:
         with tail:
             for messages in tail.batches(stop=self.stop_event):
                 for msg in messages:
-                    if msg.value() is not None:
-                        self._message(kind_of.get(msg.topic()), msg.value())
+                    value = msg.value()
+                    if value is not None:
+                        self._message(kind_of.get(msg.topic()), value)
                 if self.status_every_s and time.monotonic() - last_status >= self.status_every_s:
                     last_status = time.monotonic()
                     self.out("monitor: " + orjson.dumps(self.detector.stats()).decode())

@@ -158,7 +158,8 @@ def cut_window(
     if n_clicks == 0:
         raise RetrainError(
             f"{source_dir}: no clicks in the window {window.days[0]} .. {window.days[-1]} "
-            f"(newest click {_day(float(finite.max()))}; now {_day(now)}, delay {delay_s / 3600:g} h)"
+            f"(newest click {_day(float(finite.max()))}; now {_day(now)}, "
+            f"delay {delay_s / 3600:g} h)"
         )
     first, last = (
         (_day(float(inside.min())), _day(float(inside.max()))) if n_clicks else (None, None)
@@ -185,7 +186,8 @@ def export_archive_window(
         from stream.archive import export_days
     except ImportError as exc:
         raise RetrainError(
-            f"--archive needs stream.archive.export_days, which this installation lacks ({exc}); use --data DIR"
+            "--archive needs stream.archive.export_days, which this installation lacks "
+            f"({exc}); use --data DIR"
         ) from None
     from models.labels import RfmPolicy
 
@@ -312,7 +314,10 @@ def retrain(
     started = time.time()
     now = options.now if options.now is not None else started
     registry = ModelRegistry(settings.registry)
-    active_before = registry.active_version()
+    # The new version is judged against this record; it is promoted only if the record
+    # is still the same then (compare-and-set: a promotion or rollback meanwhile wins).
+    record_before = registry.active_record()
+    active_before = record_before.version
     run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started))}-{os.getpid()}"
     record: dict = {
         "run": run_id,
@@ -395,13 +400,18 @@ def retrain(
         f"retrain {run_id}: {len(result['guardrails'])} guardrails passed on "
         f"{counts['first_day']}..{counts['last_day']}"
     )
+    expected = record_before.generation
+    if active_before is None and result["active"] == version:
+        expected += 1  # its registration made this first version active
     try:
         if options.publish:
             from stream.control import promote
 
-            promote(settings, version, reason=reason)
+            promote(settings, version, reason=reason, expected_generation=expected)
         else:
-            registry.activate(version, reason=reason + " (not published)")
+            registry.activate(
+                version, reason=reason + " (not published)", expected_generation=expected
+            )
     except Exception as exc:
         return finish(
             EXIT_ERROR, "error", f"{version} passed every guardrail but promotion failed: {exc}"

@@ -64,9 +64,14 @@ def register_logistic_model(
     bias: float,
     thresholds: Mapping[str, float] | None = None,
     default_threshold: float = 0.5,
+    guardrails_passed: bool = True,
 ) -> str:
     """Register a logistic model (see ``write_logistic_onnx``) with these per-slice
-    thresholds; returns its version (the first one registered becomes active)."""
+    thresholds; returns its version (the first one registered becomes active).
+
+    Nothing was trained, so no guardrail ran: the manifest records one result, passed
+    unless ``guardrails_passed`` is False, for tests of what the registry and the worker
+    let become active."""
     staging = registry.staging_dir()
     write_logistic_onnx(staging / "model.onnx", weights, bias)
     (staging / "thresholds.json").write_bytes(
@@ -78,5 +83,14 @@ def register_logistic_model(
         "architecture": "logistic (written by models.testing, not trained)",
         "weights": dict(weights),
         "bias": bias,
+        "guardrails": [
+            {
+                "name": "written_for_tests",
+                "passed": guardrails_passed,
+                "value": None,
+                "limit": None,
+                "detail": "written by models.testing, not trained",
+            }
+        ],
     }
     return registry.register(staging, manifest)

@@ -1,3 +1,4 @@
-"""slidr: real-time detection of robotic ad clicks; this package is the command line and the demo."""
+"""slidr: real-time detection of robotic ad clicks; this package is the command line and the
+demo."""
 
 __version__ = "0.1.0"

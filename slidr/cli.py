@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slidr",
         description="Real-time detection of robotic ad clicks. Settings also come from "
-        "SLIDR_* environment variables (SLIDR_KAFKA_BOOTSTRAP, SLIDR_REDIS_URL, SLIDR_REGISTRY, ...).",
+        "SLIDR_* environment variables (SLIDR_KAFKA_BOOTSTRAP, SLIDR_REDIS_URL, "
+        "SLIDR_REGISTRY, ...).",
     )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

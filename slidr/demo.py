@@ -105,7 +105,8 @@ def _retrain(settings: Settings, directory: Path, now: float, days: int) -> str:
     record = outcome.record
     passed = sum(1 for g in record["guardrails"] if g.get("passed"))
     print(
-        f"   {record['outcome']}: {record['reason']} ({passed}/{len(record['guardrails'])} guardrails passed)"
+        f"   {record['outcome']}: {record['reason']} "
+        f"({passed}/{len(record['guardrails'])} guardrails passed)"
     )
     active = ModelRegistry(settings.registry).active_version()
     if active is None:
@@ -244,7 +245,8 @@ def run_demo(directory: Path, clicks_per_day: int = 60_000, rate: float | None =
         print("   " + ledger.render(8).replace("\n", "\n   "))
 
         say(
-            "8/8 the daily job: retrain on days 2-5 once day 5's purchases are in, guardrails, promote"
+            "8/8 the daily job: retrain on days 2-5 once day 5's purchases are in, "
+            "guardrails, promote"
         )
         new_version = _retrain(settings, directory, now=first_day + 6 * DAY_S, days=4)
         switched = (

@@ -6,14 +6,18 @@ Agents:
   per-message path would cost more than the decision itself), runs the
   ``DecisionEngine`` and publishes the decisions. A batch's messages are acked to Faust
   (which commits acked offsets every second) only when the broker has acknowledged
-  every decision of the batch; meanwhile the next batch is decided (``AckPipeline``).
+  every decision of the batch and of every batch before it, so offsets become
+  committable in offset order; meanwhile the next batch is decided (``AckPipeline``).
+  The engine never raises for a batch (bounded retries, then click by click, failures
+  dead-lettered), so no message holds its partition back.
   At least once: a crash re-delivers the uncommitted tail, and the engine re-emits the
   stored decision for clicks it had already decided.
 - ``purchases``: consumes ``purchases`` into the live RFM cache; malformed ones go to the
   dead-letter topic like malformed clicks.
 
 Model switches arrive on ``slidr.control`` and are followed by a ``ControlFollower``
-thread outside the consumer group, so every worker sees every switch.
+thread (``stream.control``) outside the consumer group, so every worker sees every
+switch; it checks each one before loading anything, and a pinned worker ignores them.
 
 Tuning for the embedded broker (FINDINGS.md): a 6 s session (group joins are held for
 half of it), and a short fetch wait instead of the 1.5 s that faust-streaming hard-codes
@@ -24,25 +28,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 from dataclasses import dataclass
+from typing import cast
 
 import faust
-from confluent_kafka import Consumer, TopicPartition
 
-from events.schemas import InvalidEvent, parse_control, parse_purchase
+from events.schemas import InvalidEvent, parse_purchase
 from events.settings import Settings
 from features.windows import DAY_S
 from models.registry import ModelRegistry
+from stream.control import ControlFollower, control_end_offset, load_for_serving, settle_start
 from stream.engine import (
     BatchResult,
     DecisionEngine,
     dead_letter,
     tune_garbage_collector,
 )
-from stream.faust_compat import BatchingApp
-from stream.kafka import CLICKS, CONTROL, PURCHASES, consumer_config, ensure_topics
+from stream.faust_compat import BatchDrain, BatchingApp, committed_offset
+from stream.kafka import CLICKS, PURCHASES, ensure_topics
 from stream.local_stack import resolve_endpoints
 from stream.metrics import WorkerMetrics
 from stream.publisher import AckPipeline, DeliveryError, Publisher
@@ -50,62 +53,6 @@ from stream.rfm import RfmCache
 from stream.state import PartitionStores, shared_ip_state
 
 log = logging.getLogger("slidr.worker")
-
-_CONTROL_FETCH_WAIT_MS = 500
-
-
-class ControlFollower(threading.Thread):
-    """Follows ``slidr.control`` from its end and hot-swaps the engine's model."""
-
-    def __init__(self, settings: Settings, registry: ModelRegistry, engine: DecisionEngine) -> None:
-        super().__init__(name="slidr-control", daemon=True)
-        self.registry = registry
-        self.engine = engine
-        self.stop_event = threading.Event()
-        # Control messages are rare and a switch may take half a second, so this consumer
-        # asks less often than the clicks' one: at the clicks' 20 ms fetch wait an idle
-        # worker cost Tansu 15.9% of a core; at 500 ms here, 6.9% (CPU time over 10 s).
-        config = consumer_config(
-            settings,
-            group_id=f"{settings.group_id}-control-{time.time_ns()}",
-            fetch_wait_max_ms=_CONTROL_FETCH_WAIT_MS,
-        )
-        self.consumer = Consumer(config)
-        self.topic = settings.topic(CONTROL)
-        self.ready = threading.Event()
-
-    def run(self) -> None:
-        try:
-            # Start at the end: the registry already gave this worker the active version.
-            # Tansu reports the end as the last *batch*'s first offset + 1; exact here
-            # because publish_control sends every control message as a batch of its own.
-            _, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=10)
-            self.consumer.assign([TopicPartition(self.topic, 0, high)])
-        except Exception as exc:  # the worker still runs on its start-up version
-            log.error("cannot follow %s: %s", self.topic, exc)
-            return
-        self.ready.set()
-        while not self.stop_event.is_set():
-            msg = self.consumer.poll(0.2)
-            if msg is None or msg.error():
-                continue
-            self.apply(msg.value())
-        self.consumer.close()
-
-    def apply(self, raw: bytes) -> None:
-        try:
-            command = parse_control(raw)
-            version = command["model_version"]
-            if version == self.engine.model.version:
-                return
-            model = self.registry.load(version)
-        except Exception as exc:
-            log.error("ignoring control message %r: %s", raw[:200], exc)
-            return
-        log.warning(
-            "control: %s %s (%s)", command.get("action"), version, command.get("reason", "")
-        )
-        self.engine.swap_model(model)
 
 
 @dataclass
@@ -148,20 +95,35 @@ def _faust_credentials(settings: Settings):
 
 def build_worker(settings: Settings) -> Worker:
     """Load the model, connect the stores and define the Faust app and its agents."""
-    # The model first: a missing or unreadable model file fails fast, naming its path.
+    # The model first: a missing or unreadable model file, or one of another input
+    # width, fails fast, naming its path.
     registry = ModelRegistry(settings.registry)
-    model = registry.load(settings.model_version or None)
+    pinned = settings.model_version or None
+    model = load_for_serving(registry, pinned)
     bootstrap, redis_url = resolve_endpoints(settings)
     ensure_topics(settings)
+    # The control topic's end is read before the active version is settled, and the
+    # follower starts there: a promotion made during start-up is not missed.
+    model, control_start = settle_start(
+        registry, model, pinned, lambda: control_end_offset(settings)
+    )
     metrics = WorkerMetrics()
     stores = PartitionStores(settings.home / "state" / settings.group_id)
     ip_state = shared_ip_state(settings, redis_url)
-    rfm = RfmCache.from_version(registry.path_of(model.version))
+    rfm = RfmCache.from_version(registry.path_of(model.version), settings.rfm_cache_size)
     engine = DecisionEngine(
-        model, stores, ip_state, metrics, log_features=settings.log_features, rfm=rfm
+        model,
+        stores,
+        ip_state,
+        metrics,
+        log_features=settings.log_features,
+        rfm=rfm,
+        batch_retries=settings.batch_retries,
     )
     publisher = Publisher(settings, linger_ms=settings.decision_linger_ms)
-    control = ControlFollower(settings, registry, engine)
+    control = ControlFollower(
+        settings, registry, engine, metrics, pinned=pinned, start_offset=control_start
+    )
 
     (settings.home / "faust").mkdir(parents=True, exist_ok=True)
     session_s = settings.session_timeout_ms / 1000
@@ -199,7 +161,6 @@ def build_worker(settings: Settings) -> Worker:
         value_serializer="raw",
     )
     click_batches = app.batch_channel(clicks)
-    last_offsets: dict[int, int] = {}
     failures: list[BaseException] = []
 
     def stop_on_refused_decisions(exc: DeliveryError) -> None:
@@ -227,7 +188,9 @@ def build_worker(settings: Settings) -> Worker:
                 not app.flow_control.is_active()
                 or fetched[0].generation_id != app.consumer_generation_id
             ):
-                app.consumer.untrack(fetched)
+                # faust types app.consumer as ConsumerT; it is the transport's consumer
+                # with BatchDrain mixed in (stream.faust_compat).
+                cast(BatchDrain, app.consumer).untrack(fetched)
                 metrics.stale_batches.inc()
                 continue
             result = engine.process(fetched)  # Faust messages are SourceMessages
@@ -237,11 +200,9 @@ def build_worker(settings: Settings) -> Worker:
                     ack(m)
 
             def refused(_reason: str, fetched=fetched) -> None:  # the worker is stopping
-                app.consumer.untrack(fetched)
+                cast(BatchDrain, app.consumer).untrack(fetched)
 
             await acks.submit(result, safe, refused)
-            for msg in fetched:
-                last_offsets[msg.partition] = msg.offset
 
     @app.agent(purchases, name="purchases")
     async def follow_purchases(stream):
@@ -262,15 +223,7 @@ def build_worker(settings: Settings) -> Worker:
 
     @app.timer(5.0)
     async def report_lag():
-        consumer = app.consumer
-        for tp in consumer.assignment():
-            if tp.topic != clicks.get_topic_name():
-                continue
-            high = consumer.highwater(tp)
-            if high is not None and tp.partition in last_offsets:
-                metrics.consumer_lag.labels(partition=str(tp.partition)).set(
-                    max(0, high - last_offsets[tp.partition] - 1)
-                )
+        report_committed_lag(app.consumer, clicks.get_topic_name(), metrics)
 
     @app.task
     async def after_start():
@@ -280,12 +233,35 @@ def build_worker(settings: Settings) -> Worker:
     async def expire_rfm():
         rfm.expire(engine.featurizer.watermark - 400 * DAY_S)
 
-    @app.on_partitions_revoked.connect
+    # mode types a handler as (sender, *args, signal=...); faust sends this signal exactly
+    # one argument, the revoked partitions, which the handler names.
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app_, revoked, **kwargs):
         mine = {tp.partition for tp in revoked if tp.topic == clicks.get_topic_name()}
         stores.release(sorted(mine))
 
     return Worker(app, engine, publisher, control, metrics, stores, failures)
+
+
+def committed_lag(high: int | None, committed: int | None) -> int | None:
+    """Messages of a partition that a restart would read again: its high watermark (the
+    next offset to be written) minus its committed offset (the next one to read), None
+    while the high watermark is unknown. Nothing committed counts from offset 0."""
+    if high is None:
+        return None
+    return max(0, high - (committed or 0))
+
+
+def report_committed_lag(consumer, topic: str, metrics: WorkerMetrics) -> None:
+    """Set the lag gauge of each assigned partition of ``topic`` from committed offsets,
+    not decided ones: a batch decided but never acknowledged (so never committed) keeps
+    counting as lag, and a partition whose commits are stuck shows."""
+    for tp in consumer.assignment():
+        if tp.topic != topic:
+            continue
+        lag = committed_lag(consumer.highwater(tp), committed_offset(consumer, tp))
+        if lag is not None:
+            metrics.consumer_lag.labels(partition=str(tp.partition)).set(lag)
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
@@ -297,11 +273,12 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     asyncio.set_event_loop(asyncio.new_event_loop())
     worker = build_worker(settings)
     if settings.metrics_port:
-        worker.metrics.serve(settings.metrics_port)
+        worker.metrics.serve(settings.metrics_port, settings.metrics_host)
     worker.control.start()
     log.warning(
-        "slidr worker: model %s, group %s, topics %s*",
+        "slidr worker: model %s%s, group %s, topics %s*",
         worker.engine.model.version,
+        " (pinned: control messages are ignored)" if worker.control.pinned else "",
         settings.group_id,
         settings.topic_prefix,
     )

@@ -502,7 +502,7 @@ def run_archive(
     """
     from confluent_kafka import KafkaException
 
-    from stream.topics import TopicTail
+    from stream.topics import TopicTail, position
 
     say = progress or (lambda _m: None)
     kind_of = {settings.topic(TOPIC_OF[k]): k for k in options.kinds}
@@ -519,7 +519,8 @@ def run_archive(
                 tail.commit(pending)
             except KafkaException as exc:  # e.g. lost the partitions: the next owner dedupes
                 say(
-                    f"offset commit failed ({exc}); the re-delivered events will be skipped as duplicates"
+                    f"offset commit failed ({exc}); "
+                    "the re-delivered events will be skipped as duplicates"
                 )
             pending.clear()
 
@@ -545,10 +546,11 @@ def run_archive(
     with tail:
         for messages in tail.batches(options.idle_s, stop, options.startup_timeout_s):
             for msg in messages:
-                kind = kind_of[msg.topic()]
+                topic, partition, offset = position(msg)
+                kind = kind_of[topic]
                 consumed[kind] += 1
                 writer.add(kind, msg.value())
-                pending[(msg.topic(), msg.partition())] = msg.offset() + 1
+                pending[(topic, partition)] = offset + 1
             now = time.monotonic()
             if writer.buffered >= options.max_buffered or (
                 now - last_flush >= options.flush_interval_s and (writer.buffered or pending)
@@ -561,7 +563,8 @@ def run_archive(
                 say(
                     f"{sum(consumed.values()):,} consumed, {sum(c.written.values()):,} written "
                     f"({', '.join(f'{k} {c.written[k]:,}' for k in options.kinds)}), "
-                    f"{sum(c.duplicates.values()):,} duplicates, {sum(c.malformed.values()):,} malformed, "
+                    f"{sum(c.duplicates.values()):,} duplicates, "
+                    f"{sum(c.malformed.values()):,} malformed, "
                     f"{writer.buffered:,} buffered"
                 )
         if tail.assigned_at is None and (stop is None or not stop.is_set()):

@@ -166,7 +166,9 @@ class ArrivalWatcher(threading.Thread):
             for messages in self.tail.batches(stop=self.stop):
                 now = time.time()  # one clock read per fetch: the watcher shares the CPUs
                 for msg in messages:
-                    self.arrived.setdefault(msg.key().decode(), now)
+                    key = msg.key()  # a decision's click_id: every decision has one
+                    if key is not None:
+                        self.arrived.setdefault(key.decode(), now)
 
     def wait_for(
         self,
@@ -466,7 +468,8 @@ def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict
                 )
             )
             progress(
-                f"stream: end-to-end latency at {options.rate:,.0f} clicks/s for {options.latency_seconds:.0f} s"
+                f"stream: end-to-end latency at {options.rate:,.0f} clicks/s "
+                f"for {options.latency_seconds:.0f} s"
             )
             report["latency"] = _probed(
                 lambda: bench_latency(

@@ -66,7 +66,8 @@ class BillingLedger:
         for name, t in totals[:top]:
             n = t.get("billable", 0) + t.get("invalid", 0)
             lines.append(
-                f"{name:14} {t.get('billable', 0):9,} {t.get('invalid', 0):9,} {100 * t.get('invalid', 0) / n:8.1f}%"
+                f"{name:14} {t.get('billable', 0):9,} {t.get('invalid', 0):9,} "
+                f"{100 * t.get('invalid', 0) / n:8.1f}%"
             )
         if len(totals) > top:
             lines.append(f"... {len(totals) - top} more advertisers")
@@ -100,7 +101,7 @@ def read_decisions(
     with TopicTail(settings, [DECISIONS], start=BEGINNING, label="billing") as tail:
         for messages in tail.batches(idle_s=None if follow else idle_s):
             for msg in messages:
-                ledger.apply(orjson.loads(msg.value()))
+                ledger.apply(orjson.loads(msg.value() or b""))
             if on_tick is not None and time.monotonic() - last_tick >= tick_s:
                 on_tick(ledger)
                 last_tick = time.monotonic()

@@ -35,7 +35,7 @@ from models.registry import ModelVersion
 from models.scoring import reason_codes
 from stream.metrics import WorkerMetrics
 from stream.rfm import RfmCache
-from stream.state import PartitionStores, ResilientStore, decision_key
+from stream.state import DecisionKey, PartitionStores, ResilientStore, decision_key
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,16 @@ log = logging.getLogger(__name__)
 class SourceMessage(Protocol):
     """What the engine reads of a consumed message. Faust's ``Message`` has these
     attributes and goes in as it is; confluent-kafka messages are wrapped in
-    ``RawMessage``."""
+    ``RawMessage``. Read-only, so a frozen dataclass fits too."""
 
-    value: bytes | None
-    topic: str
-    partition: int
-    offset: int
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class Fresh(NamedTuple):
 
     click: dict
     partition: int
-    stored_at: bytes  # decision_key(click_id, ts)
+    stored_at: DecisionKey  # decision_key(click_id, ts)
 
 
 @dataclass
@@ -192,6 +196,11 @@ def decision_record(
     )
 
 
+def _why(exc: BaseException | None) -> str:
+    """An exception as a dead letter or a log line names it: type and message."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def tune_garbage_collector() -> None:
     """Make Python's cycle collector cheap for a long-running decision loop.
 
@@ -218,8 +227,10 @@ class DecisionEngine:
         metrics: WorkerMetrics | None = None,
         log_features: bool = False,
         rfm: RfmCache | None = None,
+        batch_retries: int = 2,
     ) -> None:
         self.model = model
+        self.batch_retries = batch_retries  # see ``process``
         self._next_model: ModelVersion | None = None
         self.user_state = user_state
         self.ip_state = ip_state
@@ -242,15 +253,80 @@ class DecisionEngine:
             log.warning("model version %s -> %s", previous.version, self.model.version)
 
     def process(self, messages: Sequence[SourceMessage]) -> BatchResult:
-        """Decide a micro-batch; state is committed before returning."""
+        """Decide a micro-batch; state is committed before returning. Never raises for
+        what the batch holds or what a dependency answers, so no message can hold its
+        partition back.
+
+        A batch whose decision fails (any exception: a store or model error, a bug) is
+        tried again whole up to ``batch_retries`` times, then decided click by click;
+        the clicks that still fail become dead letters saying why (exception type and
+        message). A failed attempt's uncommitted state is dropped first, so user state
+        counts a click once; shared (Redis) counters an attempt already sent may count
+        it again, as after a crash.
+        """
         self._apply_swap()
+        self.metrics.clicks_in.inc(len(messages))
+        self.metrics.batch_size.observe(len(messages))
+        failure: Exception | None = None
+        for attempt in range(self.batch_retries + 1):
+            try:
+                return self._process_batch(messages)
+            except Exception as exc:
+                failure = exc
+                self.user_state.discard()
+                if attempt < self.batch_retries:
+                    self.metrics.batch_retries.inc()
+                    log.warning(
+                        "a batch of %d clicks failed (%s); trying again (%d of %d)",
+                        len(messages),
+                        _why(exc),
+                        attempt + 1,
+                        self.batch_retries,
+                        exc_info=attempt == 0,
+                    )
+        self.metrics.batch_fallbacks.inc()
+        log.error(
+            "a batch of %d clicks failed %d times (%s); deciding it click by click",
+            len(messages),
+            self.batch_retries + 1,
+            _why(failure),
+        )
+        return self._process_one_by_one(messages)
+
+    def _process_one_by_one(self, messages: Sequence[SourceMessage]) -> BatchResult:
+        """Each message as a batch of its own; one that fails becomes a dead letter."""
+        result = BatchResult(model_version=self.model.version)
+        for message in messages:
+            try:
+                one = self._process_batch([message])
+            except Exception as exc:
+                self.user_state.discard()
+                reason = f"deciding the click failed: {_why(exc)}"
+                result.dead_letters.append((None, dead_letter(message, reason)))
+                self.metrics.dlq.labels(topic=message.topic).inc()
+                log.warning(
+                    "click at %s[%d]@%d dead-lettered: %s",
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    reason,
+                )
+                continue
+            result.decisions.extend(one.decisions)
+            result.dead_letters.extend(one.dead_letters)
+            result.served_features.extend(one.served_features)
+            result.degraded = result.degraded or one.degraded
+        return result
+
+    def _process_batch(self, messages: Sequence[SourceMessage]) -> BatchResult:
+        """One attempt at a micro-batch; raises on any failure, leaving state uncommitted
+        (``process`` drops it)."""
         started = time.perf_counter()
         m = self.metrics
         result = BatchResult(model_version=self.model.version)
         fresh: list[Fresh] = []
         seen: dict[str, int] = {}  # click_id -> index in fresh (a copy within the batch)
         repeats: list[int] = []
-        m.clicks_in.inc(len(messages))
         for message in messages:
             try:
                 click = decode_click(message.value)
@@ -273,7 +349,6 @@ class DecisionEngine:
             fresh.append(Fresh(click, message.partition, stored_at))
         if fresh:
             self._decide(fresh, repeats, result)
-        m.batch_size.observe(len(messages))
         m.scoring_seconds.observe(time.perf_counter() - started)
         return result
 
@@ -292,7 +367,7 @@ class DecisionEngine:
         scores = model.scorer.score(features.matrix)
         thresholds = model.thresholds_for(features.slices)
         decided_at = time.time()
-        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        by_partition: dict[int, list[tuple[DecisionKey, bytes]]] = {}
         published: list[tuple[bytes, bytes]] = []  # (click_id, decision), in ``clicks`` order
         verdicts: Counter = Counter()  # (verdict, slice): one metric update per pair
         rfm = self.rfm.scores(clicks) if self.rfm is not None else None

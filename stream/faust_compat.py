@@ -33,7 +33,9 @@ Private names ``BatchDrain`` reads or calls, beside the public consumer API (``g
 ``track_message``, ``commit``, ``callback``, ``suspend_flow``, ``diag``):
 ``Consumer._add_gap``, ``Consumer._read_offset``, ``Consumer._commit_every``,
 ``Consumer._n_acked``, ``Consumer._unacked_messages``, and mode's ``Service._stopped``
-(on the consumer and on the fetcher).
+(on the consumer and on the fetcher). ``committed_offset`` reads
+``Consumer._committed_offset``: the offset last committed for a partition (read from
+the broker on assignment, updated after each commit), for the lag metric.
 
 The agent acknowledges each message with ``consumer.ack(message)`` once its result is
 safe (for slidr: once the broker has acknowledged its decision); Faust then commits the
@@ -88,6 +90,7 @@ CONSUMER_PRIVATE_ATTRIBUTES = (
     "_commit_every",
     "_n_acked",
     "_unacked_messages",
+    "_committed_offset",
 )
 
 
@@ -161,6 +164,12 @@ class BatchDrain(_FaustConsumer):
         """Drop ``messages``: never acked, so never committed, and fetched again from the
         committed offsets; a rebalance no longer waits for them (``wait_empty``)."""
         self._unacked_messages -= set(messages)
+
+
+def committed_offset(consumer: Any, tp: Any) -> int | None:
+    """The offset committed for ``tp`` (the next one to read after a restart), as the
+    consumer last committed or read it; None while the group has committed nothing."""
+    return cast("int | None", consumer._committed_offset.get(tp))
 
 
 def _batching_transport(url: str) -> type:

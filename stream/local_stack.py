@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from events.errors import SlidrError
 
@@ -46,6 +46,20 @@ if TYPE_CHECKING:
 LOOPBACK = "127.0.0.1"
 BROKER = "broker"
 REDIS = "redis"
+
+# The local Valkey's memory bound and what it does at the bound. Every key slidr writes
+# there (IP and combination counters, distinct sets, last-click times) has a time to
+# live, and at the bound Valkey must evict rather than refuse writes: a refused script
+# degrades every decision of the batch. Least recently used goes first: the counters of
+# IPs and combinations not seen for the longest, which the fewest coming clicks read;
+# a busy IP (a robot's, say) touches its keys with every click and keeps them. An
+# evicted counter starts again from zero, so its next clicks look less busy than they
+# are. ``allkeys-`` rather than ``volatile-lru``: for slidr's keys they choose alike,
+# and a key written without a time to live (by hand, or by a bug) is evicted too instead
+# of filling the memory. A day of `slidr simulate` traffic takes well under the bound
+# (README, Configuration).
+REDIS_MAXMEMORY_BYTES = 512 * 1024 * 1024
+REDIS_EVICTION_POLICY = "allkeys-lru"
 
 # Environment variables Tansu reads as defaults for its flags. A developer shell that
 # sets, say, OTEL_EXPORTER_OTLP_ENDPOINT or SCHEMA_REGISTRY would otherwise leak into
@@ -284,6 +298,10 @@ class LocalStack:
             "",  # no RDB snapshots: the stack is throwaway
             "--appendonly",
             "no",
+            "--maxmemory",
+            str(REDIS_MAXMEMORY_BYTES),
+            "--maxmemory-policy",
+            REDIS_EVICTION_POLICY,
             "--dir",
             str(workdir),
             "--daemonize",
@@ -562,8 +580,11 @@ def _broker_answers(bootstrap: str, cluster_id: str, timeout: float) -> tuple[bo
         metadata = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
         return False, f"metadata request failed: {exc.args[0].str()}"
-    if metadata.cluster_id != cluster_id:
-        return False, f"answered by cluster {metadata.cluster_id!r}, not {cluster_id!r}"
+    # The stubs type cluster_id None (its value in ClusterMetadata.__init__); the client
+    # sets the id the broker sent.
+    answered_by = cast("str | None", metadata.cluster_id)
+    if answered_by != cluster_id:
+        return False, f"answered by cluster {answered_by!r}, not {cluster_id!r}"
     return True, ""
 
 

@@ -1,6 +1,9 @@
-"""Prometheus metrics of the stream worker (served on ``SLIDR_METRICS_PORT`` when set)."""
+"""Prometheus metrics of the stream worker (served on ``SLIDR_METRICS_PORT`` when set, on
+``SLIDR_METRICS_HOST``: 127.0.0.1 unless opened)."""
 
 from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -32,6 +35,16 @@ class WorkerMetrics:
             "Click batches fetched before a rebalance, left to the new owner",
             registry=r,
         )
+        self.batch_retries = Counter(
+            "slidr_batch_retries",
+            "Click batches that failed and were tried again whole",
+            registry=r,
+        )
+        self.batch_fallbacks = Counter(
+            "slidr_batch_fallbacks",
+            "Click batches that kept failing and were decided click by click",
+            registry=r,
+        )
         self.purchases_in = Counter("slidr_purchases_in", "Purchase messages consumed", registry=r)
         self.batch_size = Histogram(
             "slidr_batch_size",
@@ -49,15 +62,34 @@ class WorkerMetrics:
             "slidr_model_info", "Active model version (value 1)", ["version"], registry=r
         )
         self.consumer_lag = Gauge(
-            "slidr_consumer_lag", "Clicks behind the end of the topic", ["partition"], registry=r
+            "slidr_consumer_lag",
+            "Clicks between the committed offset and the end of the topic",
+            ["partition"],
+            registry=r,
         )
         self.model_swaps = Counter(
             "slidr_model_swaps", "Model versions loaded while running", registry=r
+        )
+        self.control_refused = Counter(
+            "slidr_control_refused",
+            "Control messages not acted on (bad version name, guardrails, input width, "
+            "pinned, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.control_errors = Counter(
+            "slidr_control_errors",
+            "Errors reading the control topic (the follower retries with backoff)",
+            registry=r,
         )
 
     def set_model(self, version: str) -> None:
         self.model_version.clear()
         self.model_version.labels(version=version).set(1)
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1") -> WSGIServer:
+        """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the server
+        (``shutdown()`` stops it). Loopback by default: the endpoint has no
+        authentication, so ``SLIDR_METRICS_HOST`` opens it on purpose only."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

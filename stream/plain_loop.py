@@ -14,7 +14,7 @@ from events.settings import Settings
 from stream.engine import DecisionEngine, RawMessage, tune_garbage_collector
 from stream.kafka import CLICKS
 from stream.publisher import Publisher
-from stream.topics import TopicTail
+from stream.topics import TopicTail, position
 
 
 def run_plain_loop(
@@ -41,9 +41,7 @@ def run_plain_loop(
     ) as tail:
         for batch in tail.batches():
             if batch:
-                messages = [
-                    RawMessage(m.value(), m.topic(), m.partition(), m.offset()) for m in batch
-                ]
+                messages = [RawMessage(m.value(), *position(m)) for m in batch]
                 publisher.send(engine.process(messages))
                 publisher.wait()
                 tail.commit()

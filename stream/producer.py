@@ -32,7 +32,10 @@ class ProduceReport:
 
     def __str__(self) -> str:
         rate = (self.clicks + self.purchases) / max(self.seconds, 1e-9)
-        text = f"published {self.clicks:,} clicks and {self.purchases:,} purchases in {self.seconds:.1f} s ({rate:,.0f} events/s)"
+        text = (
+            f"published {self.clicks:,} clicks and {self.purchases:,} purchases "
+            f"in {self.seconds:.1f} s ({rate:,.0f} events/s)"
+        )
         if self.skipped_rows:
             text += f"; {self.skipped_rows:,} malformed rows in the files were skipped"
         return text

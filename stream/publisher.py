@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -158,16 +159,39 @@ class Publisher:
         self.producer.flush(timeout_s)
 
 
+class _Submitted:
+    """One batch of an ``AckPipeline``, from its submission until it is released."""
+
+    __slots__ = ("on_safe", "on_failed", "settled", "error")
+
+    def __init__(
+        self, on_safe: Callable[[], None], on_failed: Callable[[str], None] | None
+    ) -> None:
+        self.on_safe = on_safe
+        self.on_failed = on_failed
+        self.settled = False  # the broker answered for all of it (or it was never queued)
+        self.error: str | None = None
+
+
 class AckPipeline:
     """Publishes the worker's batches without waiting, and runs each batch's ``on_safe``
-    on the event loop once the broker acknowledged all of its messages.
+    on the event loop once the broker acknowledged all of its messages *and* those of
+    every batch submitted before it.
 
     The worker decides batch N+1 while batch N's decisions travel; at most
-    ``max_in_flight`` batches are unacknowledged at a time. Reports are served on the
-    loop: after each submit, and every ``serve_every_s`` by a task of the pipeline. A
-    refused message stops the pipeline: ``on_failure`` is called, later ``submit`` calls
-    raise ``DeliveryError``, and that batch is never marked safe, so its offsets are
-    never committed and it is decided again after a restart.
+    ``max_in_flight`` batches are unreleased at a time. Delivery reports complete in any
+    order (decisions of different batches go to different partitions of the broker), so
+    batches are released strictly in submission order: batch N+1, acknowledged first,
+    waits for N. Batches of a partition are submitted in offset order, so its offsets
+    become committable in offset order, whatever the consumer's own gap checks do
+    (faust-streaming 0.15.3 skips its check while a partition has no committed offset).
+
+    Reports are served on the loop: after each submit, and every ``serve_every_s`` by a
+    task of the pipeline. A refused message stops the pipeline: ``on_failure`` is called
+    at once, later ``submit`` calls raise ``DeliveryError``, and that batch and every
+    batch submitted after it get ``on_failed`` instead of ``on_safe``, so their offsets
+    are never committed and they are decided again after a restart. Batches submitted
+    before it are still released as safe once acknowledged.
     """
 
     def __init__(
@@ -181,11 +205,17 @@ class AckPipeline:
         self.max_in_flight = max_in_flight
         self.serve_every_s = serve_every_s
         self.on_failure = on_failure  # runs on the loop at the first refused batch
-        self.in_flight = 0
         self.failure: str | None = None
+        self._submitted: deque[_Submitted] = deque()  # unreleased, in submission order
+        self._refused = False  # a released batch was refused: later ones are not safe
         self._room = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Task | None = None  # held: the loop keeps tasks only weakly
+
+    @property
+    def in_flight(self) -> int:
+        """Batches submitted and not yet released (each holds a slot)."""
+        return len(self._submitted)
 
     async def submit(
         self,
@@ -202,7 +232,8 @@ class AckPipeline:
             await self._room.wait()
         if self.failure is not None:
             raise DeliveryError(self.failure)
-        self.in_flight += 1
+        batch = _Submitted(on_safe, on_failed)
+        self._submitted.append(batch)  # the slot: held until the batch is released
         loop = self._loop
         called = False
 
@@ -212,7 +243,8 @@ class AckPipeline:
                 return
             called = True
             if not loop.is_closed():  # a flush after the loop ended settles nothing
-                loop.call_soon(self._settle, error, on_safe, on_failed)
+                reason = None if error is None else f"the broker refused a message: {error}"
+                loop.call_soon(self._settle, batch, reason)
 
         try:
             self.publisher.send_tracked(result, done)
@@ -221,9 +253,10 @@ class AckPipeline:
                 raise
             called = True  # a report arriving later settles nothing
             reason = f"publishing a batch failed: {exc!r}"
-            self._settle(reason, on_safe, on_failed)
+            self._settle(batch, reason)
             raise DeliveryError(reason) from exc
         if not self._serve_now():
+            assert self.failure is not None  # _serve_now stopped the pipeline with a reason
             raise DeliveryError(self.failure)
 
     async def _serve(self) -> None:
@@ -240,7 +273,8 @@ class AckPipeline:
         return True
 
     async def publish(self, result: BatchResult) -> None:
-        """Queue ``result`` and wait until the broker acknowledged all of it."""
+        """Queue ``result`` and wait until the broker acknowledged all of it (and every
+        batch submitted before it)."""
         settled = asyncio.get_running_loop().create_future()
         await self.submit(
             result,
@@ -249,23 +283,31 @@ class AckPipeline:
         )
         await settled
 
-    def _settle(
-        self,
-        error: str | None,
-        on_safe: Callable[[], None],
-        on_failed: Callable[[str], None] | None,
-    ) -> None:
-        self.in_flight -= 1
+    def _settle(self, batch: _Submitted, error: str | None) -> None:
+        """The broker answered for ``batch``: stop at once on a refusal, then release
+        every settled batch at the head of the submission order."""
+        batch.settled = True
+        if error is not None:
+            batch.error = error
+            self._fail(error)
         try:
-            if error is None:
-                on_safe()
-            else:
-                reason = f"the broker refused a message: {error}"
-                if on_failed is not None:
-                    on_failed(reason)
-                self._fail(reason)
+            self._release()
         finally:
             self._room.set()  # a submit waiting for room must not wait forever
+
+    def _release(self) -> None:
+        submitted = self._submitted
+        while submitted and submitted[0].settled:
+            batch = submitted.popleft()
+            if batch.error is not None:
+                self._refused = True
+            try:
+                if batch.error is None and not self._refused:
+                    batch.on_safe()
+                elif batch.on_failed is not None:
+                    batch.on_failed(batch.error or f"an earlier batch was refused: {self.failure}")
+            except Exception:  # one callback's bug must not keep later batches unreleased
+                log.exception("a batch's release callback failed")
 
     def _fail(self, reason: str) -> None:
         """Stop the pipeline: later submits raise, ``on_failure`` runs once."""

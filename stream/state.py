@@ -11,8 +11,9 @@
   buckets and TTLs from the plans), sent before the user state is folded and read after
   it (``StateStore.submit_plans``), so Valkey's share of a batch does not add to the
   worker's.
-- ``ResilientStore``: Redis with an in-process fallback; while Redis is unreachable the
-  worker keeps deciding with local counters and marks those decisions degraded.
+- ``ResilientStore``: Redis with an in-process fallback; while Redis is unreachable or
+  answers with an error (``READONLY``, ``OOM``, ``NOPERM``, ...) the worker keeps
+  deciding with local counters and marks those decisions degraded.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 import redis
@@ -40,7 +41,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _USER_PREFIX = b"e:"
-_DECIDED_PREFIX = b"d:"
+# Decided clicks (duplicate detection). A click's decision is stored under its
+# ``click_id`` alone, "c:<click_id>", so a copy of the click finds it whatever its own
+# ``ts``: a producer that resends a click may stamp it anew, and a resend across
+# midnight must not be decided (and counted) twice. Bounded in time by a second key per
+# decision, "t:<day of the click's ts>:<click_id>" (empty value): expiry deletes the
+# decisions listed under days that are over and then those days' index keys as one
+# range, so it reads only what it deletes (the index costs one more put a decision,
+# ~1 us in a WriteBatch). A decision is kept until the event-time horizon passes the end
+# of the day after its click's day: at least a day of event time, for redeliveries after
+# a crash and resends that come within it.
+_DECIDED_PREFIX = b"c:"
+_DECIDED_BY_DAY_PREFIX = b"t:"
+_DAY_DIGITS = 6  # day numbers since the epoch; LATEST_TS (year 3000) is day 376,200
+# Decisions were once keyed by day first, "d:<day>:<click_id>"; expiry drops those.
+_OLD_DECIDED_PREFIX, _OLD_DECIDED_END = b"d:", b"d;"
 
 
 class RocksStore(StateStore):
@@ -54,6 +69,7 @@ class RocksStore(StateStore):
         self.db = Rdict(str(path), options)
         self._pending: dict[bytes, dict[str, list]] = {}
         self._horizon = -math.inf  # fields that expired before this are dropped on load
+        self._old_decisions_dropped = False  # see _OLD_DECIDED_PREFIX
 
     def _load(self, key: bytes) -> dict[str, list]:
         record = self._pending.get(key)
@@ -75,12 +91,12 @@ class RocksStore(StateStore):
     def set_horizon(self, before: float) -> None:
         self._horizon = max(self._horizon, before)
 
-    def decided(self, key: bytes) -> bytes | None:
-        """The decision already made for a click (after a crash or a redelivery), by its
-        ``decision_key``."""
-        return self.db.get(key)
+    def decided(self, key: DecisionKey) -> bytes | None:
+        """The decision already made for a click (after a crash, a redelivery or a
+        resend), by its ``decision_key``."""
+        return self.db.get(key.stored_at)
 
-    def commit(self, decisions: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    def commit(self, decisions: Sequence[tuple[DecisionKey, bytes]] = ()) -> None:
         """Write the batch's state changes and its ``(decision_key, decision)`` pairs
         atomically."""
         batch = WriteBatch(raw_mode=True)
@@ -89,17 +105,26 @@ class RocksStore(StateStore):
                 batch.put(key, orjson.dumps(record))
             else:
                 batch.delete(key)
-        for key, decision in decisions:
-            batch.put(key, decision)
+        for where, decision in decisions:
+            batch.put(where.stored_at, decision)
+            batch.put(where.listed_at, b"")
         self.db.write(batch)
         self._pending.clear()
 
+    def discard(self) -> None:
+        """Forget the changes folded since the last commit (a batch that failed half way):
+        the next load reads the records as committed, so a retried batch counts once."""
+        self._pending.clear()
+
     def expire(self, before: float) -> int:
-        """Drop expired fields, empty records and decisions of days before ``before - 1 day``."""
+        """Drop expired fields, empty records and the decisions of clicks of days before
+        ``before - 1 day``."""
         self._horizon = max(self._horizon, before)
         removed = 0
         batch = WriteBatch(raw_mode=True)
-        for key, raw in self.db.items(from_key=_USER_PREFIX):
+        # raw_mode: keys and values are bytes (the stubs list the key types of every mode).
+        entries = cast("Iterator[tuple[bytes, bytes]]", self.db.items(from_key=_USER_PREFIX))
+        for key, raw in entries:
             if not key.startswith(_USER_PREFIX):
                 break
             if key in self._pending:
@@ -113,18 +138,47 @@ class RocksStore(StateStore):
                 else:
                     batch.delete(key)
         self.db.write(batch)
-        # Decisions are kept for the click's day and the next one (redeliveries come soon).
-        last_day = int(before // DAY_S) - 1
-        self.db.delete_range(_DECIDED_PREFIX, _DECIDED_PREFIX + f"{last_day:06d}:".encode())
+        self._expire_decisions(before)
         return removed
+
+    def _expire_decisions(self, before: float) -> None:
+        """Forget the decisions of clicks whose day ended more than a day before
+        ``before`` (see ``_DECIDED_PREFIX``)."""
+        kept_from = _day_index_prefix(int(before // DAY_S) - 1)
+        batch = WriteBatch(raw_mode=True)
+        listed = cast("Iterator[bytes]", self.db.keys(from_key=_DECIDED_BY_DAY_PREFIX))
+        click_id_at = len(kept_from)
+        for key in listed:
+            if key >= kept_from:
+                break
+            batch.delete(_DECIDED_PREFIX + key[click_id_at:])
+        self.db.write(batch)
+        self.db.delete_range(_DECIDED_BY_DAY_PREFIX, kept_from)
+        if not self._old_decisions_dropped:  # once a store: a range delete leaves a marker
+            self.db.delete_range(_OLD_DECIDED_PREFIX, _OLD_DECIDED_END)
+            self._old_decisions_dropped = True
 
     def close(self) -> None:
         self.db.close()
 
 
-def decision_key(click_id: str, ts: float) -> bytes:
-    """Where a click's decision is stored: by day first, so old days drop as a range."""
-    return _DECIDED_PREFIX + f"{int(ts // DAY_S):06d}:{click_id}".encode()
+class DecisionKey(NamedTuple):
+    """Where a click's decision is stored (``stored_at``, by click id) and listed for
+    expiry (``listed_at``, under its click's day); see ``_DECIDED_PREFIX``."""
+
+    stored_at: bytes
+    listed_at: bytes
+
+
+def _day_index_prefix(day: int) -> bytes:
+    return _DECIDED_BY_DAY_PREFIX + b"%0*d:" % (_DAY_DIGITS, max(day, 0))
+
+
+def decision_key(click_id: str, ts: float) -> DecisionKey:
+    """The keys of a click's decision: looked up by ``click_id`` alone, expired by the
+    day of ``ts`` (epoch seconds)."""
+    encoded = click_id.encode()
+    return DecisionKey(_DECIDED_PREFIX + encoded, _day_index_prefix(int(ts // DAY_S)) + encoded)
 
 
 class PartitionStores(StateStore):
@@ -166,6 +220,11 @@ class PartitionStores(StateStore):
     def set_horizon(self, before: float) -> None:
         for store in self.stores.values():
             store.set_horizon(before)
+
+    def discard(self) -> None:
+        """``RocksStore.discard`` on every open partition."""
+        for store in self.stores.values():
+            store.discard()
 
     def expire(self, before: float) -> int:
         return sum(store.expire(before) for store in self.stores.values())
@@ -377,8 +436,12 @@ def _split_results(jobs: Sequence[tuple[RowPlan, Sequence[Row]]], out: list) -> 
     return results
 
 
-# What an unreachable (or restarting) Redis raises.
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+# What a Redis that cannot serve the batch raises: every redis-py error, the answers
+# included (ResponseError: READONLY after a failover, OOM, NOPERM, a failing script;
+# NOSCRIPT is answered first by loading the script again, see RedisStore), besides an
+# unreachable or restarting server (ConnectionError, TimeoutError, BusyLoadingError,
+# OSError). Each degrades the batch's decisions, never the batch.
+_REDIS_DOWN = (redis.RedisError, OSError)
 
 
 class ResilientStore(StateStore):
@@ -429,7 +492,9 @@ class ResilientStore(StateStore):
     def _down(self, exc: Exception) -> None:
         self._failed_at = time.monotonic()
         if not self.degraded:
-            log.warning("Redis unreachable (%s): deciding with local counters", exc)
+            log.warning(
+                "Redis failed (%s: %s): deciding with local counters", type(exc).__name__, exc
+            )
 
     def _local(self, jobs: Sequence[tuple[RowPlan, Sequence[Row]]], now: float) -> list[list[Any]]:
         self.degraded = True
@@ -440,8 +505,9 @@ class ResilientStore(StateStore):
 
 
 def shared_ip_state(settings: Settings, redis_url: str) -> ResilientStore:
-    """The worker's shared state (IPs and combinations): Redis under the settings' key and topic prefixes, with the
-    local fallback. Every engine that decides live clicks builds it here."""
+    """The worker's shared state (IPs and combinations): Redis under the settings' key and
+    topic prefixes, with the local fallback. Every engine that decides live clicks builds it
+    here."""
     client = redis_client(redis_url, settings.redis_password)
     return ResilientStore(
         RedisStore(client, prefix=settings.redis_key_prefix + settings.topic_prefix)

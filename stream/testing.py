@@ -6,7 +6,8 @@ model for it in milliseconds.
 - ``standalone_engine``: a ``DecisionEngine`` whose user state is RocksDB in a local
   directory (embedded: no server) and whose shared state, Redis in the worker, is the
   in-memory store (``MemoryStore``) behind the same ``ResilientStore`` the worker uses;
-  ``UnreachableStore`` stands in for a Redis that does not answer;
+  ``UnreachableStore`` stands in for a Redis that does not answer, ``RefusingRedis`` for
+  one that answers with errors (``READONLY``, ``OOM``, ``NOPERM``);
 - ``ClickBuilder``: valid clicks (dicts, bytes or consumed messages) with sensible
   defaults, each later than the one before, and any field overridden or left out.
 """
@@ -50,6 +51,37 @@ class UnreachableStore(StateStore):
 
     def expire(self, before: float) -> int:
         return 0
+
+
+class RefusingRedis:
+    """A redis-py client, as ``RedisStore`` uses it, that is reachable but answers every
+    script call with ``error``: ``READONLY`` after a failover, ``OOM``, ``NOPERM``, a
+    script that fails. ``RedisStore(RefusingRedis(...))`` stands in for such a Redis."""
+
+    def __init__(self, error: redis.RedisError) -> None:
+        self.error = error
+        self.connection_pool = self
+        self.calls = 0
+
+    def register_script(self, _source: str) -> Callable[..., Any]:
+        def run_script(**_kwargs: Any) -> Any:  # a reload after NOSCRIPT meets it too
+            self.calls += 1
+            raise self.error
+
+        run_script.sha = "0" * 40  # type: ignore[attr-defined]
+        return run_script
+
+    def get_connection(self, *_args: Any) -> RefusingRedis:
+        return self
+
+    def release(self, _connection: Any) -> None:
+        pass
+
+    def send_command(self, *_args: Any) -> None:
+        self.calls += 1
+
+    def read_response(self) -> Any:
+        raise self.error
 
 
 def memory_shared_state() -> ResilientStore:

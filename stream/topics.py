@@ -24,7 +24,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
@@ -63,6 +63,18 @@ def topic_partitions(consumer: Consumer, topic: str) -> list[int]:
     if found is None or found.error is not None:
         return []
     return sorted(found.partitions)
+
+
+def position(msg: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a message a consumer returned without an error.
+
+    librdkafka sets all three on such a message; the stubs type them Optional because an
+    error event or a ``Message`` built by hand may lack them.
+    """
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    if topic is None or partition is None or offset is None:
+        raise ValueError(f"not a consumed message: {topic}[{partition}]@{offset}")
+    return topic, partition, offset
 
 
 def arrived_now(consumer: Consumer, wait_s: float, most: int = 1000) -> list[Message]:
@@ -133,10 +145,10 @@ class TopicTail(_ClosesConsumer):
 
     Without ``group_id``: every partition is assigned at once, at ``start`` (``END``: the
     end now, as ``watermarks`` finds it; ``BEGINNING``: offset 0), outside any consumer
-    group; nothing is committed. With ``group_id``: the topics are subscribed in that group, the broker
-    assigns partitions (``on_assign``/``on_revoke`` are told), reading resumes from the
-    group's committed offsets (earliest for a new group), and offsets are committed only
-    by ``commit``.
+    group; nothing is committed. With ``group_id``: the topics are subscribed in that group,
+    the broker assigns partitions (``on_assign``/``on_revoke`` are told), reading resumes
+    from the group's committed offsets (earliest for a new group), and offsets are
+    committed only by ``commit``.
 
     Each fetch takes up to ``batch`` messages, waiting up to ``wait_s`` to fill it; with
     ``as_arrived`` it returns as soon as one message is there (``arrived_now``), for
@@ -279,10 +291,10 @@ def first_offset_at_or_after(
     if scan is None or lo >= hi:
         return lo
     answer = lo
-    for offset, ts in scan(lo, hi):
-        if ts is None:
+    for offset, event_ts in scan(lo, hi):
+        if event_ts is None:
             continue
-        if ts >= t:
+        if event_ts >= t:
             return answer
         answer = offset + 1
     return answer
@@ -328,7 +340,7 @@ class TopicScanner(_ClosesConsumer):
         """Every partition from its low to its high watermark, as they are now."""
         return [OffsetRange(p, *self.watermarks(p)) for p in self.partitions]
 
-    def read(self, ranges: list[OffsetRange], batch: int = 1000) -> Iterator[Message]:
+    def read(self, ranges: list[OffsetRange], batch: int = 1000) -> Generator[Message, None, None]:
         """Every message in the ranges (each partition in offset order), then stop."""
         todo = {r.partition: r for r in ranges if r.size}
         if not todo:
@@ -344,15 +356,16 @@ class TopicScanner(_ClosesConsumer):
                 for msg in messages:
                     if msg.error() is not None:
                         continue
-                    r = todo.get(msg.partition())
-                    if r is None or msg.offset() < r.start:
+                    _, partition, offset = position(msg)
+                    r = todo.get(partition)
+                    if r is None or offset < r.start:
                         continue
                     last = now
-                    if msg.offset() >= r.end:
+                    if offset >= r.end:
                         del todo[r.partition]
                         continue
                     yield msg
-                    if msg.offset() + 1 >= r.end:
+                    if offset + 1 >= r.end:
                         del todo[r.partition]
                 if not messages and todo:
                     # The range may end with offsets that are never delivered (control
@@ -380,7 +393,7 @@ class TopicScanner(_ClosesConsumer):
             for msg in messages:
                 ts = self._time_of(msg)
                 if ts is not None:
-                    return msg.offset(), ts
+                    return position(msg)[2], ts
         return end, math.inf
 
     def offset_for_time(self, partition: int, t: float, lo: int, hi: int) -> int:
@@ -389,7 +402,7 @@ class TopicScanner(_ClosesConsumer):
         def scan(start: int, end: int) -> Iterator[tuple[int, float | None]]:
             self.probes += 1
             for msg in self.read([OffsetRange(partition, start, end)]):
-                yield msg.offset(), self._time_of(msg)
+                yield position(msg)[2], self._time_of(msg)
 
         return first_offset_at_or_after(
             lambda offset, end: self.first_event(partition, offset, end),

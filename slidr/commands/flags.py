@@ -44,8 +44,8 @@ def parse_min_coverage(text: str) -> float | dict[str, float]:
             return value
         out = {}
         for part in text.split(","):
-            name, _, value = part.partition("=")
-            out[name.strip()] = float(value)
+            name, _, share = part.partition("=")
+            out[name.strip()] = float(share)
             if not 0 <= out[name.strip()] <= 1:
                 raise ValueError
         return out

@@ -38,8 +38,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     require_broker(settings)  # before the registry changes: the workers must hear of it
-    message = promote(settings, args.version, reason=args.reason)
-    print(f"active: {message['model_version']} (published to the control topic)")
+    message = promote(settings, args.version, reason=args.reason, force=args.force)
+    print(
+        f"active: {message['model_version']} (published to the control topic)"
+        + (f"; {message['reason']}" if args.force else "")
+    )
     return 0
 
 
@@ -48,7 +51,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     require_broker(settings)  # before the registry changes: the workers must hear of it
-    message = rollback(settings, to=args.to, reason=args.reason)
+    message = rollback(settings, to=args.to, reason=args.reason, force=args.force)
     print(f"rolled back to {message['model_version']} (published to the control topic)")
     return 0
 
@@ -63,6 +66,12 @@ def add_promote(sub: argparse._SubParsersAction) -> None:
         default="promoted by hand",
         help="why (kept in the history and on the control topic)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="activate even though the version's guardrails did not pass (recorded in the "
+        "registry and in the control message's reason)",
+    )
     p.set_defaults(func=cmd_promote)
 
 
@@ -76,6 +85,11 @@ def add_rollback(sub: argparse._SubParsersAction) -> None:
         default="rolled back by hand",
         help="why (kept in the history and on the control topic)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow a target whose guardrails did not pass (recorded as for promote --force)",
+    )
     p.set_defaults(func=cmd_rollback)
 
 
@@ -84,7 +98,7 @@ def add_rollback(sub: argparse._SubParsersAction) -> None:
 
 def replay_options(args: argparse.Namespace) -> ReplayOptions:
     """``lifecycle.replay.ReplayOptions`` from ``slidr replay`` flags, checked."""
-    from lifecycle.replay import ReplayOptions, parse_offsets, parse_time
+    from lifecycle.replay import ReplayOptions, parse_offsets, parse_time, parse_warmup
 
     try:
         partitions = (
@@ -104,7 +118,7 @@ def replay_options(args: argparse.Namespace) -> ReplayOptions:
         to_offset=parse_offsets(args.to_offset),
         partitions=partitions,
         archive=args.archive,
-        warmup_s=args.warmup,
+        warmup_s=parse_warmup(args.warmup),
         use_logged_features=args.use_logged_features,
         missing_only=args.missing_only,
         compare=not args.no_compare,
@@ -181,11 +195,12 @@ def add_replay(sub: argparse._SubParsersAction) -> None:
     registry_flag(p)
     p.add_argument(
         "--warmup",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
+        default="auto",
+        metavar="SECONDS|auto",
         help="fold in this much earlier traffic into the feature state first, not "
-        "republished (default 0: state starts empty at the range start)",
+        "republished; auto (default): back to the start of the UTC day before the range's "
+        "first click, as far as any feature looks, so the live version reproduces its "
+        "verdicts; 0: state starts empty at the range start",
     )
     p.add_argument(
         "--use-logged-features",
@@ -225,7 +240,10 @@ def add_replay(sub: argparse._SubParsersAction) -> None:
 
 def format_history(runs: list[dict]) -> str:
     """The retrain run history (``REGISTRY/runs.jsonl``) as a fixed-width table, oldest first."""
-    header = f"{'when (UTC)':19}  {'outcome':8}  {'version':7}  {'active':7}  {'data':23}  {'fingerprint':12}  guardrails / reason"
+    header = (
+        f"{'when (UTC)':19}  {'outcome':8}  {'version':7}  {'active':7}  {'data':23}  "
+        f"{'fingerprint':12}  guardrails / reason"
+    )
     lines = [header, "-" * len(header)]
     for r in runs:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.get("started_at", 0)))
@@ -309,7 +327,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         print(f"promoted {r['version']} (was {r['active_before'] or 'none'}): {r['reason']}")
     elif outcome.exit_code == EXIT_REJECTED:
         print(
-            f"slidr retrain: rejected: {r['reason']}; active version unchanged ({r['active_after'] or 'none'})",
+            f"slidr retrain: rejected: {r['reason']}; "
+            f"active version unchanged ({r['active_after'] or 'none'})",
             file=sys.stderr,
         )
     else:
@@ -348,7 +367,8 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
         "--days",
         type=int,
         default=8,
-        help="UTC days to train on, the last held out (default 8: the held-out weekday is also trained on)",
+        help="UTC days to train on, the last held out "
+        "(default 8: the held-out weekday is also trained on)",
     )
     p.add_argument(
         "--delay-hours",
@@ -379,7 +399,8 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
         type=parse_limit,
         action="append",
         metavar="NAME=VALUE",
-        help="a model guardrail limit, e.g. max_score_psi=0.3 (repeatable; see ModelGuardrailConfig)",
+        help="a model guardrail limit, e.g. max_score_psi=0.3 "
+        "(repeatable; see ModelGuardrailConfig)",
     )
     p.add_argument(
         "--no-publish",
@@ -440,7 +461,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         events = monitor.events
     rollbacks = sum(1 for e in events if e["event"] == "rollback")
     print(
-        f"monitor: {len(events)} deviations, {rollbacks} rollbacks (log: {monitor.registry.root / MONITOR_LOG})"
+        f"monitor: {len(events)} deviations, {rollbacks} rollbacks "
+        f"(log: {monitor.registry.root / MONITOR_LOG})"
     )
     return 0
 
@@ -497,7 +519,8 @@ def add_monitor(sub: argparse._SubParsersAction) -> None:
         "--spike-decisions",
         type=int,
         default=d.spike_decisions,
-        help=f"newest decisions checked for a spike of invalid verdicts (default {d.spike_decisions})",
+        help="newest decisions checked for a spike of invalid verdicts "
+        f"(default {d.spike_decisions})",
     )
     p.add_argument(
         "--spike-share",
@@ -509,7 +532,8 @@ def add_monitor(sub: argparse._SubParsersAction) -> None:
         "--fpr-factor",
         type=float,
         default=d.fpr_factor,
-        help=f"deviation: FPR of purchased / high-RFM clicks > factor x promised (default {d.fpr_factor:g})",
+        help="deviation: FPR of purchased / high-RFM clicks > factor x promised "
+        f"(default {d.fpr_factor:g})",
     )
     p.add_argument(
         "--min-purchasing",

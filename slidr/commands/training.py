@@ -87,7 +87,8 @@ def print_training_summary(result: dict, registry) -> None:
     )
     for row in result["label_poor_slices"]:
         print(
-            f"label-poor slice {row['slice']} ({row['clicks']:,} clicks): threshold {row['threshold']:.4f}, {row['why']}"
+            f"label-poor slice {row['slice']} ({row['clicks']:,} clicks): "
+            f"threshold {row['threshold']:.4f}, {row['why']}"
         )
     for warning in result["proxy_vs_truth"]["warnings"]:
         print(f"warning: proxy and true FPR disagree: {warning}")
@@ -139,7 +140,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"no versions in {registry.root} (train one with `slidr train`)")
         return 0
     print(
-        f"{'':2}{'version':8} {'registered':20} {'test IVR':>9} {'test FPR':>9} {'data':>16}  status"
+        f"{'':2}{'version':8} {'registered':20} {'test IVR':>9} {'test FPR':>9} "
+        f"{'data':>16}  status"
     )
     for m in versions:
         # A manifest written by hand (not by `slidr train`) may lack metrics or data.

@@ -121,16 +121,19 @@ MALFORMED_CLICKS = [
     b'{"click_id": "c4", "ts": 1793577603, "user_id": "u1", "ip": 17}',  # 4: ip not a string
     b'{"click_id": "c5", "ts": "yesterday", "user_id": "u1", "ip": "1.1.1.1"}',  # 5: bad time
     b"",  # 6: blank lines are skipped, not errors
-    b'{"click_id": "c7", "ts": 1793577606, "user_id": "u1", "ip": "1.1.1.1", "logged_in": "yes"}',  # 7
+    # 7: logged_in not a boolean
+    b'{"click_id": "c7", "ts": 1793577606, "user_id": "u1", "ip": "1.1.1.1", "logged_in": "yes"}',
     b"[1, 2, 3]",  # 8: not an object
-    b'{"click_id": "c9", "ts": 1793577608, "user_id": "u2", "ip": "1.1.1.2", "context": {"app": "x"}}',
+    b'{"click_id": "c9", "ts": 1793577608, "user_id": "u2", "ip": "1.1.1.2", '
+    b'"context": {"app": "x"}}',
 ]
 
 
 def test_malformed_jsonl_rows_are_counted_not_raised(tmp_path: Path) -> None:
     (tmp_path / "clicks.jsonl").write_bytes(b"\n".join(MALFORMED_CLICKS) + b"\n")
     (tmp_path / "purchases.jsonl").write_bytes(
-        b'{"purchase_id": "p1", "ts": 1793577700, "user_id": "u1", "click_id": "c1", "amount": 12.5}\n'
+        b'{"purchase_id": "p1", "ts": 1793577700, "user_id": "u1", "click_id": "c1", '
+        b'"amount": 12.5}\n'
         b'{"purchase_id": "p2", "ts": 1793577701, "user_id": "u1", "amount": "ten"}\n'
         b'{"purchase_id": "p3", "ts": 1793577702}\n'
     )

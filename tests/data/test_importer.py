@@ -237,7 +237,8 @@ def test_mapping_from_flags_file_and_cli(tmp_path: Path, capsys: pytest.CaptureF
     )
     assert code == 0
     out = capsys.readouterr().out
-    # --click-id channel repeats ids: every repeat is a rejected duplicate, none is dropped silently.
+    # --click-id channel repeats ids: every repeat is a rejected duplicate, none is dropped
+    # silently.
     assert "duplicate_click_id" in out
     data = load_dataset(tmp_path / "d1")
     assert len(data.clicks) == 13 and len(set(data.clicks.click_id)) == 13

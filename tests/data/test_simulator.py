@@ -14,6 +14,8 @@ import pytest
 
 from data.dataset import load_dataset
 from data.simulator import KINDS, PROXY_LIES_KINDS, WORLDS, SimulationSummary, simulate
+from events.arrow import arrow_schema
+from events.declarations import CLICK, PURCHASE
 from features.batch import compute_features
 from models.labels import make_labels
 from slidr.cli import build_parser, main
@@ -22,36 +24,18 @@ START = "2026-11-02"  # a Monday
 T0 = datetime(2026, 11, 2, tzinfo=UTC).timestamp()
 DAY = 86_400.0
 
+# The simulator writes every declared field (events.declarations) in its order; the
+# context as a struct of its two keys, then the ground truth.
+_CLICKS_DECLARED = arrow_schema(CLICK)
 CLICK_SCHEMA = pa.schema(
-    [
-        ("click_id", pa.string()),
-        ("ts", pa.float64()),
-        ("user_id", pa.string()),
-        ("ip", pa.string()),
-        ("session_id", pa.string()),
-        ("user_agent", pa.string()),
-        ("logged_in", pa.bool_()),
-        ("customer_id", pa.string()),
-        ("device", pa.string()),
-        ("ad_id", pa.string()),
-        ("advertiser_id", pa.string()),
-        ("placement", pa.string()),
-        ("query", pa.string()),
+    [_CLICKS_DECLARED.field(name) for name in CLICK.names if name != "context"]
+    + [
         ("context", pa.struct([("publisher", pa.string()), ("channel", pa.string())])),
         ("is_bot", pa.bool_()),
         ("bot_kind", pa.string()),
     ]
 )
-PURCHASE_SCHEMA = pa.schema(
-    [
-        ("purchase_id", pa.string()),
-        ("ts", pa.float64()),
-        ("user_id", pa.string()),
-        ("customer_id", pa.string()),
-        ("click_id", pa.string()),
-        ("amount", pa.float64()),
-    ]
-)
+PURCHASE_SCHEMA = arrow_schema(PURCHASE)
 
 
 def _sha(path: Path) -> str:

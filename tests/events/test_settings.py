@@ -85,6 +85,7 @@ def test_a_bad_flag_value_names_the_flag() -> None:
     [
         ("SLIDR_PARTITIONS", "0", "SLIDR_PARTITIONS must be at least 1"),
         ("SLIDR_BATCH_SIZE", "-3", "SLIDR_BATCH_SIZE must be at least 1"),
+        ("SLIDR_BATCH_RETRIES", "-1", "SLIDR_BATCH_RETRIES must not be negative"),
         ("SLIDR_LINGER_MS", "-1", "SLIDR_LINGER_MS must not be negative"),
         ("SLIDR_DECISION_LINGER_MS", "-5", "SLIDR_DECISION_LINGER_MS must not be negative"),
         ("SLIDR_SESSION_TIMEOUT_MS", "999", "SLIDR_SESSION_TIMEOUT_MS must be at least 1000"),
@@ -128,3 +129,43 @@ def test_home_defaults_to_slidr_home(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.delenv("SLIDR_HOME")
     monkeypatch.chdir(tmp_path)
     assert Settings().home == tmp_path.resolve() / "var"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("rediss://app:hunter2@cache.example:6380/0", "rediss://app:***@cache.example:6380/0"),
+        ("redis://:hunter2@cache.example/1", "redis://:***@cache.example/1"),
+        (
+            "redis://cache.example:6379/0?password=hunter2",
+            "redis://cache.example:6379/0?password=***",
+        ),
+        ("unix://:hunter2@/run/valkey.sock?db=2", "unix://:***@/run/valkey.sock?db=2"),
+        ("redis://cache.example:6379/0", "redis://cache.example:6379/0"),
+    ],
+)
+def test_passwords_in_a_redis_url_never_show(url: str, shown: str) -> None:
+    settings = Settings.from_env({"SLIDR_REDIS_URL": url, "SLIDR_KAFKA_SASL_PASSWORD": "pw-9f3"})
+    for text in (settings.describe(), repr(settings), str(settings)):
+        assert "hunter2" not in text and "pw-9f3" not in text
+    assert f"  redis_url = {shown}" in settings.describe()
+    assert settings.redis_url == url  # only what is shown is masked
+
+
+def test_a_bad_redis_url_is_named_without_its_password() -> None:
+    with pytest.raises(SettingsError, match="SLIDR_REDIS_URL must start with") as caught:
+        Settings.from_env({"SLIDR_REDIS_URL": "http://app:hunter2@cache.example:6379"})
+    assert "hunter2" not in str(caught.value) and "app:***@cache.example" in str(caught.value)
+
+
+def test_the_metrics_endpoint_is_local_unless_opened() -> None:
+    assert Settings().metrics_host == "127.0.0.1"
+    assert Settings.from_env({"SLIDR_METRICS_HOST": "0.0.0.0"}).metrics_host == "0.0.0.0"
+    with pytest.raises(SettingsError, match="^SLIDR_METRICS_HOST must not be empty"):
+        Settings.from_env({"SLIDR_METRICS_HOST": " "})
+
+
+def test_the_rfm_cache_size_is_positive() -> None:
+    assert Settings.from_env({"SLIDR_RFM_CACHE_SIZE": "5000"}).rfm_cache_size == 5000
+    with pytest.raises(SettingsError, match="^SLIDR_RFM_CACHE_SIZE must be at least 1"):
+        Settings.from_env({"SLIDR_RFM_CACHE_SIZE": "0"})

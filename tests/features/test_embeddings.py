@@ -25,7 +25,10 @@ from features.store import MemoryStore
 from features.useragent import BROWSERS, DEVICES, OPERATING_SYSTEMS
 from features.windows import COMBOS, COUNTS, DISTINCTS
 
-CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
+CHROME = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/124.0 Safari/537.36"
+)
 
 
 def _ids(click: dict) -> dict[str, int]:

@@ -416,7 +416,37 @@ def test_a_faulty_version_is_rolled_back_automatically(
     ]
     assert [e["event"] for e in logged if e["version"] == faulty] == ["rollback"]
     print(
-        f"\nmonitor rollback: promotion -> first faulty decision {first_faulty - promoted_at:.2f} s, "
-        f"-> rollback {rollback_at - promoted_at:.2f} s ({len(faulty_decisions)} faulty decisions), "
+        "\nmonitor rollback: promotion -> first faulty decision "
+        f"{first_faulty - promoted_at:.2f} s, -> rollback {rollback_at - promoted_at:.2f} s "
+        f"({len(faulty_decisions)} faulty decisions), "
         f"-> first good decision again {first_back - promoted_at:.2f} s"
     )
+
+
+def test_a_retrain_promoting_between_the_check_and_the_rollback_wins(tmp_path: Path) -> None:
+    """Check-then-act: the policy saw the deviating version active, then a retrain
+    promoted another before the rollback. The rollback is compare-and-set on the version
+    judged, so it changes nothing (and publishes nothing) instead of undoing the retrain."""
+    from events.settings import Settings
+    from lifecycle.monitor import Monitor
+    from models.registry import ModelRegistry
+    from models.testing import register_logistic_model
+
+    registry = ModelRegistry(tmp_path / "registry")
+    for bias in (-5.0, -4.0, -3.0):
+        register_logistic_model(registry, {"ua_crawler": 10.0}, bias=bias)
+    registry.activate("v0002")  # v0002 deviates; v0001 is the stable version before it
+
+    class RetrainMeanwhile(RollbackPolicy):
+        def decide(self, deviation, watched, active):
+            go = super().decide(deviation, watched, active)
+            registry.activate("v0003", reason="retrain")  # lands after the check
+            return go
+
+    settings = Settings(home=tmp_path / "home", registry=registry.root)
+    monitor = Monitor(settings, policy=RetrainMeanwhile(), out=lambda _line: None)
+    monitor.watched = Watched("v0002", 900.0, "activate")
+    event = monitor.handle(_deviation("v0002"))
+    assert event["event"] == "deviation"
+    assert "the active record moved on: expected v0002, found v0003" in event["rollback_error"]
+    assert registry.active_version() == "v0003"

@@ -23,12 +23,14 @@ from lifecycle.replay import (
     ReplayOptions,
     click_scanner,
     clicks_between,
+    history_start,
     parse_offsets,
     parse_time,
     read_clicks,
     run_replay,
 )
 from slidr.cli import build_parser
+from slidr.commands.lifecycle import replay_options
 from stream.kafka import CLICKS, DECISIONS, FEATURES_SERVED, producer_config
 from stream.topics import offset_ranges, resolve_time_range, scan_topic
 
@@ -58,6 +60,32 @@ def test_arguments_and_options_are_checked() -> None:
     ):
         with pytest.raises(ReplayError):
             options.check()
+
+
+def test_the_default_warm_up_reaches_back_as_far_as_any_feature_looks() -> None:
+    from features.windows import COMBOS, COUNTS, DISTINCTS
+
+    evening = parse_time("2026-11-03T22:30:00Z")
+    assert ReplayOptions().warmup_s is None  # automatic
+    # The gap since a user's previous click looks back to the start of the day before;
+    # no counter looks further (the previous 1 h bucket, today's 1 d bucket).
+    assert history_start(evening) == parse_time("2026-11-02")
+    assert history_start(parse_time("2026-11-03")) == parse_time("2026-11-02")
+    windows = [s.window.seconds for s in (*COUNTS, *DISTINCTS)]
+    windows += [w.seconds for c in COMBOS for w in c.windows]
+    assert max(windows) <= DAY  # were a window longer, the warm-up would have to grow
+    assert ReplayOptions().warmup_start(evening) == parse_time("2026-11-02")
+    assert ReplayOptions(warmup_s=0).warmup_start(evening) == evening
+    assert ReplayOptions(warmup_s=3600).warmup_start(evening) == evening - 3600
+
+    parser = build_parser()
+    default = parser.parse_args(["replay", "--since", "2026-11-03"])
+    assert replay_options(default).warmup_s is None
+    assert (
+        replay_options(parser.parse_args(["replay", "--since", "1", "--warmup", "0"])).warmup_s == 0
+    )
+    with pytest.raises(ReplayError, match="--warmup"):
+        replay_options(parser.parse_args(["replay", "--since", "1", "--warmup", "soon"]))
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -298,7 +326,8 @@ def test_replay_through_an_earlier_version_supersedes_the_live_decisions(
 
     since, until = trained.day0 + DAY + 6 * 3600, trained.day0 + DAY + 12 * 3600
     report = run_replay(
-        settings, ReplayOptions(model_version=trained.earlier, since=since, until=until)
+        settings,
+        ReplayOptions(model_version=trained.earlier, since=since, until=until, warmup_s=0),
     )
 
     mask = in_range(trained, since, until)
@@ -311,7 +340,8 @@ def test_replay_through_an_earlier_version_supersedes_the_live_decisions(
         assert d["model_version"] == trained.earlier and d["replay"] is True and not d["degraded"]
         assert d["decided_at"] > live_at
         assert (d["verdict"] == "invalid") == (d["score"] >= d["threshold"]) == bool(d["reasons"])
-    # Features start empty at the range start: equal to batch scoring of the range alone.
+    # Without warm-up features start empty at the range start: equal to batch scoring of
+    # the range alone.
     from models.batch_scoring import score_clicks
 
     batch = score_clicks(load(trained, trained.earlier), cols.take(mask))
@@ -343,6 +373,35 @@ def test_replay_through_an_earlier_version_supersedes_the_live_decisions(
     assert report.clicks_in_range == report.decisions_published == report.compared == len(wanted)
     assert report.changes == changes and report.invalid == replay_invalid
     assert "clicks in range" in str(report)
+
+
+def test_a_replay_through_the_live_version_reproduces_the_live_verdicts(
+    settings: Settings, trained: Trained
+) -> None:
+    """Replaying the end of a stream through the version that decided it gives the same
+    verdicts: the default warm-up folds in as much earlier traffic as the features read."""
+    cols = trained.clicks
+    produce_clicks(settings, trained)
+    publish_live(settings, trained, np.arange(len(cols)), time.time())
+    last_day = trained.day0 + 2 * DAY
+    since, until = last_day + 20 * 3600, last_day + 23 * 3600
+    in_hours = int(in_range(trained, since, until).sum())
+
+    replayed = run_replay(
+        settings, ReplayOptions(model_version=trained.live, since=since, until=until, dry_run=True)
+    )
+    assert replayed.compared == replayed.clicks_in_range == in_hours > 100
+    assert replayed.warmup_clicks == int(in_range(trained, trained.day0 + DAY, since).sum())
+    assert not replayed.changes, replayed.changes  # every verdict as the live one
+
+    # State that starts empty at the range start does not (what the default was).
+    cold = run_replay(
+        settings,
+        ReplayOptions(
+            model_version=trained.live, since=since, until=until, dry_run=True, warmup_s=0
+        ),
+    )
+    assert cold.warmup_clicks == 0 and sum(cold.changes.values()) > 0
 
 
 def test_missing_only_publishes_only_for_clicks_without_a_decision(
@@ -444,7 +503,11 @@ def test_replay_from_the_archive_and_with_logged_features(
     logged = run_replay(
         settings,
         ReplayOptions(
-            model_version=trained.earlier, since=since, until=until, use_logged_features=True
+            model_version=trained.earlier,
+            since=since,
+            until=until,
+            use_logged_features=True,
+            warmup_s=0,  # every click of the range has its logged features
         ),
     )
     got = replayed(logged)

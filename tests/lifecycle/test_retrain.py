@@ -366,3 +366,58 @@ def test_no_data_in_the_window_is_an_error_with_a_history_line(
 def test_history_of_an_empty_registry(tmp_path: Path) -> None:
     code, out = slidr(["retrain", "--history", "--registry", str(tmp_path)], {})
     assert code == 0 and "no retrain runs" in out
+
+
+# -- compare-and-set with a promotion made during training -------------------------------
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_a_switch_made_while_the_retrain_trained_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: bool
+) -> None:
+    """The new version was judged against the active record read at the start: when that
+    record moved on meanwhile (a promotion or rollback), the retrain does not overwrite
+    it. Training and the window are stand-ins: this is about the promotion step."""
+    import models.pipeline
+    from events.settings import Settings
+    from lifecycle import retrain as job
+    from models.registry import ModelRegistry
+    from models.testing import register_logistic_model
+
+    registry = ModelRegistry(tmp_path / "registry")
+    if not first:
+        register_logistic_model(registry, {"ua_crawler": 10.0}, bias=-5.0)  # v0001, active
+        register_logistic_model(registry, {}, bias=-4.0)  # v0002, promoted by hand below
+
+    def window(source: Path, out: Path, now: float, days: int, delay_s: float):
+        out.mkdir(parents=True)
+        counts = {"first_day": "2026-11-01", "last_day": "2026-11-02", "clicks": 1, "purchases": 0}
+        return job.DataWindow(at("2026-11-01"), at("2026-11-03"), at("2026-11-04")), counts
+
+    def train(directory, reg, options, progress, model_check=None) -> dict:
+        if not first:
+            reg.activate("v0002", reason="promoted by hand during the retrain")
+        version = register_logistic_model(reg, {"ua_crawler": 9.0}, bias=-5.0)
+        ok = {"name": "g", "passed": True}
+        metrics = {"test": {"overall": {"ivr": 0.1, "fpr": 0.01, "coverage": 0.9}}}
+        return {
+            "version": version,
+            "guardrails": [ok],
+            "metrics": metrics,
+            "active": reg.active_version(),
+        }
+
+    monkeypatch.setattr(job, "cut_window", window)
+    monkeypatch.setattr(models.pipeline, "run_training", train)
+    settings = Settings(home=tmp_path / "home", registry=registry.root)
+    outcome = job.retrain(
+        tmp_path, settings, job.RetrainOptions(publish=False), progress=lambda _m: None
+    )
+    if first:  # no switch meanwhile: the first version is registered active and stays
+        assert outcome.exit_code == EXIT_PROMOTED, outcome.record["reason"]
+        assert registry.active_version() == "v0001"
+        return
+    assert outcome.exit_code == 2
+    assert "the active record moved on" in outcome.record["reason"]
+    assert registry.active_version() == "v0002", "the promotion made by hand stands"
+    assert outcome.record["active_after"] == "v0002"

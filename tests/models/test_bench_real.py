@@ -37,7 +37,8 @@ def write_synthetic(path: Path, n: int = 6_000, seed: int = 11) -> Path:
         click = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
         later = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t + 600)) if bought else ""
         lines.append(
-            f"{ip},{app},{1 + int(farm)},{int(rng.integers(10, 14))},{100 + app * 3 + int(rng.integers(0, 2))},"
+            f"{ip},{app},{1 + int(farm)},{int(rng.integers(10, 14))},"
+            f"{100 + app * 3 + int(rng.integers(0, 2))},"
             f"{click},{later},{int(bought)}"
         )
     path.write_text("\n".join(lines) + "\n")

@@ -306,7 +306,7 @@ def test_worker_without_a_usable_model_fails_fast_naming_it(
     staging = reg.staging_dir()
     (staging / "thresholds.json").write_text('{"slices": {}, "default": 0.5}')
     (staging / "model.onnx").write_bytes(b"not an onnx model")
-    reg.register(staging, {"metrics": {}})
+    reg.register(staging, {"metrics": {}, "guardrails": [{"name": "g", "passed": True}]})
     monkeypatch.setenv("SLIDR_REGISTRY", str(registry))
     assert main(["worker"]) == 2
     err = capsys.readouterr().err

@@ -157,3 +157,36 @@ def _required(command: str) -> list[str]:
         "promote": ["v0001"],
         "archive-export": ["--start-day", "2026-11-02", "--out", "o"],
     }.get(command, [])
+
+
+def test_promote_refuses_a_version_whose_guardrails_failed_unless_forced(
+    stream_settings, tmp_path, monkeypatch, capsys
+) -> None:
+    from events.errors import EXIT_ERROR
+    from models.registry import ModelRegistry
+    from models.testing import register_logistic_model
+    from slidr.cli import main
+
+    registry = ModelRegistry(tmp_path / "registry")
+    register_logistic_model(registry, {"ua_crawler": 10.0}, bias=-5.0)
+    rejected = register_logistic_model(registry, {}, bias=0.0, guardrails_passed=False)
+    monkeypatch.setenv("SLIDR_KAFKA_BOOTSTRAP", stream_settings.kafka_bootstrap)
+    monkeypatch.setenv("SLIDR_TOPIC_PREFIX", stream_settings.topic_prefix)
+    monkeypatch.setenv("SLIDR_REGISTRY", str(registry.root))
+    monkeypatch.setenv("SLIDR_HOME", str(tmp_path / "home"))
+
+    assert main(["promote", rejected]) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slidr promote: error: ")
+    assert "guardrails did not pass" in err[0] and f"slidr promote {rejected} --force" in err[0]
+    assert registry.active_version() == "v0001"
+
+    assert main(["promote", rejected, "--force", "--reason", "incident 42"]) == 0
+    out = capsys.readouterr().out
+    assert f"active: {rejected}" in out and "incident 42 [forced: guardrails failed" in out
+    record = registry.active_record()
+    assert (record.version, record.forced) == (rejected, True)
+    assert main(["promote", "v0001"]) == 0
+    capsys.readouterr()
+    assert main(["rollback", "--to", rejected]) == EXIT_ERROR
+    assert "--force" in capsys.readouterr().err

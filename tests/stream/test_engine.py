@@ -3,6 +3,7 @@ within a batch, dead letters, model swaps and a missing Redis (``stream.testing`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterator
@@ -10,17 +11,20 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis
 
 from features.definitions import FEATURE_NAMES
 from features.windows import DEFAULT_ALLOWED_LATENESS_S
 from models.registry import ModelRegistry, ModelVersion
 from models.testing import register_logistic_model
 from stream.engine import MAX_DEAD_LETTER_BYTES, BatchResult, DecisionEngine
-from stream.state import ResilientStore
+from stream.state import RedisStore, ResilientStore
 from stream.testing import (
     CRAWLER_AGENT,
     MISSING,
+    START_TS,
     ClickBuilder,
+    RefusingRedis,
     UnreachableStore,
     memory_shared_state,
     standalone_engine,
@@ -188,6 +192,22 @@ def test_after_a_restart_redelivered_clicks_get_the_decisions_made_before(
     assert seen == {"u_clicks_1h": 3, "ip_clicks_1h": 4, "ip_distinct_user_1h": 2}
 
 
+def test_a_click_resent_after_midnight_with_a_new_ts_keeps_its_decision(
+    engine: DecisionEngine,
+) -> None:
+    # START_TS is a midnight: the first copy is stamped a second before the next one,
+    # the resend (a producer that stamps clicks as it sends them) a minute after it.
+    clicks = ClickBuilder(start_ts=START_TS + 86_400 - 1.0)
+    evening = clicks.click()
+    (first,) = decided(engine.process([clicks.message(evening)])).values()
+    resent = dict(evening, ts=START_TS + 86_400 + 60.0)
+    later = clicks.click(ts=START_TS + 86_400 + 61.0)
+    result = engine.process([clicks.message(resent), clicks.message(later)])
+    assert decided(result)[evening["click_id"]] == first  # not decided again
+    assert sample(engine, "slidr_redelivered_clicks_total") == 1
+    assert counts_seen(result, later["click_id"])["u_clicks_1h"] == 1  # counted once
+
+
 def test_a_click_repeated_within_a_batch_is_decided_once(engine: DecisionEngine) -> None:
     clicks = ClickBuilder()
     human, robot = clicks.click(), clicks.click(user_agent=CRAWLER_AGENT)
@@ -334,3 +354,114 @@ def test_a_late_click_is_decided_and_flagged(engine: DecisionEngine) -> None:
     out = decided(engine.process([clicks.message(late)]))
     assert out["late"]["late"] is True and out["late"]["verdict"] == "valid"
     assert sample(engine, "slidr_late_clicks_total") == 1
+
+
+# --- a batch that fails: bounded retries, then click by click --------------------------
+
+CRAWLER_COLUMN = FEATURE_NAMES.index("ua_crawler")
+
+
+class FailingScorer:
+    """Wraps a model's scorer: fails the first ``transient`` calls, and every call whose
+    rows include a declared crawler when ``crawlers_fail``."""
+
+    def __init__(self, scorer, transient: int = 0, crawlers_fail: bool = False) -> None:
+        self.scorer = scorer
+        self.n_features = scorer.n_features
+        self.transient = transient
+        self.crawlers_fail = crawlers_fail
+        self.calls = 0
+
+    def score(self, matrix):
+        self.calls += 1
+        if self.calls <= self.transient:
+            raise RuntimeError("scorer hiccup")
+        if self.crawlers_fail and (matrix[:, CRAWLER_COLUMN] > 0).any():
+            raise ValueError("input width 37, expected 38")
+        return self.scorer.score(matrix)
+
+
+def _with_scorer(model: ModelVersion, scorer) -> ModelVersion:
+    return dataclasses.replace(model, scorer=scorer)
+
+
+def test_a_batch_that_fails_once_is_retried_and_its_state_counted_once(
+    new_engine, models: Models
+) -> None:
+    engine = new_engine(_with_scorer(models.v1, FailingScorer(models.v1.scorer, transient=1)))
+    clicks = ClickBuilder()
+    first, second = clicks.click(), clicks.click()
+    result = engine.process([clicks.message(first), clicks.message(second)])
+    assert set(decided(result)) == {first["click_id"], second["click_id"]}
+    assert result.dead_letters == []
+    # The failed attempt's folds were dropped: each click is counted once.
+    assert counts_seen(result, second["click_id"])["u_clicks_1h"] == 2
+    assert sample(engine, "slidr_batch_retries_total") == 1
+    assert sample(engine, "slidr_batch_fallbacks_total") == 0
+    later = clicks.click()
+    seen = counts_seen(engine.process([clicks.message(later)]), later["click_id"])
+    assert seen["u_clicks_1h"] == 3  # user state (RocksDB): the failed attempt left nothing
+    # Shared counters had already taken the failed attempt, as they do before a crash.
+    assert seen["ip_clicks_1h"] == 5
+
+
+def test_a_batch_that_keeps_failing_is_decided_click_by_click(new_engine, models: Models) -> None:
+    scorer = FailingScorer(models.v1.scorer, crawlers_fail=True)
+    engine = new_engine(_with_scorer(models.v1, scorer))
+    engine.batch_retries = 2
+    clicks = ClickBuilder()
+    human, crawler, other = (
+        clicks.click(),
+        clicks.click(user_agent=CRAWLER_AGENT),
+        clicks.click(),
+    )
+    messages = [clicks.message(human), clicks.message(crawler), clicks.message(other)]
+    result = engine.process(messages)
+    assert set(decided(result)) == {human["click_id"], other["click_id"]}
+    (letter,) = [orjson.loads(value) for _, value in result.dead_letters]
+    assert "ValueError" in letter["error"] and "input width 37" in letter["error"]
+    assert letter["source"]["offset"] == messages[1].offset
+    assert orjson.loads(letter["original"])["click_id"] == crawler["click_id"]
+    assert sample(engine, "slidr_batch_retries_total") == 2
+    assert sample(engine, "slidr_batch_fallbacks_total") == 1
+    assert sample(engine, "slidr_dlq_total", topic=messages[1].topic) == 1
+    assert sample(engine, "slidr_clicks_in_total") == 3  # counted once, not per attempt
+    assert scorer.calls == 3 + 3  # three attempts of the batch, then one per click
+    # The decided clicks were stored: a redelivery gets the same decisions back.
+    again = engine.process([messages[0], messages[2]])
+    assert decided(again) == decided(result)
+
+
+def test_a_failing_state_commit_dead_letters_the_batch_and_the_engine_goes_on(
+    new_engine, models: Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = new_engine(models.v1)
+    clicks = ClickBuilder()
+    store = engine.user_state.store(0)
+
+    def broken_commit(_decisions=()) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "commit", broken_commit)
+    message = clicks.message()
+    result = engine.process([message])
+    assert result.decisions == []
+    (letter,) = [orjson.loads(value) for _, value in result.dead_letters]
+    assert "OSError" in letter["error"] and "disk full" in letter["error"]
+    monkeypatch.undo()
+    out = decided(engine.process([clicks.message()]))
+    assert len(out) == 1  # the next batch is decided as usual
+
+
+def test_a_read_only_redis_degrades_the_decisions_not_the_batch(new_engine, models: Models) -> None:
+    """After a failover the old primary answers READONLY: a ResponseError, not a lost
+    connection. Decisions are made with local counters and marked degraded."""
+    refusing = RefusingRedis(redis.ResponseError("READONLY You can't write against a replica."))
+    engine = new_engine(models.v1, ResilientStore(RedisStore(refusing)))  # type: ignore[arg-type]
+    clicks = ClickBuilder()
+    result = engine.process([clicks.message(), clicks.message()])
+    out = decided(result)
+    assert len(out) == 2 and result.dead_letters == []
+    assert result.degraded and all(d["degraded"] for d in out.values())
+    assert sample(engine, "slidr_batch_retries_total") == 0  # degraded, never failed
+    assert sample(engine, "slidr_degraded_decisions_total") == 2

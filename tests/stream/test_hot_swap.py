@@ -87,7 +87,55 @@ def test_promotion_while_clicks_flow_switches_between_batches(
     print(
         f"\nhot swap {old} -> {new}: promote() (registry + control topic ack) took "
         f"{acknowledged_at - promoted_at:.3f} s; first decision by {new} "
-        f"{first_new - promoted_at:.3f} s after promotion ({first_new - acknowledged_at:.3f} s after "
-        f"the ack); {in_flight} clicks (backlog) decided by {old} meanwhile; "
-        f"{len(by_version[old])} + {len(by_version[new])} decisions for {len(clicks)} clicks, none missing"
+        f"{first_new - promoted_at:.3f} s after promotion "
+        f"({first_new - acknowledged_at:.3f} s after the ack); "
+        f"{in_flight} clicks (backlog) decided by {old} meanwhile; "
+        f"{len(by_version[old])} + {len(by_version[new])} decisions for {len(clicks)} clicks, "
+        "none missing"
     )
+
+
+def test_a_pinned_worker_ignores_a_promotion(
+    workers, worker_settings, trained_model, dataset, tmp_path: Path
+) -> None:
+    """``SLIDR_MODEL_VERSION`` pins the worker: a promotion is logged as ignored, and the
+    clicks that arrive after it are still decided by the pinned version."""
+    registry_path = tmp_path / "registry"
+    shutil.copytree(trained_model.registry, registry_path)
+    settings = worker_settings.replace(registry=registry_path)
+    registry = ModelRegistry(registry_path)
+    pinned = registry.active_version()
+    assert pinned is not None
+    new = register_copy(registry, pinned, threshold_shift=0.01)
+
+    worker = workers.new(
+        "pinned", group_id=unique("pinned"), settings=settings, SLIDR_MODEL_VERSION=pinned
+    )
+    worker.start()
+    reader = DecisionReader(settings)
+    cols = dataset.clicks
+    clicks = [cols.row(i) for i in range(min(len(cols), 600))]
+    before, after = clicks[:300], clicks[300:]
+    producers = []
+    try:
+        for batch in (before, after):
+            producer = PacedProducer(settings, [click_record(c) for c in batch], rate=RATE)
+            producers.append(producer)
+            producer.start()
+            producer.finish(60)
+            missing = reader.wait_for(
+                [c["click_id"] for c in batch], 90, alive=lambda: worker.running
+            )
+            assert not missing, f"{len(missing)} clicks without a decision\n{workers.describe()}"
+            if batch is before:
+                promote(settings, new, reason="test: a pinned worker stays")
+                deadline = time.monotonic() + 15  # the follower polls every 500 ms
+                while "control: " not in worker.log_text() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+    finally:
+        for producer in producers:
+            producer.stop_event.set()
+        reader.close()
+    log = worker.log_text()
+    assert f"ignored activate '{new}'" in log and f"pinned to {pinned}" in log, log[-3000:]
+    assert {d["model_version"] for d in reader.decisions} == {pinned}

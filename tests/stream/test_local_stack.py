@@ -17,6 +17,8 @@ from confluent_kafka.admin import AdminClient
 
 from events.settings import Settings
 from stream.local_stack import (
+    REDIS_EVICTION_POLICY,
+    REDIS_MAXMEMORY_BYTES,
     LocalStack,
     StackError,
     StackNotRunning,
@@ -136,7 +138,10 @@ class TestLifecycle:
         assert resolve_endpoints(Settings(home=local.home)) == (second.bootstrap, second.redis_url)
 
     def test_servers_outlive_the_process_that_started_them(self, tmp_path: Path) -> None:
-        script = "import sys; from pathlib import Path; from stream.local_stack import LocalStack; LocalStack(Path(sys.argv[1])).up()"
+        script = (
+            "import sys; from pathlib import Path; from stream.local_stack import LocalStack; "
+            "LocalStack(Path(sys.argv[1])).up()"
+        )
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, env=env)
         local = LocalStack(tmp_path)
@@ -206,6 +211,14 @@ class TestLifecycle:
         assert not (local.state_dir / "broker.pid").exists()
         assert not (local.state_dir / "stack.json").exists()
         assert not local.status().broker.running
+
+
+def test_the_local_valkey_is_bounded_and_evicts_the_least_recently_used(stack) -> None:
+    """Every key slidr writes has a time to live; at the bound Valkey evicts rather than
+    refusing writes (which would degrade every decision)."""
+    config = redis.Redis.from_url(stack.redis_url).config_get("maxmemory*")
+    assert int(config["maxmemory"]) == REDIS_MAXMEMORY_BYTES > 0
+    assert config["maxmemory-policy"] == REDIS_EVICTION_POLICY == "allkeys-lru"
 
 
 class TestResolveEndpoints:

@@ -226,3 +226,94 @@ def test_send_and_wait_dead_letter_an_oversized_message_and_report_other_errors(
     publisher.send(BatchResult(decisions=[(b"bad", b"{}")]))
     with pytest.raises(DeliveryError, match="_UNKNOWN_PARTITION"):
         publisher.wait()
+
+
+# --- commit order: a batch is safe only after every batch submitted before it ----------
+
+
+class ManualPublisher:
+    """``send_tracked`` keeps each batch's ``done``; the test answers them in any order,
+    as delivery reports of batches on different partitions of the broker arrive."""
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def send_tracked(self, _result: BatchResult, done) -> None:
+        self.pending.append(done)
+
+    def serve(self) -> None:
+        pass
+
+
+def _batch(n: int) -> BatchResult:
+    return BatchResult(decisions=[(b"c%d" % n, b"{}")])
+
+
+def test_batches_are_safe_in_submission_order_whatever_order_their_reports_come() -> None:
+    """Batch N still in flight, N+1 acknowledged: N+1 must wait, or its offsets could be
+    committed past N's (faust-streaming skips its gap check for a new group)."""
+    publisher = ManualPublisher()
+    pipeline = AckPipeline(publisher, max_in_flight=4)  # type: ignore[arg-type]
+    safe: list[int] = []
+
+    async def run() -> None:
+        for n in range(3):
+            await pipeline.submit(_batch(n), lambda n=n: safe.append(n))
+        publisher.pending[1](None)  # N+1 acknowledged first
+        publisher.pending[2](None)
+        await asyncio.sleep(0)
+        assert safe == []  # batch 0 is still in flight
+        assert pipeline.in_flight == 3  # and the slots stay taken until released in order
+        publisher.pending[0](None)
+        await asyncio.sleep(0)
+        assert safe == [0, 1, 2]
+        assert pipeline.in_flight == 0
+
+    asyncio.run(run())
+
+
+def test_after_a_refused_batch_later_acknowledged_ones_are_never_safe() -> None:
+    publisher = ManualPublisher()
+    stopped: list[DeliveryError] = []
+    pipeline = AckPipeline(publisher, max_in_flight=4, on_failure=stopped.append)  # type: ignore[arg-type]
+    safe: list[int] = []
+    failed: list[int] = []
+
+    async def run() -> None:
+        for n in range(3):
+            await pipeline.submit(
+                _batch(n), lambda n=n: safe.append(n), lambda _why, n=n: failed.append(n)
+            )
+        publisher.pending[2](None)
+        publisher.pending[1]("Broker: Message size too large")
+        await asyncio.sleep(0)
+        assert len(stopped) == 1  # the worker stops at once
+        publisher.pending[0](None)  # acknowledged, and nothing before it was refused
+        await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert safe == [0] and failed == [1, 2]
+    assert pipeline.in_flight == 0
+
+
+def test_a_send_failing_behind_a_batch_in_flight_frees_its_slot_with_it() -> None:
+    publisher = ManualPublisher()
+    pipeline = AckPipeline(publisher, max_in_flight=2)  # type: ignore[arg-type]
+    safe: list[int] = []
+    failed: list[str] = []
+
+    def broken_send(_result, _done) -> None:
+        raise KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC))
+
+    async def run() -> None:
+        await pipeline.submit(_batch(0), lambda: safe.append(0))
+        publisher.send_tracked = broken_send  # type: ignore[method-assign]
+        with pytest.raises(DeliveryError, match="_UNKNOWN_TOPIC"):
+            await pipeline.submit(_batch(1), lambda: safe.append(1), failed.append)
+        assert pipeline.in_flight == 2  # released in order: after batch 0
+        publisher.pending[0](None)
+        await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert safe == [0] and len(failed) == 1
+    assert pipeline.in_flight == 0

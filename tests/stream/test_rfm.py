@@ -47,3 +47,47 @@ def test_expire_forgets_customers_who_stopped_buying() -> None:
     cache.add({"purchase_id": "p", "ts": T0, "user_id": "u", "customer_id": "c", "amount": 1.0})
     cache.expire(T0 + 1)
     assert cache.scores([{"ts": T0 + 2, "customer_id": "c"}]) == [None]
+
+
+def _purchase(customer: str, ts: float) -> dict:
+    return {
+        "purchase_id": f"p-{customer}",
+        "ts": ts,
+        "user_id": "u",
+        "customer_id": customer,
+        "amount": 1.0,
+    }
+
+
+def test_the_cache_holds_at_most_its_size_and_forgets_the_least_recently_used() -> None:
+    cache = RfmCache(max_customers=3)
+    for i, customer in enumerate("abc"):
+        cache.add(_purchase(customer, T0 + i))
+    assert cache.scores([{"ts": T0, "customer_id": "a"}])[0] is not None  # "a" is used again
+    cache.add(_purchase("d", T0 + 3))  # "b" has gone longest without use
+    assert len(cache.customers) == 3
+    known = cache.scores([{"ts": T0 + 4, "customer_id": c} for c in "abcd"])
+    assert [score is not None for score in known] == [True, False, True, True]
+    for i in range(100):
+        cache.add(_purchase(f"x{i}", T0 + 10 + i))
+    assert len(cache.customers) == 3
+
+
+def test_a_snapshot_larger_than_the_cache_keeps_its_latest_purchasers(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table(
+            {
+                "customer_id": ["old", "newest", "middle", "oldest"],
+                "last_ts": [T0 - 3 * DAY_S, T0, T0 - DAY_S, T0 - 9 * DAY_S],
+                "count": [1, 2, 3, 4],
+                "amount": [1.0, 2.0, 3.0, 4.0],
+            }
+        ),
+        tmp_path / "rfm_snapshot.parquet",
+    )
+    cache = RfmCache.from_version(tmp_path, max_customers=2)
+    assert sorted(cache.customers) == ["middle", "newest"]
+    assert cache.customers["newest"] == [T0, 2, 2.0]

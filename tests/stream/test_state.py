@@ -23,6 +23,7 @@ from stream.state import (
     decision_key,
     redis_client,
 )
+from stream.testing import RefusingRedis
 
 NOW = 1_762_041_600.0
 
@@ -302,3 +303,56 @@ def test_without_redis_the_worker_counts_ips_and_combinations_locally() -> None:
         assert shared.degraded
         np.testing.assert_array_equal(got, reference.featurize(clicks[start : start + 50]).matrix)
     assert any(e.startswith("c:ip_app:") for e in shared.fallback._records)
+
+
+def test_a_click_resent_across_midnight_is_found_and_the_index_expires_by_day(
+    tmp_path: Path,
+) -> None:
+    """A decided click is found by its id whatever the ``ts`` of the copy that asks (a
+    resend may carry a new one); its entry lives through the rest of its click's day and
+    the next, by the event-time horizon."""
+    midnight = NOW + DAY_S  # NOW is a midnight too
+    store = RocksStore(tmp_path / "p0")
+    store.commit(
+        [
+            (decision_key("late-evening", midnight - 1.0), b"first"),
+            (decision_key("next-morning", midnight + 60.0), b"second"),
+        ]
+    )
+    assert store.decided(decision_key("late-evening", midnight + 5.0)) == b"first"
+    assert store.decided(decision_key("late-evening", midnight - DAY_S)) == b"first"
+    store.close()
+    store = RocksStore(tmp_path / "p0")  # the index survives a restart
+    assert store.decided(decision_key("late-evening", midnight + 3600.0)) == b"first"
+
+    store.expire(midnight + DAY_S - 1.0)  # the late-evening click's next day is not over
+    assert store.decided(decision_key("late-evening", midnight)) == b"first"
+    store.expire(midnight + DAY_S)  # it is now: forgotten; the next-morning click is not
+    assert store.decided(decision_key("late-evening", midnight)) is None
+    assert store.decided(decision_key("next-morning", midnight)) == b"second"
+    store.expire(midnight + 2 * DAY_S)
+    assert store.decided(decision_key("next-morning", midnight)) is None
+    store.close()
+
+
+REDIS_REFUSALS = [
+    redis.ResponseError("READONLY You can't write against a read only replica."),
+    redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+    redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+    redis.exceptions.NoPermissionError("this user has no permissions to run the 'evalsha'"),
+    redis.ResponseError("ERR Error running script: attempt to compare nil with number"),
+    # NOSCRIPT: the script is loaded again, and that fails too.
+    redis.exceptions.NoScriptError("No matching script. Please use EVAL."),
+]
+
+
+@pytest.mark.parametrize("error", REDIS_REFUSALS, ids=lambda e: type(e).__name__ + str(e)[:8])
+def test_a_redis_that_answers_with_an_error_degrades_instead_of_failing(
+    error: redis.RedisError,
+) -> None:
+    client = RefusingRedis(error)
+    store = ResilientStore(RedisStore(client), retry_after_s=0.0)  # type: ignore[arg-type]
+    assert store.execute_rows(COUNT, [("i:x", NOW, ())], NOW) == [1]
+    assert store.degraded
+    assert store.execute_rows(COUNT, [("i:x", NOW, ())], NOW) == [2]  # counted locally
+    assert client.calls >= 2  # Redis was asked again, not given up on

@@ -494,7 +494,8 @@ def test_worker_scores_equal_batch_scoring(
     close = gap <= 1e-5
     worst = np.argsort(-gap)[:5]
     print(
-        f"{close.sum()} of {n} scores within 1e-5 in {len(chunks)} runs; largest gap {gap.max():.2e}"
+        f"{close.sum()} of {n} scores within 1e-5 in {len(chunks)} runs; "
+        f"largest gap {gap.max():.2e}"
     )
     assert close.mean() >= 0.999, (
         f"only {close.mean():.4%} of scores within 1e-5 ({(~close).sum()} differ); worst: "
