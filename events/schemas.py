@@ -88,6 +88,18 @@ def parse_ts(value: Any, field: str = "ts") -> float:
     return ts
 
 
+def check_not_ahead(ts: float, now: float, max_skew_s: float) -> None:
+    """Raise ``InvalidEvent`` when event time ``ts`` is more than ``max_skew_s`` ahead of
+    ``now`` (the caller's wall clock, epoch seconds). Only the future is bounded: a click
+    from any time in the past passes, so a late click or a replayed one is never refused.
+    """
+    if ts - now > max_skew_s:
+        raise InvalidEvent(
+            f"ts is {ts - now:.1f} s ahead of the worker's clock, more than "
+            f"SLIDR_MAX_FUTURE_SKEW_S ({max_skew_s:g} s)"
+        )
+
+
 def _check_string(value: Any, label: str, required: bool = False) -> None:
     """Raise ``InvalidEvent`` unless ``value`` is a string of at most ``MAX_FIELD_CHARS``
     (and not empty when ``required``). Every string error is worded here; the per-click

@@ -7,6 +7,7 @@ with a message that names the setting.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -47,6 +48,9 @@ class Settings:
     batch_size: int = 500  # clicks scored per micro-batch
     batch_wait_ms: int = 20  # longest wait to fill a micro-batch
     batch_retries: int = 2  # a failed micro-batch is tried again this often, then click by click
+    # A click stamped more than this ahead of the worker's wall clock is dead-lettered:
+    # one click from year 2999 would otherwise carry every watermark and expiry with it.
+    max_future_skew_s: float = 300.0
     session_timeout_ms: int = 6000  # Tansu holds joins for half of it: keep it short
     fetch_wait_ms: int = 20  # Tansu does not wake long polls: short waits keep latency low
     # Producer lingers. Tansu's fetches slow down as a partition's stored batches pile
@@ -99,6 +103,11 @@ class Settings:
         if self.batch_retries < 0:
             raise SettingsError(
                 f"SLIDR_BATCH_RETRIES must not be negative, got {self.batch_retries}"
+            )
+        if not math.isfinite(self.max_future_skew_s) or self.max_future_skew_s < 0:
+            raise SettingsError(
+                "SLIDR_MAX_FUTURE_SKEW_S must be a finite number of seconds, at least 0, "
+                f"got {self.max_future_skew_s}"
             )
         if self.rfm_cache_size < 1:
             raise SettingsError(
@@ -202,6 +211,8 @@ def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:
             raise ValueError(raw)
         if kind == "int":
             return int(raw)
+        if kind == "float":
+            return float(raw)
         if kind == "Path":
             return Path(raw).resolve()
         return str(raw)

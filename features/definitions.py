@@ -439,6 +439,14 @@ class ClickFeaturizer:
         self.partition_watermarks: dict[int, float] = {}
         self._expired_up_to = -math.inf
 
+    def forget_partitions(self, partitions: Sequence[int]) -> None:
+        """Drop the watermarks of partitions no longer folded here (revoked in a
+        rebalance). Expiry waits for the slowest partition; one that will never move
+        again would hold every other partition's state for good. A partition assigned
+        again starts afresh: its first clicks set its watermark."""
+        for partition in partitions:
+            self.partition_watermarks.pop(partition, None)
+
     def featurize(
         self, clicks: Sequence[dict], partitions: Sequence[int] | None = None
     ) -> ClickFeatures:

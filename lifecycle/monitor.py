@@ -1,5 +1,5 @@
 """``slidr monitor``: live decisions against what the active version promised, and an
-automatic rollback on a sharp deviation.
+automatic rollback on a confirmed deviation, whichever way the invalid rate moves.
 
 Two parts:
 
@@ -7,33 +7,66 @@ Two parts:
   a sliding window of the watched version's decisions (the last ``window_decisions``,
   none older than ``window_seconds`` by ``decided_at``) and compares it with the
   version's promise (``Promise``: held-out IVR overall and per slice, and FPR, from the
-  manifest's evaluation). It names the first deviation it sees:
+  manifest's evaluation). Its checks:
 
-  ``invalid_spike``  most of the newest decisions invalid, across slices (a broken
-                     version invalidating everything; needs few decisions);
-  ``ivr``            overall IVR above ``ivr_factor`` x promised (and promised + margin);
-  ``slice_ivr``      one slice's IVR above ``slice_ivr_factor`` x its promise;
-  ``fpr``            invalidated share of clicks whose purchase has arrived (purchases
-                     naming their ``click_id``) above ``fpr_factor`` x promised FPR;
-  ``vouched_fpr``    the same among clicks of high-RFM customers (decisions carry
-                     ``customer_rfm``): known humans, known at decision time.
+  ``invalid_spike``       most of the newest decisions invalid, in at least
+                          ``spike_min_slices`` slices (a broken version invalidating
+                          everything; needs few decisions; a robot burst hits one slice);
+  ``ivr``                 overall IVR above ``ivr_factor`` x promised (and promised +
+                          margin), and still above it without the one slice with the most
+                          invalid verdicts beyond its promise (the other slices judged
+                          against their own promises): an excess that one slice explains
+                          is ``slice_ivr``'s business, with its wider limit;
+  ``slice_ivr``           one slice's IVR above ``slice_ivr_factor`` x its promise;
+  ``ivr_collapse``        overall IVR below min(promised / ``collapse_factor``, promised
+                          - ``collapse_margin``): a version passing robots as valid (one
+                          that passes every click shows IVR 0). A promise at or under
+                          margin x factor / (factor - 1) is never judged this way;
+  ``slice_ivr_collapse``  the same for one slice with ``min_slice_decisions``;
+  ``fpr``                 invalidated share of clicks whose purchase has arrived
+                          (purchases naming their ``click_id``) above ``fpr_factor`` x
+                          promised FPR;
+  ``vouched_fpr``         the same among clicks of high-RFM customers (decisions carry
+                          ``customer_rfm``): known humans, known at decision time.
 
   Each needs a minimum number of decisions; decisions of other versions and replays are
   ignored, so a window never mixes versions. A promise is a day's average, and traffic
-  is not: at night robots raise every version's IVR. So when the watch passes from one
-  version to the next, the previous version's live window (if it did not deviate)
-  measures how far the current traffic sits above its promise, and the new version's
-  IVR limits scale by that *traffic factor* (overall and per slice, in [1,
-  ``max_traffic_factor``]): a version is judged against what it should do on this
-  traffic, not on an average day.
+  is not: at night robots raise every version's IVR, and in quiet hours lower it. So
+  when the watch passes from one version to the next, the previous version's live
+  window (if it did not deviate) measures how far the current traffic sits from its
+  promise, and the new version's limits scale by that *traffic factor* (overall and per
+  slice): the spike limits by its part above 1 (up to ``max_traffic_factor``), the
+  collapse limits by its part below 1 (down to 1 / ``max_traffic_factor``). A version is
+  judged against what it should do on this traffic, not on an average day.
+
+  Confirmation. Real robots come in bursts (one identity firing hundreds of clicks in a
+  few minutes) that can push a healthy version's window over a limit. So a deviation
+  on decisions is first only *suspected*; from then on, the decisions that follow are
+  cut into consecutive confirmation windows, each spanning at least ``confirm_seconds``
+  of ``decided_at`` and holding at least ``confirm_min_decisions`` decisions of the
+  check's scope (the slice, for a slice check; ``spike_decisions`` for the spike). Each
+  window is judged on its own decisions alone, by the same check. The deviation is
+  confirmed, and reported, when ``confirm_windows`` windows in a row deviate; the first
+  window that does not clears it (the check may suspect it again later). So a burst that
+  stops less than (``confirm_windows`` - 1) x ``confirm_seconds`` after it was first
+  seen never causes a rollback, and a deviation that lasts is confirmed about
+  ``confirm_windows`` x ``confirm_seconds`` after it was first seen (defaults: 3 x
+  60 s: a 2-minute burst does not roll back; a broken version is rolled back about 3
+  minutes after it shows, and ``slidr replay`` corrects its verdicts).
+  ``confirm_windows`` 0 reports a deviation as soon as it is seen. ``fpr`` is not
+  confirmed this way: a purchase is evidence of a human that no robot burst can fake.
 - ``Monitor``: a thin loop over ``decisions``, ``purchases`` and ``slidr.control``
   (assigned from their end, outside any consumer group, so it disturbs nobody). It
   watches the active version, switches when the control topic announces another, and on
-  a deviation rolls back (``stream.control.rollback``) when ``RollbackPolicy`` allows it:
-  the deviating version is still the active one, it was promoted (a version we rolled
-  back *to* is never rolled back again, which would cascade through old versions) and,
-  optionally, recently. Every deviation and rollback is a JSON line in
-  ``REGISTRY/monitor.jsonl``; the registry's history keeps the rollback and its reason.
+  a confirmed deviation rolls back (``stream.control.rollback``) when ``RollbackPolicy``
+  allows it: the deviating version is still the active one, it was promoted (a version
+  we rolled back *to* is never rolled back again, which would cascade through old
+  versions) and, optionally, recently. The rollback is compare-and-set on the active
+  record the policy read (its version and generation), so a retrain that promotes
+  between the check and the rollback, or any switch away and back, wins and nothing is
+  rolled back. Every suspected and cleared deviation is a status line; every confirmed
+  deviation and rollback is a JSON line in ``REGISTRY/monitor.jsonl``; the registry's
+  history keeps the rollback and its reason.
 """
 
 from __future__ import annotations
@@ -43,7 +76,7 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import orjson
 
@@ -80,6 +113,18 @@ class MonitorConfig:
     high_rfm: float = RfmPolicy().high_score  # customer_rfm at or above: a known human
     remembered_decisions: int = 200_000  # decisions kept to match late purchases to
     max_traffic_factor: float = 3.0  # most the previous version's live/promised IVR loosens limits
+    # ``ivr_collapse``: window IVR < min(promised / factor, promised - margin); a promise
+    # at or under margin x factor / (factor - 1) (here 0.067) is never judged: too few
+    # invalid verdicts expected to tell a collapse from sampling noise.
+    collapse_factor: float = 4.0
+    collapse_margin: float = 0.05
+    slice_collapse_factor: float = 4.0  # ``slice_ivr_collapse``, the same per slice
+    slice_collapse_margin: float = 0.05
+    # A deviation on decisions rolls back only once it holds in this many consecutive
+    # confirmation windows after it was first seen (0: at once) ...
+    confirm_windows: int = 3
+    confirm_seconds: float = 60.0  # ... each spanning at least this long (decided_at)
+    confirm_min_decisions: int = 100  # ... and holding this many decisions of its scope
 
 
 @dataclass(frozen=True)
@@ -106,13 +151,14 @@ class Promise:
 class Deviation:
     """A sharp deviation of the watched version from its promise."""
 
-    check: str  # invalid_spike, ivr, slice_ivr, fpr, vouched_fpr
+    check: str  # invalid_spike, ivr, ivr_collapse, slice_ivr, slice_ivr_collapse, fpr, vouched_fpr
     version: str
     value: float
     limit: float
     decisions: int  # decisions behind the value
     detail: str
     at: float  # decided_at of the decision (or purchase time) that tripped it
+    first_seen: float | None = None  # decided_at when first seen, if confirmed over windows
 
     def reason(self) -> str:
         return f"monitor: {self.check} on {self.version}: {self.detail}"
@@ -122,33 +168,31 @@ def _limit(promised: float, factor: float, margin: float) -> float:
     return max(factor * promised, promised + margin)
 
 
-class _Rates:
-    """Invalid counts of a bounded sequence, overall and per key, kept incrementally."""
+def _collapse_limit(promised: float, factor: float, margin: float) -> float:
+    """Below this a rate has collapsed; 0 or less: a promise too small to judge."""
+    return min(promised / factor, promised - margin)
+
+
+# The checks on decisions; ``fpr`` (on purchases) is the sixth.
+SPIKE, IVR, IVR_COLLAPSE = "invalid_spike", "ivr", "ivr_collapse"
+SLICE_IVR, SLICE_COLLAPSE, VOUCHED = "slice_ivr", "slice_ivr_collapse", "vouched_fpr"
+_SLICE_CHECKS = (SLICE_IVR, SLICE_COLLAPSE)
+
+
+class _Tally:
+    """Decisions and invalid verdicts, overall and per key (a slice)."""
 
     def __init__(self) -> None:
-        self.items: deque[tuple[float, bool, str]] = deque()
         self.n = 0
         self.invalid = 0
         self.by_key: Counter = Counter()
         self.invalid_by_key: Counter = Counter()
 
-    def push(self, at: float, invalid: bool, key: str) -> None:
-        self.items.append((at, invalid, key))
-        self.n += 1
-        self.invalid += invalid
-        self.by_key[key] += 1
-        self.invalid_by_key[key] += invalid
-
-    def pop(self) -> None:
-        _, invalid, key = self.items.popleft()
-        self.n -= 1
-        self.invalid -= invalid
-        self.by_key[key] -= 1
-        self.invalid_by_key[key] -= invalid
-
-    def evict(self, most: int, before: float | None = None) -> None:
-        while self.n > most or (before is not None and self.n and self.items[0][0] < before):
-            self.pop()
+    def add(self, invalid: bool, key: str, sign: int = 1) -> None:
+        self.n += sign
+        self.invalid += sign * invalid
+        self.by_key[key] += sign
+        self.invalid_by_key[key] += sign * invalid
 
     def share(self, key: str | None = None) -> float:
         if key is None:
@@ -157,16 +201,65 @@ class _Rates:
         return self.invalid_by_key[key] / n if n else 0.0
 
 
-class DeviationDetector:
-    """Compares the watched version's live decisions with its promise (no I/O, no clock)."""
+class _Rates(_Tally):
+    """A tally of a bounded sequence, kept incrementally as items leave it."""
 
-    def __init__(self, config: MonitorConfig = MonitorConfig()) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.items: deque[tuple[float, bool, str]] = deque()
+
+    def push(self, at: float, invalid: bool, key: str) -> None:
+        self.items.append((at, invalid, key))
+        self.add(invalid, key)
+
+    def pop(self) -> None:
+        _, invalid, key = self.items.popleft()
+        self.add(invalid, key, -1)
+
+    def evict(self, most: int, before: float | None = None) -> None:
+        while self.n > most or (before is not None and self.n and self.items[0][0] < before):
+            self.pop()
+
+
+@dataclass
+class _Pending:
+    """A deviation seen, not yet confirmed: the window being filled, windows passed."""
+
+    check: str
+    key: str | None  # the slice of a slice check
+    first_seen: float
+    window_start: float
+    tally: _Tally = field(default_factory=_Tally)
+    windows: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.check}[{self.key}]" if self.key else self.check
+
+
+class DeviationDetector:
+    """Compares the watched version's live decisions with its promise (no I/O, no clock).
+
+    ``notes``, when given, receives one line whenever a deviation is first seen and when
+    its confirmation fails (the module doc explains the confirmation).
+    """
+
+    def __init__(
+        self,
+        config: MonitorConfig = MonitorConfig(),
+        notes: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
+        self.notes = notes
         self.promise: Promise | None = None
         self.tripped: Deviation | None = None
         self.ignored = 0  # decisions of other versions, or replays
-        self.traffic = 1.0  # live / promised IVR of the previous version (see module doc)
+        # live / promised IVR of the previous version (see module doc): >= 1 loosens the
+        # spike limits, <= 1 the collapse limits.
+        self.traffic = 1.0
         self.slice_traffic: dict[str, float] = {}
+        self.quiet = 1.0
+        self.slice_quiet: dict[str, float] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -175,6 +268,8 @@ class DeviationDetector:
         self.vouched = _Rates()  # high-RFM customers' clicks, within the window's time
         self.purchased = _Rates()  # clicks whose purchase arrived
         self.remembered: OrderedDict[str, tuple[bool, str]] = OrderedDict()
+        self.pending: dict[tuple[str, str | None], _Pending] = {}
+        self.cleared = 0  # deviations seen whose confirmation failed
         self.last_at = 0.0
 
     def watch(self, promise: Promise) -> None:
@@ -182,6 +277,7 @@ class DeviationDetector:
         window of the version watched so far, unless it deviated, sets the traffic factor."""
         c, before, w = self.config, self.promise, self.window
         self.traffic, self.slice_traffic = 1.0, {}
+        self.quiet, self.slice_quiet = 1.0, {}
         if (
             before is not None
             and self.tripped is None
@@ -189,15 +285,21 @@ class DeviationDetector:
             and before.ivr > 0
         ):
 
-            def factor(live: float, promised: float) -> float:
+            def busy(live: float, promised: float) -> float:
                 return min(max(live / promised, 1.0), c.max_traffic_factor)
 
-            self.traffic = factor(w.share(), before.ivr)
-            self.slice_traffic = {
-                k: factor(w.share(k), before.slice_ivr[k])
+            def quiet(live: float, promised: float) -> float:
+                return max(min(live / promised, 1.0), 1.0 / c.max_traffic_factor)
+
+            judged = {
+                k: before.slice_ivr[k]
                 for k, n in w.by_key.items()
                 if n >= c.min_slice_decisions and before.slice_ivr.get(k, 0) > 0
             }
+            self.traffic = busy(w.share(), before.ivr)
+            self.slice_traffic = {k: busy(w.share(k), p) for k, p in judged.items()}
+            self.quiet = quiet(w.share(), before.ivr)
+            self.slice_quiet = {k: quiet(w.share(k), p) for k, p in judged.items()}
         self.promise = promise
         self.tripped = None
         self._reset()
@@ -207,7 +309,8 @@ class DeviationDetector:
         return self.promise.version if self.promise else None
 
     def observe(self, decision: dict) -> Deviation | None:
-        """Fold one decision in; the deviation it reveals, once per watched version."""
+        """Fold one decision in; the confirmed deviation it reveals, once per watched
+        version."""
         c = self.config
         if (
             self.promise is None
@@ -225,7 +328,8 @@ class DeviationDetector:
         self.newest.push(at, invalid, slice_)
         self.newest.evict(c.spike_decisions)
         rfm = decision.get("customer_rfm")
-        if rfm is not None and rfm >= c.high_rfm:
+        vouched = rfm is not None and rfm >= c.high_rfm
+        if vouched:
             self.vouched.push(at, invalid, slice_)
         self.vouched.evict(c.window_decisions, self.last_at - c.window_seconds)
         click_id = decision.get("click_id")
@@ -235,15 +339,220 @@ class DeviationDetector:
                 self.remembered.popitem(last=False)
         if self.tripped is not None:
             return None
-        found = self._check_decisions(slice_, at)
+        found = self._confirm(invalid, slice_, vouched, at)
+        if found is None:
+            found = self._suspect(slice_, at)
         if found is not None:
             self.tripped = found
         return found
 
+    def _note(self, line: str) -> None:
+        if self.notes is not None:
+            self.notes(line)
+
+    def _suspect(self, slice_: str, at: float) -> Deviation | None:
+        """Run each check on the sliding windows; a deviation found is returned at once
+        when ``confirm_windows`` is 0, otherwise it becomes pending."""
+        c, p = self.config, self.promise
+        assert p is not None
+        w = self.window
+        candidates: list[tuple[str, str | None, _Tally, bool]] = [
+            (SPIKE, None, self.newest, self.newest.n >= c.spike_decisions),
+            (IVR, None, w, w.n >= c.min_decisions),
+            (IVR_COLLAPSE, None, w, w.n >= c.min_decisions),
+            (SLICE_IVR, slice_, w, w.by_key[slice_] >= c.min_slice_decisions),
+            (SLICE_COLLAPSE, slice_, w, w.by_key[slice_] >= c.min_slice_decisions),
+            (VOUCHED, None, self.vouched, self.vouched.n >= c.min_vouched),
+        ]
+        for check, key, tally, enough in candidates:
+            if not enough or (check, key) in self.pending:
+                continue
+            found = self._judge(check, key, tally, at)
+            if found is None:
+                continue
+            if c.confirm_windows <= 0:
+                return found
+            pending = _Pending(check, key, first_seen=at, window_start=at)
+            self.pending[(check, key)] = pending
+            self._note(
+                f"suspected {pending.name} on {p.version}: {found.detail}; rolled back only if "
+                f"it holds in {c.confirm_windows} windows of >= {c.confirm_seconds:g} s"
+            )
+        return None
+
+    def _confirm(self, invalid: bool, slice_: str, vouched: bool, at: float) -> Deviation | None:
+        """Fold the decision into each pending deviation's window; judge windows that
+        closed. A window that does not deviate clears its deviation."""
+        c = self.config
+        for name, pending in list(self.pending.items()):
+            if pending.check == VOUCHED and not vouched:
+                continue
+            pending.tally.add(invalid, slice_)
+            if at - pending.window_start < c.confirm_seconds:
+                continue
+            needed = c.confirm_min_decisions
+            if pending.check == SPIKE:
+                needed = max(needed, c.spike_decisions)
+            n = pending.tally.by_key[pending.key] if pending.key else pending.tally.n
+            if n < needed:
+                continue  # a quiet window waits for enough decisions
+            found = self._judge(pending.check, pending.key, pending.tally, at)
+            if found is None:
+                del self.pending[name]
+                self.cleared += 1
+                self._note(
+                    f"cleared {pending.name}: window {pending.windows + 1} of "
+                    f"{c.confirm_windows} ({n} decisions) no longer deviates"
+                )
+                continue
+            pending.windows += 1
+            if pending.windows >= c.confirm_windows:
+                return replace(
+                    found,
+                    detail=f"{found.detail}; confirmed over {pending.windows} windows of "
+                    f">= {c.confirm_seconds:g} s since {pending.first_seen:.1f}",
+                    first_seen=pending.first_seen,
+                )
+            pending.window_start, pending.tally = at, _Tally()
+        return None
+
+    def _judge(self, check: str, key: str | None, t: _Tally, at: float) -> Deviation | None:
+        """Whether the decisions tallied in ``t`` deviate by ``check`` (``key``: the
+        slice of a slice check); the caller has checked there are enough."""
+        c, p = self.config, self.promise
+        assert p is not None
+        if check == SPIKE:
+            if t.share() < c.spike_share:
+                return None
+            hit = [
+                k
+                for k, n in t.by_key.items()
+                if n >= c.spike_min_slice_decisions and t.share(k) >= c.spike_share
+            ]
+            if len(hit) < c.spike_min_slices:
+                return None  # a robot burst hits one slice
+            return Deviation(
+                SPIKE,
+                p.version,
+                t.share(),
+                c.spike_share,
+                t.n,
+                f"{t.invalid} of the newest {t.n} decisions invalid, in slices "
+                f"{', '.join(sorted(hit))} (promised IVR {p.ivr:.3f})",
+                at,
+            )
+        traffic_note = f", traffic x{self.traffic:.2f}" if self.traffic > 1 else ""
+        if check == IVR:
+            limit = _limit(p.ivr * self.traffic, c.ivr_factor, c.ivr_margin)
+            value = t.share()
+            if value <= limit:
+                return None
+            others = self._without_the_worst_slice(t)
+            if others is None:
+                return None  # one slice explains it: the slice check's business
+            return Deviation(
+                IVR,
+                p.version,
+                value,
+                limit,
+                t.n,
+                f"IVR {value:.3f} over the last {t.n} decisions > {limit:.3f} "
+                f"(promised {p.ivr:.3f}{traffic_note}); {others}",
+                at,
+            )
+        if check == IVR_COLLAPSE:
+            quiet_note = f", traffic x{self.quiet:.2f}" if self.quiet < 1 else ""
+            limit = _collapse_limit(p.ivr * self.quiet, c.collapse_factor, c.collapse_margin)
+            value = t.share()
+            if value >= limit:
+                return None
+            return Deviation(
+                IVR_COLLAPSE,
+                p.version,
+                value,
+                limit,
+                t.n,
+                f"IVR {value:.3f} over the last {t.n} decisions < {limit:.3f} "
+                f"(promised {p.ivr:.3f}{quiet_note})",
+                at,
+            )
+        if check in _SLICE_CHECKS:
+            assert key is not None
+            if key not in p.slice_ivr:
+                return None
+            promised, n, value = p.slice_ivr[key], t.by_key[key], t.share(key)
+            if check == SLICE_IVR:
+                traffic = self.slice_traffic.get(key, self.traffic)
+                limit = _limit(promised * traffic, c.slice_ivr_factor, c.slice_ivr_margin)
+                if value <= limit:
+                    return None
+                relation, scaled = ">", f", traffic x{traffic:.2f}" if traffic > 1 else ""
+            else:
+                quiet = self.slice_quiet.get(key, self.quiet)
+                limit = _collapse_limit(
+                    promised * quiet, c.slice_collapse_factor, c.slice_collapse_margin
+                )
+                if value >= limit:
+                    return None
+                relation, scaled = "<", f", traffic x{quiet:.2f}" if quiet < 1 else ""
+            return Deviation(
+                check,
+                p.version,
+                value,
+                limit,
+                n,
+                f"slice {key} IVR {value:.3f} over its last {n} decisions "
+                f"{relation} {limit:.3f} (promised {promised:.3f}{scaled})",
+                at,
+            )
+        if check == VOUCHED:
+            if p.fpr is None:
+                return None
+            limit = _limit(p.fpr, c.fpr_factor, c.fpr_margin)
+            value = t.share()
+            if value <= limit:
+                return None
+            return Deviation(
+                VOUCHED,
+                p.version,
+                value,
+                limit,
+                t.n,
+                f"{t.invalid} of {t.n} clicks of high-RFM "
+                f"customers invalid ({value:.3f} > {limit:.3f}; promised FPR {p.fpr:.3f})",
+                at,
+            )
+        raise ValueError(f"unknown check {check!r}")
+
+    def _without_the_worst_slice(self, t: _Tally) -> str | None:
+        """Whether an overall IVR deviation holds without the slice with the most invalid
+        verdicts beyond its promise: the other slices' IVR against their own promises
+        (times the traffic factor). None when that one slice explains the deviation."""
+        c, p = self.config, self.promise
+        assert p is not None
+        expected = {
+            k: n * p.slice_ivr.get(k, p.ivr) * self.slice_traffic.get(k, self.traffic)
+            for k, n in t.by_key.items()
+            if n > 0
+        }
+        if not expected:
+            return None
+        worst = max(expected, key=lambda k: t.invalid_by_key[k] - expected[k])
+        n = t.n - t.by_key[worst]
+        if n <= 0:
+            return None
+        promised = (sum(expected.values()) - expected[worst]) / n
+        value = (t.invalid - t.invalid_by_key[worst]) / n
+        limit = _limit(promised, c.ivr_factor, c.ivr_margin)
+        if value <= limit:
+            return None
+        return f"without slice {worst}: {value:.3f} > {limit:.3f} (promised {promised:.3f})"
+
     def observe_purchase(self, purchase: dict) -> Deviation | None:
         """Fold one purchase in: the click it names, if decided by the watched version,
         joins the purchased window (purchases without ``click_id`` cannot be matched:
-        decisions carry no user)."""
+        decisions carry no user). Not confirmed across windows: a purchase is evidence
+        of a human that a robot burst cannot fake."""
         c = self.config
         click_id = purchase.get("click_id")
         seen = self.remembered.pop(click_id, None) if click_id else None
@@ -274,75 +583,6 @@ class DeviationDetector:
             return self.tripped
         return None
 
-    def _check_decisions(self, slice_: str, at: float) -> Deviation | None:
-        c, p = self.config, self.promise
-        assert p is not None
-        w, newest = self.window, self.newest
-        if newest.n >= c.spike_decisions and newest.share() >= c.spike_share:
-            hit = [
-                k
-                for k, n in newest.by_key.items()
-                if n >= c.spike_min_slice_decisions and newest.share(k) >= c.spike_share
-            ]
-            if len(hit) >= c.spike_min_slices:
-                return Deviation(
-                    "invalid_spike",
-                    p.version,
-                    newest.share(),
-                    c.spike_share,
-                    newest.n,
-                    f"{newest.invalid} of the newest {newest.n} decisions invalid, in slices "
-                    f"{', '.join(sorted(hit))} (promised IVR {p.ivr:.3f})",
-                    at,
-                )
-        if w.n >= c.min_decisions:
-            limit = _limit(p.ivr * self.traffic, c.ivr_factor, c.ivr_margin)
-            if w.share() > limit:
-                return Deviation(
-                    "ivr",
-                    p.version,
-                    w.share(),
-                    limit,
-                    w.n,
-                    f"IVR {w.share():.3f} over the last {w.n} decisions > {limit:.3f} "
-                    f"(promised {p.ivr:.3f}"
-                    f"{f', traffic x{self.traffic:.2f}' if self.traffic > 1 else ''})",
-                    at,
-                )
-        n_slice = w.by_key[slice_]
-        if n_slice >= c.min_slice_decisions and slice_ in p.slice_ivr:
-            promised = p.slice_ivr[slice_]
-            traffic = self.slice_traffic.get(slice_, self.traffic)
-            limit = _limit(promised * traffic, c.slice_ivr_factor, c.slice_ivr_margin)
-            value = w.share(slice_)
-            if value > limit:
-                return Deviation(
-                    "slice_ivr",
-                    p.version,
-                    value,
-                    limit,
-                    n_slice,
-                    f"slice {slice_} IVR {value:.3f} over its last {n_slice} decisions "
-                    f"> {limit:.3f} (promised {promised:.3f}"
-                    f"{f', traffic x{traffic:.2f}' if traffic > 1 else ''})",
-                    at,
-                )
-        if self.vouched.n >= c.min_vouched and p.fpr is not None:
-            limit = _limit(p.fpr, c.fpr_factor, c.fpr_margin)
-            value = self.vouched.share()
-            if value > limit:
-                return Deviation(
-                    "vouched_fpr",
-                    p.version,
-                    value,
-                    limit,
-                    self.vouched.n,
-                    f"{self.vouched.invalid} of {self.vouched.n} clicks of high-RFM "
-                    f"customers invalid ({value:.3f} > {limit:.3f}; promised FPR {p.fpr:.3f})",
-                    at,
-                )
-        return None
-
     def stats(self) -> dict:
         """The window's figures (for status lines and the monitor log)."""
         p = self.promise
@@ -352,6 +592,7 @@ class DeviationDetector:
             "ivr": round(self.window.share(), 4),
             "promised_ivr": round(p.ivr, 4) if p else None,
             "traffic_factor": round(self.traffic, 3),
+            "quiet_factor": round(self.quiet, 3),
             "newest_invalid_share": round(self.newest.share(), 4),
             "purchased": self.purchased.n,
             "purchased_invalid_share": round(self.purchased.share(), 4),
@@ -362,6 +603,11 @@ class DeviationDetector:
                 for k, n in sorted(self.window.by_key.items())
                 if n
             },
+            "pending": {
+                p.name: {"first_seen": p.first_seen, "windows": p.windows}
+                for p in self.pending.values()
+            },
+            "cleared": self.cleared,
             "ignored": self.ignored,
         }
 
@@ -422,10 +668,10 @@ class Monitor:
 
         self.settings = settings
         self.registry = ModelRegistry(settings.registry)
-        self.detector = DeviationDetector(config)
+        self.out = out or (lambda line: print(line, flush=True))
+        self.detector = DeviationDetector(config, notes=lambda line: self.out(f"monitor: {line}"))
         self.policy = policy
         self.status_every_s = status_every_s
-        self.out = out or (lambda line: print(line, flush=True))
         self.watched: Watched | None = None
         self.events: list[dict] = []  # deviations and rollbacks, as logged
         self.ready = threading.Event()  # set once assigned at the topics' ends
@@ -459,7 +705,8 @@ class Monitor:
         from stream.control import rollback
 
         watched = self.watched or Watched(deviation.version, 0.0, "activate")
-        go, why = self.policy.decide(deviation, watched, self.registry.active_version())
+        record = self.registry.active_record()
+        go, why = self.policy.decide(deviation, watched, record.version)
         event = {
             "at": time.time(),
             "event": "deviation",
@@ -470,9 +717,13 @@ class Monitor:
         self.out(f"monitor: DEVIATION {deviation.reason()}")
         if go:
             try:
-                # Only from the version judged: a retrain that promoted meanwhile wins.
+                # Only from the record the policy judged: a retrain that promoted
+                # meanwhile wins, and so does any switch away and back (the generation).
                 message = rollback(
-                    self.settings, reason=deviation.reason(), expected_active=deviation.version
+                    self.settings,
+                    reason=deviation.reason(),
+                    expected_active=deviation.version,
+                    expected_generation=record.generation,
                 )
             except Exception as exc:  # e.g. no stable version to return to
                 event.update(event="deviation", rollback_error=str(exc))

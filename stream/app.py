@@ -119,6 +119,7 @@ def build_worker(settings: Settings) -> Worker:
         log_features=settings.log_features,
         rfm=rfm,
         batch_retries=settings.batch_retries,
+        max_future_skew_s=settings.max_future_skew_s,
     )
     publisher = Publisher(settings, linger_ms=settings.decision_linger_ms)
     control = ControlFollower(
@@ -238,7 +239,7 @@ def build_worker(settings: Settings) -> Worker:
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app_, revoked, **kwargs):
         mine = {tp.partition for tp in revoked if tp.topic == clicks.get_topic_name()}
-        stores.release(sorted(mine))
+        engine.release_partitions(sorted(mine))  # their state and their watermarks
 
     return Worker(app, engine, publisher, control, metrics, stores, failures)
 

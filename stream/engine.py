@@ -3,7 +3,8 @@
 Framework-free, so the Faust agent, the plain confluent-kafka loop of the benchmark,
 replay and the unit tests all run the same code. Per micro-batch:
 
-1. parse and validate every message (invalid ones become dead letters with the reason);
+1. parse and validate every message (invalid ones, and clicks stamped more than
+   ``max_future_skew_s`` ahead of the wall clock, become dead letters with the reason);
 2. clicks decided before (a redelivery after a crash or a rebalance) get their stored
    decision again: same verdict, state not counted twice;
 3. the rest are folded into feature state in event-time order, scored with ONNX Runtime
@@ -21,7 +22,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -29,7 +30,7 @@ import numpy as np
 import orjson
 
 from events.declarations import ABSENT, DEAD_LETTER, DEAD_LETTER_SOURCE, DECISION, Absent
-from events.schemas import InvalidEvent, decode_click
+from events.schemas import InvalidEvent, check_not_ahead, decode_click
 from features.definitions import ClickFeaturizer
 from models.registry import ModelVersion
 from models.scoring import reason_codes
@@ -228,9 +229,17 @@ class DecisionEngine:
         log_features: bool = False,
         rfm: RfmCache | None = None,
         batch_retries: int = 2,
+        max_future_skew_s: float = 300.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.model = model
         self.batch_retries = batch_retries  # see ``process``
+        # A click stamped more than ``max_future_skew_s`` ahead of ``clock()`` (the wall
+        # clock, epoch seconds) is dead-lettered before it can move a watermark, an
+        # expiry horizon or any state (SLIDR_MAX_FUTURE_SKEW_S). The past is never
+        # bounded: late and replayed clicks are decided.
+        self.max_future_skew_s = max_future_skew_s
+        self.clock = clock
         self._next_model: ModelVersion | None = None
         self.user_state = user_state
         self.ip_state = ip_state
@@ -240,6 +249,13 @@ class DecisionEngine:
         self.metrics.set_model(model.version)
         self.log_features = log_features
         self.rfm = rfm
+
+    def release_partitions(self, partitions: Sequence[int]) -> None:
+        """Forget partitions this worker no longer owns (a rebalance revoked them): close
+        their user state and drop their watermarks, so that expiry follows the partitions
+        still decided here instead of waiting for one that will never move again."""
+        self.user_state.release(partitions)
+        self.featurizer.forget_partitions(partitions)
 
     def swap_model(self, model: ModelVersion) -> None:
         """Use ``model`` from the next batch on (a batch never mixes versions)."""
@@ -327,9 +343,11 @@ class DecisionEngine:
         fresh: list[Fresh] = []
         seen: dict[str, int] = {}  # click_id -> index in fresh (a copy within the batch)
         repeats: list[int] = []
+        now, skew = self.clock(), self.max_future_skew_s  # the wall clock, once a batch
         for message in messages:
             try:
                 click = decode_click(message.value)
+                check_not_ahead(click["ts"], now, skew)
             except InvalidEvent as exc:
                 result.dead_letters.append((None, dead_letter(message, str(exc))))
                 m.dlq.labels(topic=message.topic).inc()

@@ -248,6 +248,18 @@ class PartitionStores(StateStore):
 # entity instead of six formatted ops, and one argument per plan rather than per row
 # (redis-py spends ~0.2 us packing each). Buckets use exact floor division (the
 # quotient's rounding is corrected), as Python's ``ts // seconds`` does.
+#
+# A key's time to live is counted from the event time of the click that wrote it, not
+# from the watermark (ARGV[1], ``now``, is read but no longer used for it): the bucket's
+# expiry time ``(b + 2) * s + late`` minus the click's own ``ts``, so at least one window
+# length plus the allowed lateness, whatever other clicks said the time was. Measured
+# from the watermark, one click from the far future (or a partition catching up on a
+# backlog while another is live) gave every key the floor, and keys vanished while their
+# windows were still being counted. Live, event time follows the wall clock and a key
+# lives as long as its window is read; a backlog runs through event time faster than
+# the wall clock, so its keys outlive their windows a little (memory, never counts); a
+# late click's keys live at most two windows plus the lateness. What this cannot cover:
+# a stream that stops for longer than a window (a worker down) finds its keys expired.
 _ROWS_LUA = r"""
 local find, sub, call, floor, fmt = string.find, string.sub, redis.call, math.floor, string.format
 local now, keyp, nplans = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
@@ -257,10 +269,8 @@ local function bucket(ts, s)
   if b * s > ts then b = b - 1 elseif (b + 1) * s <= ts then b = b + 1 end
   return b
 end
-local function ttl(b, s)
-  local t = floor((b + 2) * s + late - now) + 1
-  if t < 60 then return 60 end
-  return t
+local function ttl(b, s, ts)
+  return floor((b + 2) * s + late - ts) + 1
 end
 local out, n = {}, 0
 local fields = {}
@@ -293,7 +303,7 @@ for j = 1, nplans do
         local b = bucket(ts, s)
         local key = base .. p .. fmt('%d', b)
         local r = call('INCR', key)
-        if r == 1 then call('EXPIRE', key, ttl(b, s)) end
+        if r == 1 then call('EXPIRE', key, ttl(b, s, ts)) end
         n = n + 1
         out[n] = r
         if f == 1 then
@@ -305,7 +315,7 @@ for j = 1, nplans do
         local day = bucket(ts, s)
         local key = base .. p .. fmt('%d', day)
         local r = call('GET', key)
-        if (not r) or ts > tonumber(r) then call('SET', key, fields[1], 'EX', ttl(day, s)) end
+        if (not r) or ts > tonumber(r) then call('SET', key, fields[1], 'EX', ttl(day, s, ts)) end
         n = n + 1
         out[n] = r
         n = n + 1
@@ -313,7 +323,7 @@ for j = 1, nplans do
       else -- 'd': SADD the member, then the set's size
         local b = bucket(ts, s)
         local key = base .. p .. fmt('%d', b)
-        if call('SADD', key, fields[3 + f]) == 1 then call('EXPIRE', key, ttl(b, s)) end
+        if call('SADD', key, fields[3 + f]) == 1 then call('EXPIRE', key, ttl(b, s, ts)) end
         n = n + 1
         out[n] = call('SCARD', key)
       end

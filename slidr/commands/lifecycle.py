@@ -441,6 +441,11 @@ def monitor_config(args: argparse.Namespace) -> tuple[MonitorConfig, RollbackPol
         spike_share=args.spike_share,
         fpr_factor=args.fpr_factor,
         min_purchasing=args.min_purchasing,
+        collapse_factor=args.collapse_factor,
+        slice_collapse_factor=args.slice_collapse_factor,
+        confirm_windows=args.confirm_windows,
+        confirm_seconds=args.confirm_seconds,
+        confirm_min_decisions=args.confirm_min_decisions,
     )
     return config, RollbackPolicy(
         enabled=not args.no_rollback, within_s=args.rollback_within_hours * 3600.0
@@ -540,6 +545,39 @@ def add_monitor(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=d.min_purchasing,
         help=f"purchased clicks before the FPR is judged (default {d.min_purchasing})",
+    )
+    p.add_argument(
+        "--collapse-factor",
+        type=float,
+        default=d.collapse_factor,
+        help="deviation: IVR < promised / factor (and < promised - "
+        f"{d.collapse_margin:g}) (default {d.collapse_factor:g})",
+    )
+    p.add_argument(
+        "--slice-collapse-factor",
+        type=float,
+        default=d.slice_collapse_factor,
+        help=f"... per slice (default {d.slice_collapse_factor:g})",
+    )
+    p.add_argument(
+        "--confirm-windows",
+        type=int,
+        default=d.confirm_windows,
+        help="a deviation on decisions rolls back once it holds in this many consecutive "
+        f"windows after it was first seen; 0: at once (default {d.confirm_windows})",
+    )
+    p.add_argument(
+        "--confirm-seconds",
+        type=float,
+        default=d.confirm_seconds,
+        help=f"least span of a confirmation window, s (default {d.confirm_seconds:g})",
+    )
+    p.add_argument(
+        "--confirm-min-decisions",
+        type=int,
+        default=d.confirm_min_decisions,
+        help="least decisions of a confirmation window, of the slice for a slice check "
+        f"(default {d.confirm_min_decisions})",
     )
     p.add_argument("--no-rollback", action="store_true", help="log deviations only")
     p.add_argument(

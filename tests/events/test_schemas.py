@@ -12,6 +12,7 @@ from events.schemas import (
     MAX_EVENT_BYTES,
     MAX_FIELD_CHARS,
     InvalidEvent,
+    check_not_ahead,
     decode_click,
     parse_click,
     parse_decision,
@@ -164,3 +165,12 @@ def test_invalid_decisions_say_why() -> None:
     ]:
         with pytest.raises(InvalidEvent, match=reason):
             parse_decision(orjson.dumps({**good, **change}))
+
+
+def test_only_event_times_beyond_the_skew_ahead_of_now_are_refused() -> None:
+    now = 1_762_041_600.0
+    check_not_ahead(now + 300.0, now, 300.0)  # at the bound: accepted
+    check_not_ahead(0.0, now, 300.0)  # the distant past: never refused
+    check_not_ahead(now - 400 * 86_400.0, now, 0.0)
+    with pytest.raises(InvalidEvent, match=r"300\.5 s ahead .*SLIDR_MAX_FUTURE_SKEW_S \(300 s\)"):
+        check_not_ahead(now + 300.5, now, 300.0)

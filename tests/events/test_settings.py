@@ -47,11 +47,12 @@ def test_flags_override_the_environment_and_none_means_not_given() -> None:
 
 
 def test_every_setting_can_be_set_from_its_variable(tmp_path: Path) -> None:
-    valid = {int: "4321", bool: "true", Path: str(tmp_path), str: "SSL"}
+    valid = {int: "4321", float: "12.5", bool: "true", Path: str(tmp_path), str: "SSL"}
     for field in dataclasses.fields(Settings):
         if field.name.startswith("_"):
             continue
-        kind = {"int": int, "bool": bool, "Path": Path, "str": str}[str(field.type)]
+        kinds = {"int": int, "float": float, "bool": bool, "Path": Path, "str": str}
+        kind = kinds[str(field.type)]
         text = valid[kind]
         if field.name == "faust_transport":
             text = "confluent"
@@ -169,3 +170,12 @@ def test_the_rfm_cache_size_is_positive() -> None:
     assert Settings.from_env({"SLIDR_RFM_CACHE_SIZE": "5000"}).rfm_cache_size == 5000
     with pytest.raises(SettingsError, match="^SLIDR_RFM_CACHE_SIZE must be at least 1"):
         Settings.from_env({"SLIDR_RFM_CACHE_SIZE": "0"})
+
+
+def test_the_future_skew_bound_is_read_from_the_environment_and_validated() -> None:
+    assert Settings().max_future_skew_s == 300.0
+    settings = Settings.from_env({"SLIDR_MAX_FUTURE_SKEW_S": "30.5"})
+    assert settings.max_future_skew_s == 30.5
+    for bad in ("-1", "nan", "inf", "soon"):
+        with pytest.raises(SettingsError, match="SLIDR_MAX_FUTURE_SKEW_S"):
+            Settings.from_env({"SLIDR_MAX_FUTURE_SKEW_S": bad})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ PROMISE = Promise(
         "app/logged_in": 0.02,
     },
 )
+# The checks themselves: a deviation is reported as soon as it is seen (CONFIRMING below
+# tests the confirmation across windows).
 SMALL = MonitorConfig(
     window_decisions=2_000,
     window_seconds=300,
@@ -42,6 +45,7 @@ SMALL = MonitorConfig(
     spike_decisions=100,
     min_purchasing=40,
     min_vouched=60,
+    confirm_windows=0,
 )
 
 
@@ -354,7 +358,15 @@ def test_a_faulty_version_is_rolled_back_automatically(
     lines: list[str] = []
     # slice_ivr would catch this version too, after 400 decisions of one slice; the spike
     # check needs 100 across two slices and is the one this test expects to fire.
-    config = MonitorConfig(min_decisions=300, spike_decisions=100, min_slice_decisions=400)
+    # The clicks last ~30 s, so the deviation is confirmed over 2 windows of 2 s here
+    # (the default, 3 windows of 60 s, is for bursts of real traffic).
+    config = MonitorConfig(
+        min_decisions=300,
+        spike_decisions=100,
+        min_slice_decisions=400,
+        confirm_windows=2,
+        confirm_seconds=2.0,
+    )
     monitor = Monitor(settings, config, status_every_s=0, out=lines.append)
     thread = threading.Thread(target=monitor.run, kwargs={"duration_s": 150}, daemon=True)
     worker = workers.new("worker", group_id=unique("monitor"), settings=settings)
@@ -448,5 +460,183 @@ def test_a_retrain_promoting_between_the_check_and_the_rollback_wins(tmp_path: P
     monitor.watched = Watched("v0002", 900.0, "activate")
     event = monitor.handle(_deviation("v0002"))
     assert event["event"] == "deviation"
-    assert "the active record moved on: expected v0002, found v0003" in event["rollback_error"]
+    assert "the active record moved on: expected v0002" in event["rollback_error"]
+    assert "found v0003" in event["rollback_error"]
     assert registry.active_version() == "v0003"
+
+
+# -- the other direction: an invalid rate collapsing ---------------------------------------
+
+
+def test_a_version_that_passes_every_click_is_an_ivr_collapse() -> None:
+    detector = watching()
+    found = feed(detector, decisions(3_000, ivr=dict.fromkeys(SLICES, 0.0)))
+    assert [d.check for _, d in found] == ["ivr_collapse"]
+    index, deviation = found[0]
+    assert index + 1 >= SMALL.min_decisions
+    # Below a quarter of the promised 0.2 (and 0.2 - margin).
+    assert deviation.value == 0.0 < deviation.limit == pytest.approx(0.05)
+    assert "monitor: ivr_collapse on v0002" in deviation.reason()
+
+
+def test_one_slice_passing_every_click_is_a_slice_collapse() -> None:
+    # The robots of desktop/logged_out pass; the other slices sit a little above promise.
+    ivr = {s: 1.5 * v for s, v in PROMISE.slice_ivr.items()} | {"desktop/logged_out": 0.0}
+    found = feed(watching(), decisions(3_000, ivr=ivr))
+    assert [d.check for _, d in found] == ["slice_ivr_collapse"]
+    assert "desktop/logged_out" in found[0][1].detail
+
+
+def test_a_slice_promising_few_invalid_clicks_cannot_collapse() -> None:
+    """app/logged_in promised 2 %: none invalid is within sampling noise of that, and
+    below the collapse floor (promised - margin < 0)."""
+    ivr = {**PROMISE.slice_ivr, "app/logged_in": 0.0, "desktop/logged_in": 0.0}
+    assert feed(watching(), decisions(5_000, ivr=ivr)) == []
+
+
+# -- robust to real bursts -----------------------------------------------------------------
+
+
+def test_an_overall_ivr_explained_by_one_slice_is_not_an_ivr_deviation() -> None:
+    """Robots double the traffic of desktop/logged_out, all invalid: the overall IVR
+    passes twice the promise, but without that slice the rest is as promised."""
+    normal = decisions(3_000)
+    burst = [
+        {**d, "slice": "desktop/logged_out", "verdict": "invalid"}
+        for d in decisions(3_000, prefix="b")
+    ]
+    stream = [d for pair in zip(normal, burst, strict=True) for d in pair]
+    detector = watching()
+    assert feed(detector, stream) == []
+    assert detector.stats()["ivr"] > 2 * PROMISE.ivr
+
+
+CONFIRMING = replace(
+    SMALL,
+    confirm_windows=3,
+    confirm_seconds=30.0,
+    confirm_min_decisions=50,
+)
+
+
+def test_a_burst_shorter_than_the_confirmation_does_not_roll_back() -> None:
+    """20 s of every slice invalid (decisions at 100/s), then traffic as promised: seen,
+    but the confirmation windows after it do not all deviate."""
+    broken = dict.fromkeys(SLICES, 1.0)
+    stream = (
+        decisions(600)
+        + decisions(2_000, ivr=broken, start=1_006.0, seed=1)
+        + decisions(20_000, start=1_026.0, seed=2)
+    )
+    detector = watching(CONFIRMING)
+    assert feed(detector, stream) == []
+    assert detector.stats()["cleared"] >= 1
+
+
+def test_a_sustained_deviation_is_confirmed_across_its_windows() -> None:
+    broken = dict.fromkeys(SLICES, 1.0)
+    detector = watching(CONFIRMING)
+    found = feed(detector, decisions(600) + decisions(20_000, ivr=broken, start=1_006.0, seed=1))
+    assert [d.check for _, d in found] == ["invalid_spike"]
+    deviation = found[0][1]
+    assert deviation.first_seen is not None
+    # Three windows of at least 30 s each, from the first sighting.
+    assert 90.0 <= deviation.at - deviation.first_seen < 92.0
+    assert "confirmed over 3 windows" in deviation.detail
+
+
+def test_a_version_that_passes_every_click_is_confirmed_and_rolled_back() -> None:
+    detector = watching(CONFIRMING)
+    found = feed(detector, decisions(20_000, ivr=dict.fromkeys(SLICES, 0.0)))
+    assert [d.check for _, d in found] == ["ivr_collapse"]
+    assert found[0][1].at - found[0][1].first_seen >= 90.0
+
+
+def test_a_switch_away_and_back_between_the_check_and_the_rollback_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same race, ending on the judged version again: a retrain promoted v0003, then
+    an operator rolled back to v0002. The version matches, but the record the policy
+    judged is gone (v0002 is now a version rolled back to, never rolled back again): the
+    rollback is compare-and-set on the generation read with the check, too."""
+    from events.settings import Settings
+    from lifecycle.monitor import Monitor
+    from models.registry import ModelRegistry
+    from models.testing import register_logistic_model
+
+    registry = ModelRegistry(tmp_path / "registry")
+    for bias in (-5.0, -4.0, -3.0):
+        register_logistic_model(registry, {"ua_crawler": 10.0}, bias=bias)
+    registry.activate("v0002")
+    published: list[tuple] = []
+    monkeypatch.setattr(
+        "stream.control.publish_control",
+        lambda _s, action, version, reason: (
+            published.append((action, version)) or {"model_version": version, "at": 0.0}
+        ),
+    )
+
+    class SwitchMeanwhile(RollbackPolicy):
+        def decide(self, deviation, watched, active):
+            go = super().decide(deviation, watched, active)
+            registry.activate("v0003", reason="retrain")
+            registry.rollback(to="v0002", reason="operator")
+            return go
+
+    settings = Settings(home=tmp_path / "home", registry=registry.root)
+    monitor = Monitor(settings, policy=SwitchMeanwhile(), out=lambda _line: None)
+    monitor.watched = Watched("v0002", 900.0, "activate")
+    event = monitor.handle(_deviation("v0002"))
+    assert event["event"] == "deviation" and "the active record moved on" in event["rollback_error"]
+    assert registry.active_version() == "v0002" and published == []
+
+
+def test_the_monitor_flags_set_the_collapse_and_confirmation() -> None:
+    from slidr.cli import build_parser
+    from slidr.commands.lifecycle import monitor_config
+
+    args = build_parser().parse_args(
+        [
+            "monitor",
+            "--collapse-factor",
+            "5",
+            "--slice-collapse-factor",
+            "6",
+            "--confirm-windows",
+            "0",
+            "--confirm-seconds",
+            "15",
+            "--confirm-min-decisions",
+            "40",
+        ]
+    )
+    config, _policy = monitor_config(args)
+    assert (config.collapse_factor, config.slice_collapse_factor) == (5.0, 6.0)
+    assert (config.confirm_windows, config.confirm_seconds, config.confirm_min_decisions) == (
+        0,
+        15.0,
+        40,
+    )
+    defaults = monitor_config(build_parser().parse_args(["monitor"]))[0]
+    assert defaults == MonitorConfig()
+
+
+def test_quiet_traffic_measured_on_the_previous_version_lowers_the_collapse_limits() -> None:
+    """In quiet hours every version's IVR sits below its daily promise: a version at a
+    fifth of its promise, after one that measured traffic at 40 % of its promise, has
+    not collapsed; without that measurement it has."""
+    quiet = {s: 0.4 * v for s, v in PROMISE.slice_ivr.items()}
+    quieter = {s: 0.2 * v for s, v in PROMISE.slice_ivr.items()}  # overall ~0.034 < 0.05
+    v3 = Promise("v0003", PROMISE.ivr, PROMISE.fpr, PROMISE.slice_ivr)
+
+    fresh = DeviationDetector(SMALL)
+    fresh.watch(v3)
+    assert "ivr_collapse" in [
+        d.check for _, d in feed(fresh, decisions(3_000, ivr=quieter, version="v0003"))
+    ]
+
+    detector = watching()
+    assert feed(detector, decisions(3_000, ivr=quiet)) == []
+    detector.watch(v3)
+    assert 0.25 < detector.quiet < 0.45 and detector.traffic == 1.0
+    assert feed(detector, decisions(3_000, ivr=quieter, version="v0003", seed=1)) == []
