@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from events.settings import Settings
+from stream.engine import DecisionEngine
 from tests.stream.worker_harness import WorkerPool
 
 
@@ -81,3 +82,12 @@ def dataset(trained_model: TrainedModel):
     from data.dataset import load_dataset
 
     return load_dataset(trained_model.data)
+
+
+@pytest.fixture
+def engines() -> Iterator[list[DecisionEngine]]:
+    """Every engine a test builds (without Kafka, ``stream.testing``), closed after it."""
+    built: list[DecisionEngine] = []
+    yield built
+    for engine in built:
+        engine.user_state.close()

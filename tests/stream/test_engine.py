@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -56,15 +55,6 @@ class Models:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     return Models(tmp_path_factory.mktemp("engine-registry"))
-
-
-@pytest.fixture
-def engines() -> Iterator[list[DecisionEngine]]:
-    """Every engine a test builds, closed after it."""
-    built: list[DecisionEngine] = []
-    yield built
-    for engine in built:
-        engine.user_state.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -28,14 +27,6 @@ TEN_YEARS_S = 10 * 365 * DAY_S
 def model(tmp_path_factory: pytest.TempPathFactory) -> ModelVersion:
     registry = ModelRegistry(tmp_path_factory.mktemp("time-registry"))
     return registry.load(register_logistic_model(registry, {"ua_crawler": 10.0}, bias=-5.0))
-
-
-@pytest.fixture
-def engines() -> Iterator[list[DecisionEngine]]:
-    built: list[DecisionEngine] = []
-    yield built
-    for engine in built:
-        engine.user_state.close()
 
 
 @pytest.fixture
