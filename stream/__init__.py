@@ -1,1 +1,1 @@
-"""Kafka: the Faust app, agents, topics, schemas, producers, replay."""
+"""Kafka and Faust: the worker, the decision engine, its state, producers and consumers."""
