@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def read_decisions(
     ledger: BillingLedger,
     idle_s: float = 5.0,
     follow: bool = False,
-    on_tick=None,
+    on_tick: Callable[[BillingLedger], None] | None = None,
     tick_s: float = 5.0,
 ) -> BillingLedger:
     """Read ``decisions`` from the beginning into ``ledger``; stop after ``idle_s`` of
@@ -109,15 +110,15 @@ def read_decisions(
 
 
 def run_billing(
-    settings: Settings, data: Path | None, idle_s: float, follow: bool, top: int
+    settings: Settings,
+    data: Path | None,
+    idle_s: float,
+    follow: bool,
+    on_tick: Callable[[BillingLedger], None] | None = None,
 ) -> BillingLedger:
+    """The ledger of every decision on the topic; with ``follow``, ``on_tick`` sees it as
+    it grows (the command line prints it)."""
     ledger = BillingLedger(advertiser_of=advertisers_from(data) if data else {})
-    read_decisions(
-        settings,
-        ledger,
-        idle_s=idle_s,
-        follow=follow,
-        on_tick=lambda led: print(led.render(top), "\n", flush=True) if follow else None,
+    return read_decisions(
+        settings, ledger, idle_s=idle_s, follow=follow, on_tick=on_tick if follow else None
     )
-    print(ledger.render(top))
-    return ledger

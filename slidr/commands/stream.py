@@ -56,7 +56,14 @@ def cmd_billing(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     require_broker(settings)
-    run_billing(settings, data=args.data, idle_s=args.idle, follow=args.follow, top=args.top)
+    ledger = run_billing(
+        settings,
+        data=args.data,
+        idle_s=args.idle,
+        follow=args.follow,
+        on_tick=lambda grown: print(grown.render(args.top), "\n", flush=True),
+    )
+    print(ledger.render(args.top))
     return 0
 
 

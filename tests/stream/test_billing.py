@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 from confluent_kafka import Producer
 
 from events.settings import Settings
@@ -97,3 +98,24 @@ def test_read_decisions_from_the_topic(stream_settings: Settings) -> None:
     ledger = read_decisions(stream_settings, BillingLedger(), idle_s=1.0)
     assert ledger.messages == 3
     assert ledger.latest == {"c1": (3.0, "invalid", True), "c2": (2.0, "invalid", False)}
+
+
+def test_the_billing_command_prints_the_ledger(
+    stream_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from slidr.cli import main
+
+    producer = Producer(producer_config(stream_settings))
+    for record in (decision("c1", "valid", 1.0), decision("c2", "invalid", 2.0)):
+        producer.produce(
+            stream_settings.topic(DECISIONS),
+            key=record["click_id"].encode(),
+            value=orjson.dumps(record),
+        )
+    assert producer.flush(10) == 0
+    monkeypatch.setenv("SLIDR_KAFKA_BOOTSTRAP", stream_settings.kafka_bootstrap)
+    monkeypatch.setenv("SLIDR_TOPIC_PREFIX", stream_settings.topic_prefix)
+    assert main(["billing", "--idle", "1", "--top", "5"]) == 0
+    printed = capsys.readouterr().out
+    expected = read_decisions(stream_settings, BillingLedger(), idle_s=1.0).render(5)
+    assert expected.strip() and printed.strip() == expected.strip()
