@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -30,15 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from events.settings import Settings
-from stream.kafka import CLICKS, ensure_topics, producer_config
+from stream.kafka import CLICKS, ensure_topics
 from stream.local_stack import StackError, broker_binary, free_port
 from tests.stream.test_worker import DECIDE_S, clicks_of, committed_offsets
 from tests.stream.worker_harness import (
     DecisionReader,
+    PacedProducer,
     TopicReader,
     click_record,
     produce_records,
@@ -165,48 +165,6 @@ def persistent_broker(tmp_path: Path) -> Iterator[PersistentBroker]:
         _stop(s3)
 
 
-class BurstProducer(threading.Thread):
-    """Produces ``(key, value)`` records ``burst`` at a time every ``every_s`` seconds, in
-    a thread. Bursts, not a steady pace: each burst is a few large batches, and the S3
-    engine lists every stored batch of a partition per fetch, so a steady trickle of
-    small batches slows reading down to a crawl there."""
-
-    def __init__(
-        self, settings: Settings, records: list[tuple[bytes, bytes]], burst: int, every_s: float
-    ) -> None:
-        super().__init__(name="burst-producer", daemon=True)
-        self.settings, self.records, self.burst, self.every_s = settings, records, burst, every_s
-        self.sent = 0
-        self.error: BaseException | None = None
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        try:
-            producer = Producer(producer_config(self.settings))
-            topic = self.settings.topic(CLICKS)
-            for start in range(0, len(self.records), self.burst):
-                if self.stop_event.wait(self.every_s if start else 0):
-                    break
-                for key, value in self.records[start : start + self.burst]:
-                    while True:
-                        try:
-                            producer.produce(topic, key=key, value=value)
-                            break
-                        except BufferError:
-                            producer.poll(0.05)
-                producer.poll(0)
-                self.sent = min(start + self.burst, len(self.records))
-            assert producer.flush(60) == 0, "the producer could not flush"
-        except BaseException as exc:  # reported by finish()
-            self.error = exc
-
-    def finish(self, timeout: float) -> None:
-        self.join(timeout)
-        assert not self.is_alive(), "the producer did not finish"
-        if self.error is not None:
-            raise self.error
-
-
 def _where(sent: TopicReader, missing: set[str], settings: Settings, group: str) -> str:
     """Per partition: records stored, undecided clicks and their offsets, committed."""
     sent.read_until(lambda _records: False, 5)
@@ -238,7 +196,8 @@ def test_worker_resumes_after_the_broker_restarts_and_commits_to_the_end(
     worker = workers.new("worker", group, settings=settings).start()
     decisions = DecisionReader(settings)
     sent = TopicReader(settings, CLICKS)
-    bursts = BurstProducer(settings, [click_record(c) for c in rest], burst=200, every_s=0.5)
+    # 200 records every 0.5 s: bursts, see PacedProducer.
+    bursts = PacedProducer(settings, [click_record(c) for c in rest], rate=400, burst=200)
     try:
         produce_records(settings, [click_record(c) for c in first])
         assert decisions.wait_for_count(100, DECIDE_S, lambda: worker.running) >= 100, (

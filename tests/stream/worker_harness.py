@@ -310,13 +310,23 @@ def click_record(click: dict) -> tuple[bytes, bytes]:
 
 
 class PacedProducer(threading.Thread):
-    """Produces ``(key, value)`` click records at about ``rate`` per second in a thread."""
+    """Produces ``(key, value)`` click records at about ``rate`` per second in a thread,
+    ``burst`` records at a time (one by default). Bursts suit the S3-backed broker of the
+    restart test: each burst is a few large batches, where a steady trickle of small
+    ones makes its fetches crawl (it lists every stored batch of a partition per fetch)."""
 
-    def __init__(self, settings: Settings, records: list[tuple[bytes, bytes]], rate: float) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        records: list[tuple[bytes, bytes]],
+        rate: float,
+        burst: int = 1,
+    ) -> None:
         super().__init__(name="paced-producer", daemon=True)
         self.settings = settings
         self.records = records
         self.rate = rate
+        self.burst = burst
         self.sent = 0
         self.error: BaseException | None = None
         self.stop_event = threading.Event()
@@ -326,21 +336,20 @@ class PacedProducer(threading.Thread):
             producer = Producer(producer_config(self.settings))
             topic = self.settings.topic(CLICKS)
             started = time.perf_counter()
-            for i, (key, value) in enumerate(self.records):
-                if self.stop_event.is_set():
+            for start in range(0, len(self.records), self.burst):
+                delay = started + start / self.rate - time.perf_counter()
+                if self.stop_event.wait(max(delay, 0.0)):
                     break
-                delay = started + i / self.rate - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-                while True:
-                    try:
-                        producer.produce(topic, key=key, value=value)
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
+                for key, value in self.records[start : start + self.burst]:
+                    while True:
+                        try:
+                            producer.produce(topic, key=key, value=value)
+                            break
+                        except BufferError:
+                            producer.poll(0.05)
                 producer.poll(0)
-                self.sent = i + 1
-            assert producer.flush(30) == 0, "paced producer could not flush"
+                self.sent = min(start + self.burst, len(self.records))
+            assert producer.flush(60) == 0, "paced producer could not flush"
             producer.close()
         except BaseException as exc:  # reported by finish()
             self.error = exc
