@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 
 from data.dataset import clicks_from_rows
 from events.errors import SlidrError
@@ -175,6 +176,7 @@ class ClickRead:
     malformed: int = 0
     duplicates: int = 0
     outside: int = 0  # valid clicks read but outside the time bounds
+    ahead: int = 0  # clicks the worker would have dead-lettered: too far ahead of their record
 
 
 def read_clicks(
@@ -182,8 +184,17 @@ def read_clicks(
     ranges: list[OffsetRange],
     since: float | None = None,
     until: float | None = None,
+    max_future_skew_s: float | None = None,
 ) -> ClickRead:
-    """Valid clicks of the ranges with ``since <= ts < until``, each ``click_id`` once."""
+    """Valid clicks of the ranges with ``since <= ts < until``, each ``click_id`` once.
+
+    With ``max_future_skew_s``, a click stamped further ahead of its record's timestamp
+    on the topic is left out (counted in ``ahead``), as the worker dead-letters a click
+    that far ahead of its wall clock: a replay must not decide, and move feature state
+    with, clicks the live path refused. The record's timestamp stands in for the
+    worker's clock at the time; the worker decided later by its lag, so a click within
+    that lag of the bound can be judged differently by the two.
+    """
     out = ClickRead()
     seen: set[str] = set()
     for msg in scanner.read(ranges):
@@ -193,6 +204,11 @@ def read_clicks(
             out.malformed += 1
             continue
         ts = click["ts"]
+        if max_future_skew_s is not None:
+            kind, stamped_ms = msg.timestamp()
+            if kind != TIMESTAMP_NOT_AVAILABLE and ts - stamped_ms / 1000 > max_future_skew_s:
+                out.ahead += 1
+                continue
         if (since is not None and ts < since) or (until is not None and ts >= until):
             out.outside += 1
             continue
@@ -310,6 +326,7 @@ class ReplayReport:
     clicks_in_range: int = 0
     warmup_clicks: int = 0
     malformed: int = 0
+    ahead: int = 0  # clicks too far ahead of their record's time (the worker refused them)
     duplicates: int = 0
     already_decided: int = 0  # --missing-only: clicks skipped because they had a decision
     decisions_published: int = 0
@@ -335,6 +352,7 @@ class ReplayReport:
             "clicks_in_range": self.clicks_in_range,
             "warmup_clicks": self.warmup_clicks,
             "malformed": self.malformed,
+            "ahead": self.ahead,
             "duplicates": self.duplicates,
             "already_decided": self.already_decided,
             "decisions_published": self.decisions_published,
@@ -366,6 +384,11 @@ class ReplayReport:
             f"malformed skipped: {self.malformed:,}; duplicate copies: {self.duplicates:,}",
             f"  decisions {verb}: {self.decisions_published:,} ({self.invalid:,} invalid, {share})",
         ]
+        if self.ahead:
+            lines.append(
+                f"  ahead of their record's time (skipped, as the worker refuses them): "
+                f"{self.ahead:,}"
+            )
         if self.already_decided:
             lines.append(f"  already decided (skipped, --missing-only): {self.already_decided:,}")
         if self.logged_features_used:
@@ -386,17 +409,18 @@ def _gather_from_topic(
     """(range clicks, warmup clicks) from the clicks topic."""
     scanner = click_scanner(settings)
     partitions = list(o.partitions) if o.partitions else None
+    skew = settings.max_future_skew_s
     try:
         if o.by_offsets:
             ranges = offset_ranges(scanner, o.from_offset, o.to_offset, partitions)
-            read = read_clicks(scanner, ranges, o.since, o.until)
+            read = read_clicks(scanner, ranges, o.since, o.until, skew)
             clicks = read.clicks
         else:
             start = None if o.since is None else o.warmup_start(o.since)
             ranges = resolve_time_range(
                 scanner, start, o.until, o.max_disorder_s, partitions, o.full_scan
             )
-            read = read_clicks(scanner, ranges, start, o.until)
+            read = read_clicks(scanner, ranges, start, o.until, skew)
             clicks = read.clicks
         say(
             f"read {sum(r.size for r in ranges):,} messages of {scanner.topic} "
@@ -404,6 +428,7 @@ def _gather_from_topic(
         )
         report.ranges = [(r.partition, r.start, r.end) for r in ranges]
         report.malformed, report.duplicates = read.malformed, read.duplicates
+        report.ahead = read.ahead
         if not o.by_offsets:
             if o.since is None:
                 return clicks, []
@@ -417,7 +442,9 @@ def _gather_from_topic(
         ranges = resolve_time_range(scanner, start, first, o.max_disorder_s, None, o.full_scan)
         ids = {c["click_id"] for c in clicks}
         warmup = [
-            c for c in read_clicks(scanner, ranges, start, first).clicks if c["click_id"] not in ids
+            c
+            for c in read_clicks(scanner, ranges, start, first, skew).clicks
+            if c["click_id"] not in ids
         ]
         return clicks, warmup
     finally:

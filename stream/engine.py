@@ -121,6 +121,10 @@ def bounded_dead_letter(
     ``DEAD_LETTER_ORIGINAL_BYTES`` of the original (text when it is UTF-8, else base64),
     its full length and SHA-256, why it is here and where it came from."""
     raw = raw or b""
+    # The reader refuses an empty reason or topic: a dead letter must still be readable
+    # when a caller had nothing to say, so say that instead.
+    error = error or "unspecified error"
+    topic = topic or "unknown topic"
     cut = len(raw) > DEAD_LETTER_ORIGINAL_BYTES
     text = _cut_text(raw, DEAD_LETTER_ORIGINAL_BYTES)
     if text is not None:

@@ -311,6 +311,29 @@ def test_event_time_bounds_pick_exactly_the_clicks_in_range(
     assert not topic_decisions(settings)  # a dry run publishes nothing
 
 
+def test_a_click_the_worker_would_refuse_as_ahead_of_its_time_is_not_replayed(
+    settings: Settings, trained: Trained
+) -> None:
+    cols = trained.clicks
+    now = time.time()
+    rows = [cols.row(i) for i in range(3)]
+    rows[1] = {**rows[1], "ts": now + 3600.0}  # an hour ahead of the record's own time
+    rows[2] = {**rows[2], "ts": now + 60.0}  # ahead, but within the bound
+    produce(settings, CLICKS, [(b"u", orjson.dumps(r)) for r in rows])
+    scanner = click_scanner(settings)
+    try:
+        ranges = offset_ranges(scanner, 0, None)
+        read = read_clicks(scanner, ranges, max_future_skew_s=settings.max_future_skew_s)
+        unbounded = read_clicks(scanner, ranges)
+    finally:
+        scanner.close()
+    assert [c["click_id"] for c in read.clicks] == [rows[0]["click_id"], rows[2]["click_id"]]
+    assert read.ahead == 1
+    assert len(unbounded.clicks) == 3 and unbounded.ahead == 0
+    report = run_replay(settings, ReplayOptions(from_offset=0, dry_run=True, compare=False))
+    assert report.ahead == 1 and report.decisions_published == 2
+
+
 def test_replay_through_an_earlier_version_supersedes_the_live_decisions(
     settings: Settings, trained: Trained
 ) -> None:
