@@ -86,22 +86,23 @@ REASON_RULES = (
     ("ip_many_users_1h", "ip_distinct_user_1h", 20.0),
     ("user_many_ips_1d", "u_distinct_ip_1d", 5.0),
 )
-# The rules resolved once: (code, column, limit, whether the column holds log1p(count)).
+# The rules resolved once: (code, column, limit as stored in the feature row). Counts are
+# stored as float32(log1p(count)), so a count's limit is compared in that same form: expm1
+# of a stored count exactly at its limit comes back a hair above it for some limits, and
+# the rule would fire at the limit instead of above it.
 _RULES = tuple(
-    (code, INDEX[name], limit, not name.startswith(("ua_", "browser_")))
+    (
+        code,
+        INDEX[name],
+        limit if name.startswith(("ua_", "browser_")) else float(np.float32(math.log1p(limit))),
+    )
     for code, name, limit in REASON_RULES
 )
 
 
 def reason_codes(row: np.ndarray) -> list[str]:
     """Short codes explaining an invalid verdict for one feature row; ``model_score`` last."""
-    reasons = []
-    for code, column, limit, logged in _RULES:
-        value = float(row[column])
-        if logged:
-            value = math.expm1(value)
-        if value > limit:
-            reasons.append(code)
+    reasons = [code for code, column, limit in _RULES if float(row[column]) > limit]
     reasons.append("model_score")
     return reasons
 

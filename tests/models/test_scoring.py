@@ -94,11 +94,6 @@ def test_each_reason_fires_only_above_its_limit(code: str, column: str, limit: f
     assert reason_codes(row(**{column: under})) == ["model_score"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="counts are stored as float32 log1p: expm1 of a count exactly at its limit "
-    "comes back a hair above it for half of the rules, which then fire",
-)
 def test_a_count_exactly_at_its_limit_gives_no_reason() -> None:
     fired = [
         code
