@@ -37,6 +37,7 @@ from features.limits import (
     MAX_CONTEXT_KEY_CHARS,
     MAX_CONTEXT_KEYS,
     MAX_CONTEXT_VALUE_CHARS,
+    MAX_DISTINCT_MEMBERS,
     MAX_USER_AGENT_CHARS,
 )
 from features.useragent import resolve_device
@@ -315,7 +316,9 @@ def compute_features(cols: ClickColumns) -> tuple[np.ndarray, np.ndarray]:
     for distinct in DISTINCTS:
         b = _buckets(cols.ts, distinct.window)
         groups = _group_ids(entity[distinct.entity], b)
-        state.append(running_distinct(groups, members[distinct.member]))
+        # A full set takes no new member online (features/limits.py): the same count.
+        distinct_so_far = running_distinct(groups, members[distinct.member])
+        state.append(np.minimum(distinct_so_far, MAX_DISTINCT_MEMBERS))
     devices = resolve_devices(cols)
     matrix = np.empty((len(cols), N_FEATURES), dtype=np.float32)
     k = len(state)

@@ -5,7 +5,8 @@ Feature groups (SLIDR's four, plus two):
 1. user velocity: clicks per user over 10 s, 1 min, 1 h, 1 day, previous-bucket totals,
    and the gap since the user's previous click;
 2. entity counters: distinct IPs and sessions per user, clicks, distinct users and
-   sessions per IP;
+   sessions per IP; every distinct count saturates at ``MAX_DISTINCT_MEMBERS`` (64,
+   ``features/limits.py``): the feature is ``min(distinct in the window, 64)``;
 3. time: hour of day and day of week on the unit circle (UTC, from the event time);
 4. logged-in status;
 5. user agent: declared crawler, missing agent, device, OS, browser family;
@@ -38,7 +39,8 @@ import orjson
 
 from features.columns import STRING_FIELDS
 from features.context import HASH_DIM, context_vector, id_bucket
-from features.limits import bounded_click
+from features.limits import MAX_DISTINCT_MEMBER_CHARS as _MEMBER_CHARS
+from features.limits import bounded_click, distinct_member
 from features.store import PartitionedStore, Row, RowPlan, StateStore
 from features.useragent import (
     BROWSERS,
@@ -474,8 +476,15 @@ class ClickFeaturizer:
             ts = click["ts"]
             user_id, ip = click["user_id"], click["ip"]
             session = click.get("session_id") or user_id
-            rows.append(("u:" + user_id, ts, (ip, session)))
-            ip_rows.append(("i:" + ip, ts, (user_id, session)))
+            # Distinct-set members: long ids as digests, so a set stays a few KB.
+            if len(user_id) > _MEMBER_CHARS or len(ip) > _MEMBER_CHARS:
+                user_member, ip_member = distinct_member(user_id), distinct_member(ip)
+            else:
+                user_member, ip_member = user_id, ip
+            if len(session) > _MEMBER_CHARS:
+                session = distinct_member(session)
+            rows.append(("u:" + user_id, ts, (ip_member, session)))
+            ip_rows.append(("i:" + ip, ts, (user_member, session)))
             entities.append(combo_entities(click))
             # Late within its own partition: partitions may be consumed at different
             # event times without any click being late.

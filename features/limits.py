@@ -29,9 +29,20 @@ under ``tracemalloc`` times entries: the agent caches ~200 MiB, the context cach
 ~340 MiB), where strings of 4096 characters and contexts of any width could fill them
 with several GiB before (262,144 hashed values of 4 KB alone: 1 GiB). Real traffic
 repeats its strings and keeps far less.
+
+Distinct sets (``features.windows.DISTINCTS``: IPs and sessions per user, users and
+sessions per IP) hold at most ``MAX_DISTINCT_MEMBERS`` (64) members each. A set that is
+full takes no new member, so a feature reads ``min(distinct members in its window, 64)``
+exactly, on both paths (the offline one clips its running count), and its state is
+bounded whatever one user or IP sends: a user id that rotates sessions or IPs used to
+grow its record, read and rewritten every batch, with every click. Members longer than
+``MAX_DISTINCT_MEMBER_CHARS`` (64) enter as a digest (``distinct_member``), which counts
+them apart as exactly as the values would, so a set holds at most ~4 KB of members.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from features.context import CONTEXT_FIELDS
 
@@ -39,6 +50,23 @@ MAX_USER_AGENT_CHARS = 512
 MAX_CONTEXT_VALUE_CHARS = 128
 MAX_CONTEXT_KEY_CHARS = 64
 MAX_CONTEXT_KEYS = 16
+# 64: far above what a person shows in a window (a handful of IPs and sessions a day; a
+# household or office NAT a few dozen users an hour), so a saturated set already says
+# "not one person", and log1p barely tells 64 from more. Sets of up to 128 small members
+# stay in Valkey's compact listpack encoding (``set-max-listpack-entries``), and a user's
+# RocksDB record, rewritten every batch that holds the user, stays a few KB.
+MAX_DISTINCT_MEMBERS = 64
+MAX_DISTINCT_MEMBER_CHARS = 64
+
+
+def distinct_member(value: str) -> str:
+    """``value`` as a member of a distinct set: itself when at most
+    ``MAX_DISTINCT_MEMBER_CHARS`` long, else ``#`` and its 128-bit BLAKE2b digest, which
+    tells values apart as they are (a shorter value equal to it would be a preimage)."""
+    if len(value) <= MAX_DISTINCT_MEMBER_CHARS:
+        return value
+    # Not cached: a few us for 4 KB, and a cache of long values would need a byte bound.
+    return "#" + hashlib.blake2b(value.encode(), digest_size=16).hexdigest()
 
 
 def bounded_context(context: dict[str, str]) -> dict[str, str]:

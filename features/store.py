@@ -15,7 +15,9 @@ tests compare stores with. Results by kind:
 
 - ``INCR``: the field's new count (a missing field counts from 0);
 - ``GET``: the field's value, or ``None``;
-- ``SADD``: the number of distinct members in the field's set after adding ``arg``;
+- ``SADD``: the number of distinct members in the field's set after adding ``arg``,
+  at most ``MAX_DISTINCT_MEMBERS``: a full set takes no new member, so the answer is
+  ``min(distinct members added, MAX_DISTINCT_MEMBERS)`` (``features/limits.py``);
 - ``MAX``: the field's previous value (or ``None``), keeping the larger of it and ``arg``.
 """
 
@@ -26,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from features.limits import MAX_DISTINCT_MEMBERS
 from features.windows import DAY_S
 
 INCR, GET, SADD, MAX = 0, 1, 2, 3
@@ -51,7 +54,7 @@ class RowPlan:
     2. with ``last_seen``: MAX of ``last:<day>`` with the event time, then a GET of the
        previous day's ``last:`` field;
     3. per distinct ``(seconds, field_prefix, member)``: SADD of ``members[member]`` to
-       the row's bucket.
+       the row's bucket (a set of at most ``MAX_DISTINCT_MEMBERS``).
 
     A bucket's fields expire two buckets after it starts, plus ``lateness_s``: the next
     bucket still reads it as its previous one.
@@ -146,7 +149,7 @@ def apply_plan(
             out.append(1)
         else:
             values = slot[0]
-            if value not in values:
+            if len(values) < MAX_DISTINCT_MEMBERS and value not in values:
                 values.append(value)
             out.append(len(values))
 
@@ -231,7 +234,7 @@ def apply_op(record: dict[str, list], op: Op) -> Any:
             record[field] = [[arg], expire_at]
             return 1
         members = slot[0]
-        if arg not in members:
+        if len(members) < MAX_DISTINCT_MEMBERS and arg not in members:
             members.append(arg)
         return len(members)
     if kind == MAX:

@@ -64,7 +64,9 @@ class CountSpec:
 
 @dataclass(frozen=True)
 class DistinctSpec:
-    """Distinct ``member`` values seen with an entity so far in the current bucket."""
+    """Distinct ``member`` values seen with an entity so far in the current bucket, up to
+    ``features.limits.MAX_DISTINCT_MEMBERS`` (64): the count saturates there, its state
+    holds no more members."""
 
     entity: str  # "user" or "ip"
     member: str  # "ip", "session" or "user"

@@ -16,6 +16,7 @@ from features.definitions import (
     combo_entities_function,
     combo_entity,
 )
+from features.limits import MAX_DISTINCT_MEMBER_CHARS, MAX_DISTINCT_MEMBERS
 from features.store import MemoryStore
 from features.windows import COMBOS, W1D, ComboSpec
 
@@ -255,3 +256,71 @@ def test_the_per_click_entities_are_combo_entity() -> None:
         assert entities(click) == expected
     assert entities(extra[0]) != entities(extra[1])
     assert all(len(e) < 100 for e in entities(extra[0]))
+
+
+def _rotating_clicks() -> list[dict]:
+    """One user rotating IPs and sessions, and one IP shared by ever new users and
+    sessions, well past the distinct sets' cap within a day (and an hour); some ids longer
+    than the members' length bound, so they count as digests online."""
+    rows = []
+    for i in range(3 * MAX_DISTINCT_MEMBERS):
+        ts = 1_762_041_600.0 + 10.0 * i  # all within the first hour
+        long_tail = "x" * (MAX_DISTINCT_MEMBER_CHARS + i % 3)  # some ids only differ late
+        rows.append(
+            parse_click(
+                {
+                    "click_id": f"r{i}",
+                    "ts": ts,
+                    "user_id": "rotator",
+                    "ip": f"10.1.{i // 250}.{i % 250}" if i % 2 else f"{long_tail}-ip{i}",
+                    "session_id": f"s{i}" if i % 3 else f"{long_tail}-s{i}",
+                }
+            )
+        )
+        rows.append(
+            parse_click(
+                {
+                    "click_id": f"n{i}",
+                    "ts": ts + 5.0,
+                    "user_id": f"u{i}" if i % 2 else f"{long_tail}-u{i}",
+                    "ip": "198.51.100.1",
+                    "session_id": f"t{i % (2 * MAX_DISTINCT_MEMBERS)}",  # repeats past it
+                }
+            )
+        )
+        if i % 5 == 0:  # a member seen before, after the set is full: no change
+            rows.append(parse_click({**rows[-2], "click_id": f"again{i}", "ts": ts + 6.0}))
+    return rows
+
+
+@pytest.mark.parametrize("batch_size", [1, 64, 1000])
+def test_distinct_counts_saturate_at_the_cap_on_both_paths(batch_size: int) -> None:
+    rows = _rotating_clicks()
+    cols = clicks_from_rows(rows)
+    expected, _ = compute_features(cols)
+    featurizer = ClickFeaturizer(MemoryStore(), MemoryStore())
+    ordered = [cols.row(i) for i in range(len(cols))]
+    got = np.vstack(
+        [
+            featurizer.featurize(ordered[s : s + batch_size]).matrix
+            for s in range(0, len(ordered), batch_size)
+        ]
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    col = {name: np.expm1(got[:, j]) for j, name in enumerate(FEATURE_NAMES[:ID_COLUMN])}
+    user = np.array([r["user_id"] == "rotator" for r in ordered])
+    for name in ("u_distinct_ip_1d", "u_distinct_session_1d"):
+        np.testing.assert_allclose(col[name][user].max(), MAX_DISTINCT_MEMBERS, rtol=1e-5)
+    shared = np.array([r["ip"] == "198.51.100.1" for r in ordered])
+    for name in ("ip_distinct_user_1h", "ip_distinct_user_1d", "ip_distinct_session_1h"):
+        np.testing.assert_allclose(col[name][shared].max(), MAX_DISTINCT_MEMBERS, rtol=1e-5)
+    # Below the cap the counts still climb one by one (the first 64 users of the IP).
+    first = col["ip_distinct_user_1d"][shared][:MAX_DISTINCT_MEMBERS]
+    np.testing.assert_allclose(first, np.arange(1, MAX_DISTINCT_MEMBERS + 1), rtol=1e-5)
+    # The state holds no more than the cap, whatever was added.
+    for store in (featurizer.user_store, featurizer.ip_store):
+        for record in store._records.values():
+            for value, _expire_at in record.values():
+                if isinstance(value, list):
+                    assert len(value) <= MAX_DISTINCT_MEMBERS
+                    assert all(len(m) <= MAX_DISTINCT_MEMBER_CHARS + 1 for m in value)

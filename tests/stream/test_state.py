@@ -7,11 +7,13 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 import redis
 
 from events.settings import Settings
 from features.definitions import ClickFeaturizer, combo_entity, combo_plan, state_plan
+from features.limits import MAX_DISTINCT_MEMBERS
 from features.store import GET, MemoryStore, RowPlan
 from features.windows import COMBOS, DAY_S, DEFAULT_ALLOWED_LATENESS_S
 from stream.local_stack import free_port
@@ -357,3 +359,33 @@ def test_a_redis_that_answers_with_an_error_degrades_instead_of_failing(
     assert store.degraded
     assert store.execute_rows(COUNT, [("i:x", NOW, ())], NOW) == [2]  # counted locally
     assert client.calls >= 2  # Redis was asked again, not given up on
+
+
+def test_distinct_sets_stop_at_the_cap_in_every_store(
+    tmp_path: Path, stream_settings: Settings
+) -> None:
+    """An entity that brings ever new members (a user rotating IPs and sessions): every
+    store answers ``min(distinct, MAX_DISTINCT_MEMBERS)`` as the reference does, and
+    keeps no more members than that, in RocksDB and in Redis."""
+    plan = PLANS["user"]
+    cap = MAX_DISTINCT_MEMBERS
+    rows = [("u:rotator", NOW + i, (f"ip{i}", f"s{i % (cap + 10)}")) for i in range(3 * cap)]
+    rows += [("u:rotator", NOW + 3 * cap, ("ip0", "s0"))]  # one it holds, once full
+    expected = MemoryStore().execute(plan.expand(rows))
+    _, _, distinct_at = plan.offsets()
+    sizes = [expected[k * plan.width + distinct_at[0]] for k in range(len(rows))]
+    assert sizes == [*range(1, cap + 1), *[cap] * (len(rows) - cap)]
+    rocks = RocksStore(tmp_path / "p0")
+    client = redis_client(stream_settings.redis_url)
+    prefix = f"test:{uuid.uuid4().hex}:"
+    redis_store = RedisStore(client, prefix=prefix)
+    got_rocks = _in_batches(rocks, plan, rows, NOW + 3 * cap, size=50)
+    got_redis = redis_store.execute_rows(plan, rows, NOW + 3 * cap)
+    assert got_rocks == expected
+    assert got_redis == expected
+    record = orjson.loads(rocks.db.get(b"e:u:rotator"))
+    members = [value for value, _ in record.values() if isinstance(value, list)]
+    assert members and all(len(m) == cap for m in members)
+    rocks.close()
+    sets = [key for key in client.keys(prefix + "*") if client.type(key) == b"set"]
+    assert sets and all(client.scard(key) == cap for key in sets)
