@@ -17,6 +17,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from events.errors import SlidrError
 
+# SLIDR_GROUP_MEMBERSHIP values (README, Restarts).
+GROUP_MEMBERSHIPS = ("fenced", "static", "dynamic")
+
 
 class SettingsError(SlidrError, ValueError):
     """A setting has a value slidr cannot use; the message names the setting."""
@@ -40,6 +43,8 @@ class Settings:
     redis_url: str = ""  # empty: the embedded stack's Valkey (from `slidr up`)
     redis_password: str = ""
     redis_key_prefix: str = "slidr:"  # prepended to every Redis key (isolates tests and tenants)
+    redis_mode: str = "standalone"  # standalone, or cluster: SLIDR_REDIS_URL names a cluster node
+    redis_slot_groups: int = 16  # cluster: hash tags a batch's keys are spread over (calls/batch)
     registry: Path = Path("var/registry")
     partitions: int = 4
     replication_factor: int = 1
@@ -63,11 +68,18 @@ class Settings:
     decision_linger_ms: int = 20  # the worker's decisions
     producer_idempotence: bool = False  # see stream/kafka.py: costly on the embedded broker
     faust_transport: str = "aiokafka"  # Faust's Kafka driver: aiokafka or confluent
+    # How a restarted worker takes its place in the group (README, Restarts): "fenced"
+    # removes its previous incarnation at start, "static" sends group.instance.id,
+    # "dynamic" waits out the old member's session.
+    group_membership: str = "fenced"
+    instance_id: str = ""  # empty: <hostname>-<process slot>; unique within the group
+    worker_processes: int = 0  # `slidr worker` processes on this host; 0: one per core
     metrics_port: int = 0  # 0: no Prometheus endpoint
     # The endpoint's address: loopback unless opened (it needs no credentials to read).
     metrics_host: str = "127.0.0.1"
     rfm_cache_size: int = 1_000_000  # customers the worker's RFM cache holds (LRU)
     log_features: bool = False  # publish served features for skew checks
+    state_changelog: bool = True  # log user state to a topic; restore it on assignment
     model_version: str = ""  # empty: follow the registry's active version
 
     _SECRET = ("kafka_sasl_password", "redis_password")
@@ -128,6 +140,39 @@ class Settings:
             raise SettingsError(
                 "SLIDR_REDIS_URL must start with redis://, rediss:// or unix://, "
                 f"got {mask_url(self.redis_url)!r}"
+            )
+        if self.redis_mode not in ("standalone", "cluster"):
+            raise SettingsError(
+                f"SLIDR_REDIS_MODE must be standalone or cluster, got {self.redis_mode!r}"
+            )
+        if not 1 <= self.redis_slot_groups <= 1024:
+            raise SettingsError(
+                f"SLIDR_REDIS_SLOT_GROUPS must be 1..1024, got {self.redis_slot_groups}"
+            )
+        if self.redis_mode == "cluster":
+            if self.redis_url.startswith("unix://"):
+                raise SettingsError(
+                    "SLIDR_REDIS_MODE=cluster needs a redis:// or rediss:// SLIDR_REDIS_URL"
+                )
+            if any(brace in self.redis_key_prefix + self.topic_prefix for brace in "{}"):
+                # The slot group's hash tag must be the first {...} in every key.
+                raise SettingsError(
+                    "SLIDR_REDIS_KEY_PREFIX must not contain { or } when SLIDR_REDIS_MODE=cluster"
+                )
+        if self.group_membership not in GROUP_MEMBERSHIPS:
+            raise SettingsError(
+                f"SLIDR_GROUP_MEMBERSHIP must be one of {', '.join(GROUP_MEMBERSHIPS)}, "
+                f"got {self.group_membership!r}"
+            )
+        if self.instance_id and not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.instance_id):
+            raise SettingsError(
+                "SLIDR_INSTANCE_ID may hold only letters, digits, '.', '_' and '-' "
+                f"(at most 200), got {self.instance_id!r}"
+            )
+        if self.worker_processes < 0:
+            raise SettingsError(
+                "SLIDR_WORKER_PROCESSES must not be negative (0: one per core), "
+                f"got {self.worker_processes}"
             )
         if self.faust_transport not in ("aiokafka", "confluent"):
             raise SettingsError(
