@@ -80,6 +80,10 @@ class BatchResult:
     served_features: list[tuple[bytes, bytes]] = field(default_factory=list)
     degraded: bool = False
     model_version: str = ""
+    # User-state records for the changelog (stream.changelog): (partition, key, value or
+    # None), and the highest offset the broker gave each partition's records.
+    changelog: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
+    changelog_offsets: dict[int, int] = field(default_factory=dict)
 
 
 # A dead letter carries at most this much of the original message, whatever its size:

@@ -52,6 +52,15 @@ TOPICS = (CLICKS, PURCHASES, DECISIONS, CLICKS_DLQ, CONTROL, FEATURES_SERVED)
 # stores cleanup.policy but never compacts; a real cluster does.)
 SINGLE_PARTITION_TOPICS = frozenset({CONTROL})
 TOPIC_CONFIGS: dict[str, dict[str, str]] = {CONTROL: {"cleanup.policy": "compact"}}
+# Each consumer group logs its user state to a topic of its own, partitioned like
+# ``clicks`` and compacted (the latest record per user or click): ``stream.changelog``.
+STATE_CHANGELOG_SUFFIX = ".state.changelog"
+
+
+def state_changelog(group_id: str) -> str:
+    """Logical name of consumer group ``group_id``'s state changelog topic."""
+    return f"{group_id}{STATE_CHANGELOG_SUFFIX}"
+
 
 CLIENT_ID = "slidr"
 SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
@@ -237,7 +246,10 @@ def topic_spec(settings: Settings, name: str, partitions: int | None = None) -> 
         settings.topic(name),
         num_partitions=count,
         replication_factor=settings.replication_factor,
-        config=dict(TOPIC_CONFIGS.get(name, {})),
+        config=dict(
+            TOPIC_CONFIGS.get(name)
+            or ({"cleanup.policy": "compact"} if name.endswith(STATE_CHANGELOG_SUFFIX) else {})
+        ),
     )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -30,7 +31,13 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from events.errors import SlidrError
 from events.settings import Settings
 from stream.engine import BatchResult, bounded_dead_letter
-from stream.kafka import CLICKS_DLQ, DECISIONS, FEATURES_SERVED, producer_config
+from stream.kafka import (
+    CLICKS_DLQ,
+    DECISIONS,
+    FEATURES_SERVED,
+    producer_config,
+    state_changelog,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +86,7 @@ class Publisher:
         self.decisions_topic = settings.topic(DECISIONS)
         self.dlq_topic = settings.topic(CLICKS_DLQ)
         self.features_topic = settings.topic(FEATURES_SERVED)
+        self.changelog_topic = settings.topic(state_changelog(settings.group_id))
         self._errors: list[str] = []
 
     def _on_delivery(self, err, _msg) -> None:
@@ -111,7 +119,8 @@ class Publisher:
     def _send(
         self, result: BatchResult, on_delivery, on_unsent: Callable[[int, str], None]
     ) -> None:
-        """Queue a batch; if queueing fails, ``on_unsent(messages not queued, why)``."""
+        """Queue a batch's decisions, dead letters and served features (not its state
+        records: ``send_state``); if queueing fails, ``on_unsent(messages not queued, why)``."""
         parts = (
             (self.decisions_topic, result.decisions),
             (self.dlq_topic, result.dead_letters),
@@ -127,8 +136,44 @@ class Publisher:
         except Exception as exc:  # KafkaException and anything else: those left are lost
             on_unsent(total - sent, f"producing to {topic} failed: {exc!r}")
 
+    def send_state(self, result: BatchResult, done: Callable[[str | None], None]) -> None:
+        """Queue the batch's state records (``result.changelog``), each to the changelog
+        partition of its click's partition, and call ``done(None)`` (or ``done(first
+        error)``) once the broker has answered for all of them, inside a later ``poll``.
+        ``result.changelog_offsets`` then holds the highest offset given per partition."""
+        delivery = _BatchDelivery(len(result.changelog), done)
+        offsets = result.changelog_offsets
+
+        def logged(err, msg) -> None:
+            if err is None:
+                partition, offset = msg.partition(), msg.offset()
+                if offset > offsets.get(partition, -1):
+                    offsets[partition] = offset
+            delivery.report(err, msg)
+
+        topic = self.changelog_topic
+        produce, poll = self.producer.produce, self.producer.poll
+        sent = 0
+        try:
+            for partition, key, state in result.changelog:
+                while True:
+                    try:
+                        produce(topic, state, key, partition=partition, on_delivery=logged)
+                        break
+                    except BufferError:  # local queue full: serve reports as it drains
+                        poll(0.05)
+                sent += 1
+        except Exception as exc:  # those left are lost: the batch is refused
+            delivery.unsent(len(result.changelog) - sent, f"producing to {topic} failed: {exc!r}")
+
+    def _state_sent(self, error: str | None) -> None:
+        if error is not None:
+            self._errors.append(error)
+
     def send(self, result: BatchResult) -> None:
         """Queue a batch's messages (non-blocking); ``wait`` reports their fate."""
+        if result.changelog:
+            self.send_state(result, self._state_sent)
         self._send(result, self._on_delivery, lambda _count, error: self._errors.append(error))
 
     def wait(self, timeout_s: float = 30.0) -> None:
@@ -141,9 +186,10 @@ class Publisher:
             raise DeliveryError(f"{len(errors)} messages refused by the broker: {errors[0]}")
 
     def send_tracked(self, result: BatchResult, done: Callable[[str | None], None]) -> None:
-        """Queue a batch and call ``done(None)``, or ``done(first error)``, once the broker
-        has answered for every message of it. ``done`` runs inside a later ``poll``
-        (``serve``), or at once for a batch with nothing to send."""
+        """Queue a batch's decisions, dead letters and served features and call
+        ``done(None)``, or ``done(first error)``, once the broker has answered for every
+        one of them. ``done`` runs inside a later ``poll`` (``serve``), or at once for a
+        batch with nothing to send. State records are ``send_state``'s."""
         count = len(result.decisions) + len(result.dead_letters) + len(result.served_features)
         if count == 0:
             done(None)
@@ -246,8 +292,28 @@ class AckPipeline:
                 reason = None if error is None else f"the broker refused a message: {error}"
                 loop.call_soon(self._settle, batch, reason)
 
+        def publish_after_state() -> None:
+            nonlocal called
+            try:
+                self.publisher.send_tracked(result, done)
+            except Exception as exc:  # as below: free the slot
+                if not called:
+                    called = True
+                    self._settle(batch, f"publishing a batch failed: {exc!r}")
+
+        def logged(error: str | None) -> None:  # inside the producer's poll, on this loop
+            if error is not None:
+                done(error)
+            elif not loop.is_closed():
+                loop.call_soon(publish_after_state)
+
         try:
-            self.publisher.send_tracked(result, done)
+            if result.changelog:
+                # The state first, the decisions once the broker has it: a decision that
+                # can be read is one whose state a restore finds (stream.changelog).
+                self.publisher.send_state(result, logged)
+            else:
+                self.publisher.send_tracked(result, done)
         except Exception as exc:  # not one of its refusals (those settle): free the slot
             if called:
                 raise
@@ -270,6 +336,17 @@ class AckPipeline:
         except Exception as exc:  # a report callback raised: no batch can be confirmed now
             self._fail(f"serving delivery reports failed: {exc!r}")
             return False
+        return True
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until every submitted batch is released (or the pipeline stopped);
+        False if some are still in flight after ``timeout_s`` seconds."""
+        deadline = time.monotonic() + timeout_s
+        while self._submitted and self.failure is None:
+            if time.monotonic() >= deadline:
+                return False
+            self._serve_now()
+            await asyncio.sleep(self.serve_every_s)
         return True
 
     async def publish(self, result: BatchResult) -> None:
