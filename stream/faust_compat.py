@@ -26,6 +26,12 @@ Overridden or wrapped, and why:
   default fetch wait); the first wrapper passes the app's wait to the second, which adds
   it to the config.
 
+- ``faust.tables.manager.TableManager.on_start`` (overridden by ``PromptTableManager``,
+  installed through the ``TableManager`` setting): faust waits a fixed second before it
+  subscribes, in case tables are defined late. slidr defines no Faust table, and every
+  agent before the app starts, so the second is only a longer restart. The override
+  runs the same steps (``_update_channels``, ``recovery.start``) without the wait.
+
 The driver wrappers are installed once per process (``install_driver_patches``, called
 by ``BatchingApp``) and change nothing for an app without a ``fetch_wait_ms``.
 
@@ -36,6 +42,13 @@ Private names ``BatchDrain`` reads or calls, beside the public consumer API (``g
 (on the consumer and on the fetcher). ``committed_offset`` reads
 ``Consumer._committed_offset``: the offset last committed for a partition (read from
 the broker on assignment, updated after each commit), for the lag metric.
+
+Group membership (``stream.membership``): ``group_member_id`` reads the member id that
+the broker gave the aiokafka consumer (``AIOKafkaConsumerThread._consumer`` and
+aiokafka's ``AIOKafkaConsumer._coordinator.member_id``), and ``leave_group`` sends a
+LeaveGroup request for another member id through a client of its own, with the app's
+bootstrap servers and credentials (faust's ``server_list`` and
+``credentials_to_aiokafka_auth``, aiokafka's ``LeaveGroupRequest``).
 
 The agent acknowledges each message with ``consumer.ack(message)`` once its result is
 safe (for slidr: once the broker has acknowledged its decision); Faust then commits the
@@ -51,6 +64,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 
 import faust
+from faust.tables.manager import TableManager
 from faust.transport import by_url
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -73,6 +87,8 @@ RECORDED_SIGNATURES: dict[str, str] = {
     "faust.transport.consumer:Consumer.getmany": "(self, timeout)",
     "faust.transport.consumer:Consumer.track_message": "(self, message)",
     "faust.app.base:App._new_transport": "(self)",
+    "faust.tables.manager:TableManager.on_start": "(self)",
+    "faust.tables.manager:TableManager._update_channels": "(self)",
     "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread._create_worker_consumer": (
         "(self, transport)"
     ),
@@ -172,11 +188,53 @@ def committed_offset(consumer: Any, tp: Any) -> int | None:
     return cast("int | None", consumer._committed_offset.get(tp))
 
 
+def group_member_id(app: faust.App) -> str | None:
+    """The member id the group coordinator gave ``app``'s consumer; None before it has
+    joined, and on a driver other than aiokafka."""
+    thread = getattr(app.consumer, "_thread", None)
+    consumer = getattr(thread, "_consumer", None)
+    member_id = getattr(getattr(consumer, "_coordinator", None), "member_id", None)
+    return member_id if isinstance(member_id, str) and member_id else None
+
+
+async def leave_group(app: faust.App, member_id: str) -> str:
+    """Ask the coordinator of ``app``'s group to remove ``member_id``; the name of the
+    error it answered (``NoError`` when the member was removed)."""
+    # aiokafka ships no annotations (py.typed).
+    from aiokafka.client import AIOKafkaClient, CoordinationType  # type: ignore[import-untyped]
+    from aiokafka.errors import for_code  # type: ignore[import-untyped]
+    from aiokafka.protocol.group import LeaveGroupRequest  # type: ignore[import-untyped]
+
+    conf = app.conf
+    client = AIOKafkaClient(
+        bootstrap_servers=faust_aiokafka.server_list(conf.broker, 9092),
+        client_id=conf.broker_client_id,
+        request_timeout_ms=int(conf.broker_request_timeout * 1000),
+        **faust_aiokafka.credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context),
+    )
+    try:
+        await client.bootstrap()
+        node = await client.coordinator_lookup(CoordinationType.GROUP, conf.id)
+        response = await client.send(node, LeaveGroupRequest(conf.id, member_id))
+        return str(for_code(response.error_code).__name__)
+    finally:
+        await client.close()
+
+
 def _batching_transport(url: str) -> type:
     """The faust-streaming transport for ``url`` with ``BatchDrain`` in its consumer."""
     base = by_url(url)
     consumer = type(f"Batching{base.Consumer.__name__}", (BatchDrain, base.Consumer), {})
     return type(f"Batching{base.__name__}", (base,), {"Consumer": consumer})
+
+
+class PromptTableManager(TableManager):
+    """faust's table manager without its one-second wait at start (module docstring)."""
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
 
 
 class BatchingApp(faust.App):
@@ -188,6 +246,7 @@ class BatchingApp(faust.App):
 
     def __init__(self, *args: Any, fetch_wait_ms: int | None = None, **kwargs: Any) -> None:
         install_driver_patches()
+        kwargs.setdefault("TableManager", PromptTableManager)
         super().__init__(*args, **kwargs)
         self.fetch_wait_ms = fetch_wait_ms
         self.batch_channels: dict[str, faust.ChannelT] = {}

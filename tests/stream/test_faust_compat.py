@@ -18,6 +18,7 @@ from typing import Any
 import aiokafka
 import faust
 import pytest
+from faust.tables.manager import TableManager
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.transport.drivers import confluent as faust_confluent
 
@@ -27,6 +28,8 @@ from stream.faust_compat import (
     RECORDED_SIGNATURES,
     BatchDrain,
     BatchingApp,
+    PromptTableManager,
+    group_member_id,
 )
 
 RECHECK = (
@@ -190,3 +193,33 @@ def test_confluent_consumer_config_gets_the_app_fetch_wait(thread_loops, tmp_pat
     assert configs[0]["fetch.error.backoff.ms"] == 20
     assert "fetch.wait.max.ms" not in configs[1]
     assert configs[0]["group.id"] == "compat-batching"  # faust's own config is kept
+
+
+def test_group_member_id_reads_what_the_aiokafka_driver_holds(thread_loops, tmp_path):
+    """``group_member_id`` reads ``_thread._consumer._coordinator.member_id``; before a
+    join it is None, and the names it reads are there."""
+
+    async def check(batching: faust.App, _plain: faust.App) -> tuple[Any, bool]:
+        thread = batching.consumer._thread
+        return group_member_id(batching), hasattr(thread, "_consumer")
+
+    assert with_apps(tmp_path, "kafka", check) == (None, True)
+    assert "self._coordinator = GroupCoordinator(" in inspect.getsource(
+        aiokafka.AIOKafkaConsumer.start
+    ), f"aiokafka {aiokafka.__version__} no longer keeps its coordinator as _coordinator"
+    assert "self.member_id" in inspect.getsource(
+        importlib.import_module("aiokafka.consumer.group_coordinator").GroupCoordinator
+    )
+
+
+def test_leave_group_builds_the_request_aiokafka_defines():
+    from aiokafka.protocol.group import LeaveGroupRequest
+
+    assert str(without_annotations(LeaveGroupRequest.__init__)) == "(self, group, member_id)"
+
+
+def test_batching_app_skips_the_table_manager_wait(thread_loops, tmp_path):
+    async def check(batching: faust.App, plain: faust.App) -> tuple[type, type]:
+        return type(batching.tables), type(plain.tables)
+
+    assert with_apps(tmp_path, "kafka", check) == (PromptTableManager, TableManager)

@@ -65,6 +65,10 @@ class WorkerProcess:
                 "SLIDR_TOPIC_PREFIX": s.topic_prefix,
                 "SLIDR_REDIS_KEY_PREFIX": s.redis_key_prefix,
                 "SLIDR_PARTITIONS": str(s.partitions),
+                # One process per WorkerProcess (the tests kill and stop it by its pid),
+                # and an instance id of its own: two workers may share a home.
+                "SLIDR_WORKER_PROCESSES": "1",
+                "SLIDR_INSTANCE_ID": self.name,
                 "PYTHONUNBUFFERED": "1",
             }
         )
