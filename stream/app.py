@@ -12,6 +12,9 @@ Agents:
   dead-lettered), so no message holds its partition back.
   At least once: a crash re-delivers the uncommitted tail, and the engine re-emits the
   stored decision for clicks it had already decided.
+  With ``SLIDR_STATE_CHANGELOG`` a batch's user state goes to the changelog first and
+  a partition is restored from it before its first batch is decided
+  (``stream.changelog``).
 - ``purchases``: consumes ``purchases`` into the live RFM cache; malformed ones go to the
   dead-letter topic like malformed clicks.
 
@@ -27,7 +30,9 @@ half of it), and a short fetch wait instead of the 1.5 s that faust-streaming ha
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from dataclasses import dataclass
 from typing import cast
 
@@ -37,6 +42,7 @@ from events.schemas import InvalidEvent, parse_purchase
 from events.settings import Settings
 from features.windows import DAY_S
 from models.registry import ModelRegistry
+from stream.changelog import ChangelogStores, ensure_changelog, from_topic
 from stream.control import ControlFollower, control_end_offset, load_for_serving, settle_start
 from stream.engine import (
     BatchResult,
@@ -45,8 +51,16 @@ from stream.engine import (
     tune_garbage_collector,
 )
 from stream.faust_compat import BatchDrain, BatchingApp, committed_offset
+from stream.health import WorkerHealth
 from stream.kafka import CLICKS, PURCHASES, ensure_topics
 from stream.local_stack import resolve_endpoints
+from stream.membership import (
+    claim_instance,
+    fence_previous_incarnation,
+    instance_id,
+    record_member_on_assignment,
+    static_instance_id,
+)
 from stream.metrics import WorkerMetrics
 from stream.publisher import AckPipeline, DeliveryError, Publisher
 from stream.rfm import RfmCache
@@ -66,6 +80,7 @@ class Worker:
     metrics: WorkerMetrics
     stores: PartitionStores
     failures: list[BaseException]  # why the worker stopped itself, if it did
+    health: WorkerHealth  # what /healthz and /readyz answer
 
 
 def _faust_credentials(settings: Settings):
@@ -108,7 +123,13 @@ def build_worker(settings: Settings) -> Worker:
         registry, model, pinned, lambda: control_end_offset(settings)
     )
     metrics = WorkerMetrics()
-    stores = PartitionStores(settings.home / "state" / settings.group_id)
+    state_root = settings.home / "state" / settings.group_id
+    changelog: ChangelogStores | None = None
+    if settings.state_changelog:  # user state follows its partition (stream.changelog)
+        ensure_changelog(settings)
+        stores: PartitionStores = (changelog := ChangelogStores(state_root, from_topic(settings)))
+    else:
+        stores = PartitionStores(state_root)
     ip_state = shared_ip_state(settings, redis_url)
     rfm = RfmCache.from_version(registry.path_of(model.version), settings.rfm_cache_size)
     engine = DecisionEngine(
@@ -146,7 +167,9 @@ def build_worker(settings: Settings) -> Worker:
         broker_commit_interval=1.0,
         broker_max_poll_records=settings.batch_size,  # one fetch is one micro-batch at most
         stream_buffer_maxsize=max(4096, settings.batch_size * 4),
+        consumer_group_instance_id=static_instance_id(settings),  # stream.membership
     )
+    record_member_on_assignment(app, settings)
     clicks = app.topic(
         settings.topic(CLICKS),
         key_type=bytes,
@@ -163,6 +186,9 @@ def build_worker(settings: Settings) -> Worker:
     )
     click_batches = app.batch_channel(clicks)
     failures: list[BaseException] = []
+    # The engine always holds a loaded model (build_worker fails without one; a swap
+    # replaces it between batches), so readiness waits on the assignment alone.
+    health = WorkerHealth(model_version=lambda: engine.model.version)
 
     def stop_on_refused_decisions(exc: DeliveryError) -> None:
         # librdkafka gave up on a decision after its own retries. Stop the worker rather
@@ -170,6 +196,7 @@ def build_worker(settings: Settings) -> Worker:
         # decides (or re-emits) those clicks again.
         log.critical("stopping: %s", exc)
         failures.append(exc)
+        health.stopped(str(exc))
         asyncio.ensure_future(app.crash(exc))
 
     acks = AckPipeline(publisher, on_failure=stop_on_refused_decisions)
@@ -194,11 +221,30 @@ def build_worker(settings: Settings) -> Worker:
                 cast(BatchDrain, app.consumer).untrack(fetched)
                 metrics.stale_batches.inc()
                 continue
+            if changelog is not None:
+                # Restored before any of their clicks is decided (in a thread); a
+                # rebalance during a long restore makes the batch stale.
+                await changelog.prepare({m.partition for m in fetched})
+                if fetched[0].generation_id != app.consumer_generation_id:
+                    cast(BatchDrain, app.consumer).untrack(fetched)
+                    metrics.stale_batches.inc()
+                    continue
             result = engine.process(fetched)  # Faust messages are SourceMessages
+            written = changelog.take_changelog() if changelog is not None else None
+            if written is not None:
+                result.changelog = written.records  # acknowledged before the offsets
 
-            def safe(fetched=fetched) -> None:
+            def safe(fetched=fetched, written=written, result=result) -> None:
+                if written is not None and changelog is not None:
+                    changelog.acknowledge(written, result.changelog_offsets)
+                acked_at = time.time()
                 for m in fetched:
                     ack(m)
+                # Faust's timestamps are the records' Kafka timestamps in seconds (None
+                # only for pre-0.10 message formats, which carry none).
+                metrics.decision_latency.observe_many(
+                    [acked_at - m.timestamp for m in fetched if m.timestamp is not None]
+                )
 
             def refused(_reason: str, fetched=fetched) -> None:  # the worker is stopping
                 cast(BatchDrain, app.consumer).untrack(fetched)
@@ -222,6 +268,10 @@ def build_worker(settings: Settings) -> Worker:
             if dead.dead_letters:
                 await acks.publish(dead)
 
+    @app.timer(1.0)
+    async def heartbeat():
+        health.beat()  # /healthz: the event loop still turns
+
     @app.timer(5.0)
     async def report_lag():
         report_committed_lag(app.consumer, clicks.get_topic_name(), metrics)
@@ -239,9 +289,37 @@ def build_worker(settings: Settings) -> Worker:
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app_, revoked, **kwargs):
         mine = {tp.partition for tp in revoked if tp.topic == clicks.get_topic_name()}
+        if changelog is not None and mine and not await acks.drain(session_s / 2):
+            # Batches still unacknowledged: their state reaches the log but not this
+            # host's RocksDB, and a restore that runs before they land misses them.
+            log.warning("revoking with decided batches unacknowledged")
         engine.release_partitions(sorted(mine))  # their state and their watermarks
+        health.revoked(mine)
+        metrics.forget_partitions(mine)
 
-    return Worker(app, engine, publisher, control, metrics, stores, failures)
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def on_assigned(app_, assigned, **kwargs):
+        health.assigned(tp.partition for tp in assigned if tp.topic == clicks.get_topic_name())
+
+    restoring: set[asyncio.Task] = set()  # held: the loop keeps tasks only weakly
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def restore_assigned(app_, assigned, **kwargs):
+        # Start restoring at once, without holding up the rebalance; the agent waits
+        # for a partition's restore before deciding its first batch.
+        if changelog is not None:
+            mine = {tp.partition for tp in assigned if tp.topic == clicks.get_topic_name()}
+            task = asyncio.ensure_future(changelog.prepare(mine))
+            restoring.add(task)
+            task.add_done_callback(restoring.discard)
+            health.restoring(mine)  # /readyz: not ready until they can be decided
+            task.add_done_callback(functools.partial(_restore_ended, health, mine))
+
+    return Worker(app, engine, publisher, control, metrics, stores, failures, health)
+
+
+def _restore_ended(health: WorkerHealth, partitions: set[int], _task: asyncio.Future) -> None:
+    health.restored(partitions)
 
 
 def committed_lag(high: int | None, committed: int | None) -> int | None:
@@ -272,15 +350,20 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.set_event_loop(asyncio.new_event_loop())
+    claim = claim_instance(settings)  # held until the process ends (stream.membership)
     worker = build_worker(settings)
+    # Before Faust joins: the member a killed predecessor left would hold up the join.
+    asyncio.get_event_loop().run_until_complete(fence_previous_incarnation(worker.app, settings))
     if settings.metrics_port:
-        worker.metrics.serve(settings.metrics_port, settings.metrics_host)
+        worker.metrics.serve(settings.metrics_port, settings.metrics_host, worker.health)
     worker.control.start()
     log.warning(
-        "slidr worker: model %s%s, group %s, topics %s*",
+        "slidr worker: model %s%s, group %s (instance %s, %s membership), topics %s*",
         worker.engine.model.version,
         " (pinned: control messages are ignored)" if worker.control.pinned else "",
         settings.group_id,
+        instance_id(settings),
+        settings.group_membership,
         settings.topic_prefix,
     )
     try:
@@ -292,6 +375,9 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
             raise SystemExit(1) from worker.failures[0]
         raise
     finally:
+        worker.health.stopped("shutting down")  # probes now see it before the process ends
         worker.control.stop_event.set()
         worker.publisher.close(timeout_s=0 if worker.failures else 10)
         worker.stores.close()
+        if claim is not None:
+            claim.close()  # the next incarnation may take the instance id

@@ -6,9 +6,13 @@ settings that produced them. Nothing here asserts a time: tests never time thing
 1. scoring path: ``DecisionEngine.process`` (parse, feature update in RocksDB and Redis,
    ONNX inference, thresholds, decision records) on micro-batches, per click;
 2. throughput: a backlog of clicks decided by one Faust worker process, beside a plain
-   confluent-kafka loop running the same engine;
+   confluent-kafka loop running the same engine, and by 1 against N worker processes
+   (``stream.bench_fleet``: the ratio, with the broker's and Redis's CPU shares);
 3. latency: clicks produced at a fixed rate, produce time to decision available, beside
-   a bare produce -> consume round trip through the same broker at the same rate.
+   a bare produce -> consume round trip through the same broker at the same rate;
+4. footprint: Redis operations, bytes and CPU per click, RocksDB bytes per user and per
+   decided click (``stream.bench_footprint``; counted, for deploy/README.md's capacity
+   model).
 """
 
 from __future__ import annotations
@@ -194,6 +198,7 @@ _TUNING = (
     "decision_linger_ms",
     "session_timeout_ms",
     "partitions",
+    "state_changelog",
 )
 
 
@@ -208,6 +213,7 @@ def _child_env(settings: Settings, registry: Path, home: Path, transport: str = 
         "SLIDR_TOPIC_PREFIX": settings.topic_prefix,
         "SLIDR_REDIS_KEY_PREFIX": settings.redis_key_prefix,
         "SLIDR_GROUP_ID": settings.group_id,
+        "SLIDR_WORKER_PROCESSES": "1",  # one process, as the report says; --scaling for more
         # the tuning the report prints, whether it came from the environment or not
         **{f"SLIDR_{name.upper()}": str(getattr(settings, name)) for name in _TUNING},
     }
@@ -409,6 +415,8 @@ class BenchOptions:
     stream: bool = True
     # faust-streaming's Kafka drivers to run: "aiokafka" (its default) and/or "confluent".
     transports: tuple[str, ...] = ("aiokafka",)
+    # N of "1 worker process against N" (stream.bench_fleet); 0: one per core.
+    scaling_processes: int = 0
 
 
 def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict:
@@ -467,6 +475,22 @@ def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict
                     options.transports,
                 )
             )
+            from stream.bench_fleet import bench_scaling
+            from stream.supervisor import default_processes
+
+            servers = {} if stack is None else {"broker": info.broker_pid, "redis": info.redis_pid}
+            report["scaling"] = _probed(
+                lambda: bench_scaling(
+                    settings,
+                    registry,
+                    work / "data",
+                    options.stream_clicks,
+                    work,
+                    options.scaling_processes or default_processes(),
+                    servers,
+                    progress,
+                )
+            )
             progress(
                 f"stream: end-to-end latency at {options.rate:,.0f} clicks/s "
                 f"for {options.latency_seconds:.0f} s"
@@ -475,6 +499,12 @@ def run_bench(settings: Settings, options: BenchOptions, progress=print) -> dict
                 lambda: bench_latency(
                     settings, registry, work / "data", options.rate, options.latency_seconds, work
                 )
+            )
+            from stream.bench_footprint import measure_footprint
+
+            progress("stream: Redis and RocksDB footprint per click (counted, not timed)")
+            report["footprint"] = measure_footprint(
+                settings, registry, work / "data", options.stream_clicks, work
             )
         finally:
             if stack is not None:

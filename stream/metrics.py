@@ -1,11 +1,79 @@
 """Prometheus metrics of the stream worker (served on ``SLIDR_METRICS_PORT`` when set, on
-``SLIDR_METRICS_HOST``: 127.0.0.1 unless opened)."""
+``SLIDR_METRICS_HOST``: 127.0.0.1 unless opened), beside the health endpoints
+``/healthz`` and ``/readyz`` (``stream.health``)."""
 
 from __future__ import annotations
 
-from wsgiref.simple_server import WSGIServer
+import contextlib
+import socket
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from stream.health import WorkerHealth
+
+
+class BatchHistogram(Collector):
+    """A Prometheus histogram filled a micro-batch at a time: one numpy pass per batch
+    instead of ``Histogram.observe`` per click (about 1.8 µs each, 3% of a click's
+    decision). Exported as ``NAME_bucket``/``NAME_sum``/``NAME_count`` like any histogram.
+    ``buckets`` are upper bounds in increasing order; +Inf is added."""
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._bounds = np.asarray(buckets, dtype=np.float64)
+        self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # the last one: +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Sequence[float] | np.ndarray) -> None:
+        a = np.asarray(values, dtype=np.float64)
+        if a.size == 0:
+            return
+        # side="left": a value equal to a bound belongs to that bound's bucket (le=bound).
+        where = np.searchsorted(self._bounds, a, side="left")
+        counts = np.bincount(where, minlength=len(self._counts))
+        total = float(a.sum())
+        with self._lock:
+            self._counts += counts
+            self._sum += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        labels = [repr(float(b)) for b in self._bounds] + ["+Inf"]
+        yield HistogramMetricFamily(
+            self.name,
+            self.documentation,
+            buckets=list(zip(labels, cumulative, strict=True)),
+            sum_value=total,
+        )
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """One thread per request: a slow scrape never holds a probe back."""
+
+    daemon_threads = True
+
+
+class _ThreadingServerV6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Probes and scrapes every few seconds would flood the worker's log."""
 
 
 class WorkerMetrics:
@@ -82,14 +150,37 @@ class WorkerMetrics:
             "Errors reading the control topic (the follower retries with backoff)",
             registry=r,
         )
+        self.decision_latency = BatchHistogram(
+            "slidr_decision_latency_seconds",
+            "End to end, per click: from the click's Kafka timestamp (the producer's create "
+            "time, or the broker's append time) to the broker's acknowledgement of its "
+            "decision",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+            registry=r,
+        )
 
     def set_model(self, version: str) -> None:
         self.model_version.clear()
         self.model_version.labels(version=version).set(1)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> WSGIServer:
-        """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the server
-        (``shutdown()`` stops it). Loopback by default: the endpoint has no
-        authentication, so ``SLIDR_METRICS_HOST`` opens it on purpose only."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def forget_partitions(self, partitions: Iterable[int]) -> None:
+        """Drop the lag of partitions this worker gave away: their new owner reports it,
+        and a frozen last value here would add to every sum over workers."""
+        for partition in partitions:
+            with contextlib.suppress(KeyError):  # never reported before the rebalance
+                self.consumer_lag.remove(str(partition))
+
+    def serve(
+        self, port: int, host: str = "127.0.0.1", health: WorkerHealth | None = None
+    ) -> WSGIServer:
+        """Serve ``/metrics`` (and, given ``health``, ``/healthz`` and ``/readyz``) on
+        ``host:port`` from a daemon thread; returns the server (``shutdown()`` stops it).
+        Loopback by default: the endpoint has no authentication, so
+        ``SLIDR_METRICS_HOST`` opens it on purpose only."""
+        app = make_wsgi_app(self.registry)
+        if health is not None:
+            app = health.wsgi_app(app)
+        server_class = _ThreadingServerV6 if ":" in host else _ThreadingServer
+        server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server

@@ -4,6 +4,8 @@ the stream and what reads or measures it."""
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import signal
 import sys
 import threading
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import orjson
 
-from events.errors import UsageError
+from events.errors import SlidrError, UsageError
 from events.settings import Settings
 from slidr.commands.checks import require_broker, require_endpoints
 from slidr.commands.console import exit_on_sigterm, prefixed_printer
@@ -24,18 +26,60 @@ FAUST_TRANSPORTS = ("aiokafka", "confluent")
 def cmd_worker(args: argparse.Namespace) -> int:
     from models.registry import ModelRegistry
     from stream.app import run_worker
+    from stream.supervisor import default_processes
 
     settings = Settings.from_env(
         group_id=args.group_id,
         metrics_port=args.metrics_port,
         model_version=args.model,
         batch_size=args.batch_size,
+        worker_processes=args.processes,
     )
     # Before the settings are printed: no model version or no broker is one line.
     ModelRegistry(settings.registry).resolve(settings.model_version or None)
     require_endpoints(settings)
     print("slidr worker settings:\n" + settings.describe(), file=sys.stderr, flush=True)
-    run_worker(settings, loglevel=args.loglevel)
+    processes = settings.worker_processes or default_processes()
+    if processes == 1:
+        run_worker(settings, loglevel=args.loglevel)
+        return 0
+    return _supervise_workers(settings, processes, args.loglevel)
+
+
+def _supervise_workers(settings: Settings, processes: int, loglevel: str) -> int:
+    """``slidr worker --processes N`` (N > 1): N one-process workers under a supervisor."""
+    from models.registry import ModelRegistry
+    from stream.control import load_for_serving
+    from stream.supervisor import Supervisor, run_forked, slot_environment
+
+    # A model that cannot be served fails here, once, as a single worker's would: not
+    # in every child. Not kept: the children fork from here and build their own.
+    load_for_serving(ModelRegistry(settings.registry), settings.model_version or None)
+    gc.collect()  # its ONNX session (and any thread of it) is gone before a fork
+    # The flags reach the children as the settings they resolved to.
+    shared = {
+        "SLIDR_GROUP_ID": settings.group_id,
+        "SLIDR_BATCH_SIZE": str(settings.batch_size),
+        **({"SLIDR_MODEL_VERSION": settings.model_version} if settings.model_version else {}),
+    }
+    supervisor = Supervisor(
+        # Forked: the worker's modules are imported here once, not at every restart.
+        run_forked(functools.partial(_supervised_worker, loglevel)),
+        [{**shared, **slot_environment(settings, slot)} for slot in range(processes)],
+        on_event=prefixed_printer("slidr worker supervisor"),
+    )
+    return supervisor.run()
+
+
+def _supervised_worker(loglevel: str) -> int:
+    """One worker process under the supervisor (a forked child); its exit code."""
+    from stream.app import run_worker
+
+    try:
+        run_worker(Settings.from_env(), loglevel=loglevel)
+    except SlidrError as exc:
+        print(f"slidr worker: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     return 0
 
 
@@ -125,6 +169,12 @@ def cmd_archive_export(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     exit_on_sigterm()
+    if args.adversarial:
+        return _bench_adversarial(args)
+    if args.restart or args.scaling is not None:
+        return _bench_fleet(args)
+    if args.restore:
+        return _bench_restore(args)
     from stream.bench import BenchOptions, run_bench
 
     options = BenchOptions(
@@ -135,6 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         offline=not args.stream_only,
         stream=not args.offline_only,
         transports=args.transports,
+        scaling_processes=args.scaling or 0,
     )
     settings = Settings.from_env()
     if options.stream and not (settings.kafka_bootstrap and settings.redis_url):
@@ -142,6 +193,75 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(
         settings,
         options,
+        progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True),
+    )
+    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def _bench_adversarial(args: argparse.Namespace) -> int:
+    """``slidr bench --adversarial``: phases of hostile traffic in process."""
+    from stream.bench_adversarial import AdversarialOptions, run_adversarial_bench
+
+    if args.phases < 1 or args.phase_clicks < 100:
+        raise UsageError("--phases must be at least 1 and --phase-clicks at least 100")
+    settings = Settings.from_env()
+    if not settings.redis_url:
+        _require_local_stack_binaries()
+    report = run_adversarial_bench(
+        settings,
+        AdversarialOptions(phases=args.phases, phase_clicks=args.phase_clicks),
+        progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True),
+    )
+    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def _bench_fleet(args: argparse.Namespace) -> int:
+    """``slidr bench --restart`` / ``--scaling N``: recovery after kill -9, 1 against N
+    worker processes."""
+    from stream.bench_fleet import FleetBenchOptions, run_fleet_bench
+    from stream.supervisor import default_processes
+
+    if args.restart < 0 or (args.scaling or 0) < 0:
+        raise UsageError("--restart and --scaling take a positive number")
+    settings = Settings.from_env()
+    if not (settings.kafka_bootstrap and settings.redis_url):
+        _require_local_stack_binaries()
+    options = FleetBenchOptions(
+        restart_runs=args.restart,
+        memberships=args.memberships,
+        scaling_processes=0 if args.scaling is None else args.scaling or default_processes(),
+        scaling_clicks=args.stream_clicks,
+    )
+    report = run_fleet_bench(
+        settings, options, progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True)
+    )
+    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def _bench_restore(args: argparse.Namespace) -> int:
+    """``slidr bench --restore USERS``: restore time of a changelog partition."""
+    from stream.bench_restore import run_restore_bench
+
+    if args.restore < 1:
+        raise UsageError("--restore takes a positive number of users")
+    settings = Settings.from_env()
+    if not settings.kafka_bootstrap:
+        _require_local_stack_binaries()
+    report = run_restore_bench(
+        settings,
+        args.restore,
         progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True),
     )
     text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
@@ -170,6 +290,18 @@ def faust_transports(text: str) -> tuple[str, ...]:
     return transports
 
 
+def group_memberships(text: str) -> tuple[str, ...]:
+    """``dynamic,fenced,static`` (``slidr bench --memberships``)."""
+    from events.settings import GROUP_MEMBERSHIPS
+
+    modes = comma_separated(text)
+    if not modes or any(m not in GROUP_MEMBERSHIPS for m in modes):
+        raise argparse.ArgumentTypeError(
+            f"expected some of {','.join(GROUP_MEMBERSHIPS)}, got {text!r}"
+        )
+    return modes
+
+
 def add_worker(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run the stream processor (Faust worker)")
     p.add_argument(
@@ -183,6 +315,13 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--batch-size", type=int, default=None, help="clicks per micro-batch (default 500)"
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="worker processes on this host, one group member each, under a supervisor that "
+        "restarts a crashed one (default $SLIDR_WORKER_PROCESSES or one per core)",
     )
     p.add_argument("--loglevel", default="info", help="log level (default info)")
     p.set_defaults(func=cmd_worker)
@@ -334,6 +473,50 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         default=FAUST_TRANSPORTS[:1],
         help="faust-streaming Kafka drivers to measure, comma-separated: aiokafka, confluent "
         "(default aiokafka; confluent stalls before its first assignment on the embedded broker)",
+    )
+    p.add_argument(
+        "--adversarial",
+        action="store_true",
+        help="instead: hostile traffic (unique long agents, rotating ids, wide contexts) "
+        "through the engine in phases, cost and state per phase",
+    )
+    p.add_argument("--phases", type=int, default=5, help="with --adversarial (default 5)")
+    p.add_argument(
+        "--phase-clicks", type=int, default=20_000, help="with --adversarial (default 20k)"
+    )
+    p.add_argument(
+        "--restart",
+        type=int,
+        default=0,
+        metavar="RUNS",
+        help="instead: kill -9 a worker RUNS times, restart it at once, and report the "
+        "seconds to its first decision for each --memberships mode",
+    )
+    p.add_argument(
+        "--memberships",
+        type=group_memberships,
+        default=("dynamic", "fenced"),
+        help="with --restart: SLIDR_GROUP_MEMBERSHIP modes to measure, comma-separated "
+        "(default dynamic,fenced: before and after)",
+    )
+    p.add_argument(
+        "--scaling",
+        type=int,
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="N",
+        help="instead: --stream-clicks decided by 1 worker process and by N (default one "
+        "per core), the ratio, and the CPU shares of the broker, Redis and the workers "
+        "(the stream benchmarks report it too)",
+    )
+    p.add_argument(
+        "--restore",
+        type=int,
+        default=0,
+        metavar="USERS",
+        help="instead: write USERS user records and as many decided clicks to a state "
+        "changelog partition, and time restoring them (whole, then a 1%% tail)",
     )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     p.set_defaults(func=cmd_bench)
