@@ -193,12 +193,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(
         settings,
         options,
-        progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True),
+        progress=_bench_progress,
     )
+    return _print_report(report, args.out)
+
+
+def _bench_progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _print_report(report: dict, out: Path | None) -> int:
+    """A benchmark's JSON report on stdout, and in ``--out`` when given."""
     text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    if out:
+        out.write_text(text + "\n")
     return 0
 
 
@@ -214,13 +223,9 @@ def _bench_adversarial(args: argparse.Namespace) -> int:
     report = run_adversarial_bench(
         settings,
         AdversarialOptions(phases=args.phases, phase_clicks=args.phase_clicks),
-        progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True),
+        progress=_bench_progress,
     )
-    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return _print_report(report, args.out)
 
 
 def _bench_fleet(args: argparse.Namespace) -> int:
@@ -240,14 +245,8 @@ def _bench_fleet(args: argparse.Namespace) -> int:
         scaling_processes=0 if args.scaling is None else args.scaling or default_processes(),
         scaling_clicks=args.stream_clicks,
     )
-    report = run_fleet_bench(
-        settings, options, progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True)
-    )
-    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    report = run_fleet_bench(settings, options, progress=_bench_progress)
+    return _print_report(report, args.out)
 
 
 def _bench_restore(args: argparse.Namespace) -> int:
@@ -262,13 +261,9 @@ def _bench_restore(args: argparse.Namespace) -> int:
     report = run_restore_bench(
         settings,
         args.restore,
-        progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True),
+        progress=_bench_progress,
     )
-    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return _print_report(report, args.out)
 
 
 def _require_local_stack_binaries() -> None:
