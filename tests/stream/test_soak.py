@@ -40,9 +40,9 @@ from typing import cast
 from rocksdict import AccessType, Options, Rdict
 
 from features.limits import MAX_DISTINCT_MEMBERS
+from stream.bench_adversarial import redis_state
 from stream.kafka import CLICKS
 from stream.local_stack import free_port
-from stream.state import redis_client
 from tests.stream.test_worker import DECIDE_S, JOIN_S, committed_offsets, wait_joined
 from tests.stream.worker_harness import (
     DecisionReader,
@@ -178,21 +178,6 @@ def rocksdb_figures(state_root: Path) -> tuple[int, int, int, int]:
     return records, record_bytes, largest, decisions
 
 
-def redis_figures(url: str, prefix: str) -> tuple[int, int, int]:
-    """(keys under ``prefix``, the server's used_memory, the largest set's members)."""
-    client = redis_client(url, timeout_s=10.0)
-    try:
-        keys = sum(1 for _ in client.scan_iter(match=prefix + "*", count=1000))
-        sets = list(client.scan_iter(match=prefix + "*", count=1000, _type="set"))
-        pipe = client.pipeline(transaction=False)
-        for key in sets:
-            pipe.scard(key)
-        largest = max(pipe.execute() if sets else [], default=0)
-        return keys, int(client.info("memory")["used_memory"]), largest
-    finally:
-        client.close()
-
-
 def _window(samples: list[Sample], low: int, high: int, second: bool) -> list[Sample]:
     return [s for s in samples if low <= s.sent <= high and s.second_worker is second]
 
@@ -214,14 +199,15 @@ def test_soak_with_rebalances_keeps_state_and_memory_flat(
     prefix = settings.redis_key_prefix + settings.topic_prefix
     samples: list[Sample] = []
 
-    redis_empty = redis_figures(settings.redis_url, prefix)[1]  # used_memory with no key
+    redis_empty = redis_state(settings.redis_url, prefix)["used_memory"]  # with no key
 
     def redis_bytes_per_key(s: Sample) -> float:
         return (s.redis_used - redis_empty) / max(s.redis_keys, 1)
 
     def sample() -> None:
         records, record_bytes, largest, decisions = rocksdb_figures(state_root)
-        keys, used, largest_set = redis_figures(settings.redis_url, prefix)
+        redis = redis_state(settings.redis_url, prefix)
+        keys, used, largest_set = redis["keys"], redis["used_memory"], redis["largest_set"]
         samples.append(
             Sample(
                 producer.sent,

@@ -25,6 +25,7 @@ from tests.stream.worker_harness import (
     RecordProducer,
     TopicReader,
     click_record,
+    split_between,
     unique,
     wait_until,
 )
@@ -49,16 +50,7 @@ def test_a_killed_worker_s_partitions_move_with_their_state(
     everyone = frozenset(range(settings.partitions))
 
     def split() -> bool:
-        a, b = killed.assignment(), survivor.assignment()
-        return (
-            a is not None
-            and b is not None
-            and a[0] == b[0]
-            and bool(a[1])
-            and bool(b[1])
-            and a[1] | b[1] == everyone
-            and not a[1] & b[1]
-        )
+        return split_between(killed, survivor, everyone)
 
     ensure_changelog(settings.replace(group_id=group))  # as the workers do, to read it
     reader = DecisionReader(settings)

@@ -36,6 +36,7 @@ from tests.stream.worker_harness import (
     click_record,
     dlq_reader,
     produce_records,
+    split_between,
     unique,
     wait_until,
 )
@@ -371,16 +372,7 @@ def test_two_workers_split_the_partitions_and_decide_every_click(
     partitions = frozenset(range(worker_settings.partitions))
 
     def split() -> bool:
-        a, b = first.assignment(), second.assignment()
-        return (
-            a is not None
-            and b is not None
-            and a[0] == b[0]
-            and bool(a[1])
-            and bool(b[1])
-            and not (a[1] & b[1])
-            and a[1] | b[1] == partitions
-        )
+        return split_between(first, second, partitions)
 
     def both_alive() -> bool:
         return first.running and second.running

@@ -180,6 +180,21 @@ def parse_partition_set(text: str) -> frozenset[int]:
     return frozenset(out)
 
 
+def split_between(first: WorkerProcess, second: WorkerProcess, partitions: frozenset[int]) -> bool:
+    """Both workers hold partitions in the same generation, together all of them, none
+    twice: the group settled with both members."""
+    a, b = first.assignment(), second.assignment()
+    return (
+        a is not None
+        and b is not None
+        and a[0] == b[0]
+        and bool(a[1])
+        and bool(b[1])
+        and not (a[1] & b[1])
+        and a[1] | b[1] == partitions
+    )
+
+
 def scrape_metric(port: int, name: str, timeout: float = 5.0) -> float:
     """Sum of every sample of ``name`` at ``http://127.0.0.1:port/metrics``."""
     import urllib.request
