@@ -49,7 +49,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 
 from data.dataset import clicks_from_rows
 from events.errors import SlidrError
-from events.schemas import InvalidEvent, parse_click, parse_ts
+from events.schemas import InvalidEvent, check_not_ahead, parse_click, parse_ts
 from features.batch import compute_features
 from features.definitions import N_FEATURES
 from features.windows import COMBOS, COUNTS, DISTINCTS
@@ -206,9 +206,12 @@ def read_clicks(
         ts = click["ts"]
         if max_future_skew_s is not None:
             kind, stamped_ms = msg.timestamp()
-            if kind != TIMESTAMP_NOT_AVAILABLE and ts - stamped_ms / 1000 > max_future_skew_s:
-                out.ahead += 1
-                continue
+            if kind != TIMESTAMP_NOT_AVAILABLE:
+                try:  # the worker's own check, with the record's time for its clock
+                    check_not_ahead(ts, stamped_ms / 1000, max_future_skew_s)
+                except InvalidEvent:
+                    out.ahead += 1
+                    continue
         if (since is not None and ts < since) or (until is not None and ts >= until):
             out.outside += 1
             continue
