@@ -69,6 +69,17 @@ def test_count_features_count_combinations(tmp_path: Path, synthetic: Path) -> N
     assert x[i, 1] == same_ip.sum() and x[i, 2] == same_app.sum()
     # Each finer combination counts at most as many clicks as the coarser one.
     assert np.all(x[:, 1] >= x[:, 2]) and np.all(x[:, 2] >= x[:, 3]) and np.all(x[:, 3] >= x[:, 4])
+    # So far: the clicks of the same ip at or before this one; the last one counts them all.
+    so_far, _ = bench_real.count_features(clicks, so_far=True)
+    for i in (0, 17, len(clicks) // 2, len(clicks) - 1):
+        same_ip = clicks.ip == clicks.ip[i]
+        earlier = (clicks.ts < clicks.ts[i]) | (
+            (clicks.ts == clicks.ts[i]) & (np.arange(len(clicks)) <= i)
+        )
+        assert so_far[i, 1] == (same_ip & earlier).sum()
+    assert np.all(so_far[:, 1:] <= x[:, 1:]) and np.all(so_far[:, 1:] >= 1)
+    last = {ip: i for i, ip in enumerate(clicks.ip)}  # the last click of each ip (time-sorted)
+    assert all(so_far[i, 1] == x[i, 1] for i in last.values())
 
 
 def test_peers_beat_chance_on_planted_signal(tmp_path: Path, synthetic: Path) -> None:
@@ -82,10 +93,11 @@ def test_peers_beat_chance_on_planted_signal(tmp_path: Path, synthetic: Path) ->
     assert split["test"]["downloads"] > 10
     rows = {row["model"]: row for row in result["models"]}
     assert rows["one-hot logistic regression"]["auc"] > 0.8
-    if lightgbm_available():
-        assert rows["LightGBM + counts"]["auc"] > 0.85
-    else:
-        assert "skipped" in rows["LightGBM + counts"]
+    for peer in ("LightGBM + counts", "LightGBM + counts so far"):
+        if lightgbm_available():
+            assert rows[peer]["auc"] > 0.85
+        else:
+            assert "skipped" in rows[peer]
     text = bench_real.to_text(result)
     assert "one-hot logistic regression" in text and "AUC" in text and "downloads" in text
 
@@ -110,6 +122,7 @@ def test_guardrail_refusal_is_one_line_and_peers_still_run(
     assert [row["model"] for row in result["models"][1:]] == [
         "one-hot logistic regression",
         "LightGBM + counts",
+        "LightGBM + counts so far",
     ]
     assert result["models"][1]["auc"] is not None
     assert "guardrail min_purchases refused training" in bench_real.to_text(result)
@@ -123,6 +136,7 @@ def test_cli_peers_only_writes_json(tmp_path: Path, synthetic: Path, capsys) -> 
     assert [row["model"] for row in figures["models"]] == [
         "one-hot logistic regression",
         "LightGBM + counts",
+        "LightGBM + counts so far",
     ]
     assert "figures:" in capsys.readouterr().out
 
