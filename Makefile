@@ -23,7 +23,7 @@ demo: install ## the whole loop on a fresh machine: stack, simulate, train, stre
 	$(BIN)/slidr demo --dir $(DEMO)
 
 test: install ## run the test suite (starts and stops its own broker and Redis)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 # Packages the type checker holds clean: every package (the tests are not checked).
 MYPY_PACKAGES ?= events features data models stream lifecycle slidr
@@ -37,7 +37,7 @@ lint: install ## ruff (check and format), the layer contract (import-linter), my
 bench: install ## benchmarks: featurization and training on 1M clicks, the scoring path, the pipeline
 	$(BIN)/slidr bench --clicks $(BENCH_CLICKS)
 
-bench-real: install ## AUC of slidr and two peers (one-hot logistic, LightGBM) on the TalkingData sample
+bench-real: install ## AUC of slidr and its peers (one-hot logistic, LightGBM with two kinds of counts) on the TalkingData sample
 	$(BIN)/python -m models.bench_real
 
 clean: ## remove local state (var/), keeps .venv

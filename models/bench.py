@@ -131,6 +131,7 @@ def run_offline_bench(
             stages_s={k: round(v, 3) for k, v in result["timings_s"].items()},
             architecture=result["architecture"],
             fold_epochs=result["fit"][result["architecture"]]["best_epochs"],
+            members_per_fold=result["fit"][result["architecture"]]["members_per_fold"],
             fit_s={name: round(fit["seconds"], 3) for name, fit in result["fit"].items()},
             report=str(registry.path_of(result["version"]) / "report.html"),
         )
@@ -177,7 +178,8 @@ def to_text(figures: dict) -> str:
         fits = ", ".join(f"{k} {v:.1f}" for k, v in t["fit_s"].items())
         lines.append(
             f"  training    {t['total_s']:.1f} s total (shipped {t['architecture']}, "
-            f"folds stopped at epochs {t['fold_epochs']}; cross-fits {fits} s; {stages} s)"
+            f"{len(t['fold_epochs'])} networks stopped at epochs {t['fold_epochs']}; "
+            f"cross-fits {fits} s; {stages} s)"
         )
     lines.append(f"  peak memory {figures['peak_rss_mib']:,.0f} MiB")
     return "\n".join(lines)

@@ -387,3 +387,22 @@ def auc(scores: npt.ArrayLike, positive: npt.ArrayLike) -> float | None:
 
     ranks = rankdata(s)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def weighted_auc(
+    scores: npt.ArrayLike, positive: npt.ArrayLike, weights: npt.ArrayLike
+) -> float | None:
+    """AUC of ``scores`` for ``positive`` with each click counting its weight (ties count
+    one half): the probability that a weighted positive outscores a weighted negative.
+    ``None`` when either class has no weight."""
+    s = np.asarray(scores, dtype=float)
+    pos = np.asarray(positive, dtype=bool)
+    w = np.asarray(weights, dtype=float)
+    _, group = np.unique(s, return_inverse=True)  # groups of equal scores, ascending
+    w_pos = np.bincount(group, weights=w * pos)
+    w_neg = np.bincount(group, weights=w * ~pos)
+    total_pos, total_neg = w_pos.sum(), w_neg.sum()
+    if total_pos <= 0 or total_neg <= 0:
+        return None
+    below = np.cumsum(w_neg) - w_neg
+    return float((w_pos * (below + 0.5 * w_neg)).sum() / (total_pos * total_neg))

@@ -126,9 +126,11 @@ def write_report(folder: Path, result: dict, curves: dict[str, Curve]) -> Path:
     representations = result.get("representations", [])
     rep_cols = [
         "model",
+        "oof_weak_auc",
         "oof_ivr_at_budget",
         "test_ivr_at_budget",
         "test_bot_recall_at_1pct_human_fpr",
+        "members_per_fold",
         "seconds",
         "shipped",
     ]
@@ -172,8 +174,10 @@ representative sample of a slice's humans.</p>
 {_table(proxy["rows"], proxy_cols)}
 {f"<p><b>Proxy and truth disagree by more than 2x:</b></p><ul>{warnings}</ul>" if warnings else ""}
 <h2>Representations (context as hashed slots or per-field embeddings; MLP or DCN-v2)</h2>
-<p>Each cross-fitted over the fit days; the one with the highest out-of-fold IVR at the FPR
-budget ships. Held-out figures are shown for every one, and were not used to choose.</p>
+<p>Each cross-fitted over the fit days with one network per fold; the one whose out-of-fold
+scores rank the weak labels best (AUC under the training weights) ships, with more networks
+per fold (its held-out figures are the shipped model's). Held-out figures are shown for every
+one, and were not used to choose.</p>
 {_table(representations, rep_cols)}
 <h2>Label propensity</h2>
 <p>{html.escape(str(propensity.get("note", "")))}. Inputs switched off:

@@ -11,8 +11,12 @@ import argparse
 import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from events.errors import UsageError
+
+if TYPE_CHECKING:
+    from models.pipeline import TrainOptions
 
 REGISTRY_HELP = "model registry directory (default: $SLIDR_REGISTRY or var/registry)"
 
@@ -98,3 +102,34 @@ def archive_kinds(text: str) -> tuple[str, ...]:
     if unknown or not kinds:
         raise argparse.ArgumentTypeError(f"expected some of {','.join(KINDS)}, got {text!r}")
     return kinds
+
+
+def members_flag(parser: argparse.ArgumentParser) -> None:
+    """``--members-per-fold N`` of ``train`` and ``retrain``."""
+    parser.add_argument(
+        "--members-per-fold",
+        type=int,
+        default=3,
+        metavar="N",
+        help="networks of the shipped variant per fit day, all averaged (default 3)",
+    )
+
+
+def train_options(args: argparse.Namespace, **changes: object) -> TrainOptions:
+    """The ``TrainOptions`` of the flags ``train`` and ``retrain`` share, with ``changes``;
+    a value ``TrainOptions`` refuses is a ``UsageError`` naming it."""
+    from models.pipeline import TrainOptions
+
+    if args.min_coverage is not None:
+        changes["min_coverage"] = parse_min_coverage(args.min_coverage)
+    try:
+        return TrainOptions(
+            fpr_budget=args.fpr_budget,
+            seed=args.seed,
+            max_epochs=args.epochs,
+            calibration_method=args.calibration,
+            members_per_fold=args.members_per_fold,
+            **changes,  # type: ignore[arg-type]
+        )
+    except ValueError as exc:  # TrainOptions checks its fields with ValueError
+        raise UsageError(str(exc)) from exc

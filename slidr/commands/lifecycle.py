@@ -17,10 +17,11 @@ from events.settings import Settings
 from slidr.commands.checks import require_broker
 from slidr.commands.console import prefixed_printer
 from slidr.commands.flags import (
+    members_flag,
     parse_limit,
-    parse_min_coverage,
     parse_when,
     registry_flag,
+    train_options,
 )
 
 if TYPE_CHECKING:
@@ -284,7 +285,6 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         retrain,
     )
     from models.guardrails import ModelGuardrailConfig
-    from models.pipeline import TrainOptions
 
     settings = Settings.from_env(registry=args.registry)
     if args.history:
@@ -297,14 +297,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         return 0
     if (args.data is None) == (args.archive is None):
         raise UsageError("give exactly one of --data DIR or --archive DIR")
-    train = TrainOptions(
-        fpr_budget=args.fpr_budget,
-        seed=args.seed,
-        max_epochs=args.epochs,
-        calibration_method=args.calibration,
-    )
-    if args.min_coverage is not None:
-        train = dataclasses.replace(train, min_coverage=parse_min_coverage(args.min_coverage))
+    train = train_options(args)
     options = RetrainOptions(
         days=args.days,
         delay_s=args.delay_hours * 3600.0,
@@ -392,8 +385,9 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
         help="minimum robotic coverage per slice (default: as `slidr train`)",
     )
     p.add_argument("--calibration", choices=["quadratic", "empirical"], default="empirical")
-    p.add_argument("--epochs", type=int, default=8, help="most training epochs (default 8)")
+    p.add_argument("--epochs", type=int, default=12, help="most training epochs (default 12)")
     p.add_argument("--seed", type=int, default=7, help="training seed (default 7)")
+    members_flag(p)
     p.add_argument(
         "--limit",
         type=parse_limit,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -12,32 +11,30 @@ import orjson
 
 from events.errors import EXIT_GUARDRAIL, SlidrError, UsageError
 from slidr.commands.console import stage_printer
-from slidr.commands.flags import comma_separated, parse_min_coverage, registry_flag, registry_path
+from slidr.commands.flags import (
+    comma_separated,
+    members_flag,
+    registry_flag,
+    registry_path,
+    train_options,
+)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from models.guardrails import GuardrailFailure
-    from models.pipeline import TrainOptions, run_training
+    from models.pipeline import run_training
     from models.registry import ModelRegistry
 
-    options = TrainOptions(
-        fpr_budget=args.fpr_budget,
-        robotic_k=args.robotic_k,
-        calibration_method=args.calibration,
-        seed=args.seed,
-        max_epochs=args.epochs,
-    )
-    if args.min_coverage is not None:
-        options = dataclasses.replace(options, min_coverage=parse_min_coverage(args.min_coverage))
-    changes: dict = {"weighting": args.weighting, "peers": not args.no_peers}
+    changes: dict = {
+        "robotic_k": args.robotic_k,
+        "weighting": args.weighting,
+        "peers": not args.no_peers,
+    }
     if args.architectures is not None:
         changes["architectures"] = comma_separated(args.architectures)
     if args.propensity_features is not None:
         changes["propensity_features"] = comma_separated(args.propensity_features)
-    try:
-        options = dataclasses.replace(options, **changes)
-    except ValueError as exc:  # TrainOptions checks its fields with ValueError
-        raise UsageError(str(exc)) from exc
+    options = train_options(args, **changes)
     registry = ModelRegistry(registry_path(args))
     try:
         result = run_training(args.data, registry, options, progress=stage_printer())
@@ -190,7 +187,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         default="empirical",
         help="slice calibration: SLIDR's concave quadratic fit, or exact on the empirical curves",
     )
-    p.add_argument("--epochs", type=int, default=8, help="most training epochs (default 8)")
+    p.add_argument("--epochs", type=int, default=12, help="most training epochs (default 12)")
     p.add_argument("--seed", type=int, default=7, help="training seed (default 7)")
     p.add_argument(
         "--architectures",
@@ -199,6 +196,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="model variants compared out of fold, the best ships "
         "(default mlp_embeddings,mlp_hashed,dcn_embeddings)",
     )
+    members_flag(p)
     p.add_argument(
         "--propensity-features",
         default=None,

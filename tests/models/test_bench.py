@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.bench import machine_info, run_offline_bench, to_text
+from models.pipeline import TrainOptions
 
 
 def test_offline_bench_reports_figures(tmp_path: Path) -> None:
@@ -30,6 +31,8 @@ def test_offline_bench_reports_the_training_it_ran(tmp_path: Path) -> None:
     assert "error" not in training, training
     assert training["architecture"] in training["fit_s"]
     assert {"logistic_regression", training["architecture"]} <= training["fit_s"].keys()
-    assert len(training["fold_epochs"]) == 3  # the three days before the held-out one
+    # The three days before the held-out one, each held out by as many networks.
+    assert len(training["fold_epochs"]) == 3 * training["members_per_fold"]
+    assert training["members_per_fold"] == TrainOptions().members_per_fold
     text = to_text(figures)
     assert f"shipped {training['architecture']}" in text and "cross-fits" in text

@@ -16,6 +16,7 @@ from models.metrics import (
     robotic_sessions,
     split_slices,
     threshold_for_fpr,
+    weighted_auc,
 )
 
 # --------------------------------------------------------------------------------------
@@ -219,3 +220,20 @@ def test_recall_at_human_fpr():
     scores = np.array([0.1, 0.2, 0.75, 0.6, 0.7, 0.8])
     assert recall_at_human_fpr(scores, is_bot, 0.0) == pytest.approx(1 / 3)
     assert recall_at_human_fpr(scores, np.zeros(6, dtype=bool)) is None
+
+
+def test_weighted_auc_counts_each_click_its_weight_and_ties_one_half() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 12, 400).astype(float)  # many ties
+    positive = rng.random(400) < 0.3
+    weights = rng.integers(1, 5, 400)
+    # The same as the plain AUC of the data with each click repeated weight times.
+    repeated = weighted_auc(
+        np.repeat(scores, weights), np.repeat(positive, weights), np.ones(weights.sum())
+    )
+    assert weighted_auc(scores, positive, weights) == pytest.approx(repeated)
+    assert weighted_auc([0.1, 0.9], [False, True], [1.0, 1.0]) == 1.0
+    assert weighted_auc([0.5, 0.5], [False, True], [1.0, 3.0]) == 0.5
+    # One heavy negative above the positive, three light ones below it.
+    assert weighted_auc([0.9, 0.1, 0.2, 0.3, 0.5], [0, 0, 0, 0, 1], [3, 1, 1, 1, 1]) == 0.5
+    assert weighted_auc([0.1, 0.2], [True, True], [1.0, 1.0]) is None

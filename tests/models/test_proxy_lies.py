@@ -73,9 +73,9 @@ def test_report_shows_proxy_against_truth_and_the_comparisons(trained: SimpleNam
 
 @pytest.mark.xfail(
     strict=False,
-    reason="open (issue 11): bot recall at 1% true human FPR beats LightGBM on every input but "
-    "not LightGBM on slidr's own inputs in this world (5 days of 40k clicks, seed 1: 0.59 vs "
-    "0.23 and 0.70)",
+    reason="open (issue 11): bot recall at 1% true human FPR beats LightGBM on every input, "
+    "and LightGBM on slidr's own inputs on this test's data, but not on every seed of "
+    "5 days of 40k clicks (seeds 1-3: 0.690, 0.636, 0.716 vs 0.696, 0.654, 0.360)",
 )
 def test_recall_at_one_percent_human_fpr_beats_gradient_boosted_trees(
     trained: SimpleNamespace,
@@ -84,3 +84,13 @@ def test_recall_at_one_percent_human_fpr_beats_gradient_boosted_trees(
     ours = rows["mlp"]["bot_recall_at_1pct_human_fpr"]
     for peer in ("lightgbm_all_inputs", "lightgbm_same_inputs"):
         assert ours > rows[peer]["bot_recall_at_1pct_human_fpr"], peer
+
+
+def test_recall_holds_against_gradient_boosted_trees(trained: SimpleNamespace) -> None:
+    """The part of the target above that holds on every seed measured: well ahead of trees
+    that see who gets labelled, and within 0.05 of trees on slidr's own inputs."""
+    rows = {
+        row["model"]: row["bot_recall_at_1pct_human_fpr"] for row in trained.result["baselines"]
+    }
+    assert rows["mlp"] > rows["lightgbm_all_inputs"] + 0.2, rows
+    assert rows["mlp"] > rows["lightgbm_same_inputs"] - 0.05, rows

@@ -6,10 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from models.export import export_onnx, max_export_error
 from models.pipeline import choose_architecture, split_by_day
-from models.training import AveragedClassifier, IdColumn, TrainConfig, fit, mlp, predict
+from models.training import (
+    AveragedClassifier,
+    FusedAverage,
+    IdColumn,
+    TrainConfig,
+    fit,
+    fuse,
+    mlp,
+    predict,
+)
 
 DAY = 86_400.0
 
@@ -44,6 +54,18 @@ def test_embeddings_learn_which_ids_are_robotic_and_export_exactly(tmp_path: Pat
     assert max_export_error(model, path, wild) <= 1e-5
 
 
+def test_early_stopping_keeps_the_epoch_with_the_best_validation_auc() -> None:
+    x, y = _data(seed=3)
+    config = TrainConfig(max_epochs=5, patience=5)
+    model = mlp(4, x.mean(0), x.std(0), config, MASK, IDS)
+    # Validation labels flipped on the ads: the better training ranks them, the worse
+    # validation AUC gets, so the first epoch's model is kept, whatever its loss.
+    log = fit(model, x, y, np.ones(len(x)), x[:800], 1 - y[:800], np.ones(800), config)
+    assert len(log.val_auc) == log.epochs == 5
+    assert log.best_epoch == int(np.argmax(log.val_auc)) + 1
+    assert predict(model, x[:800]).std() > 0
+
+
 def test_dcn_layers_and_the_averaged_folds_export_exactly(tmp_path: Path) -> None:
     x, y = _data(seed=2)
     config = TrainConfig(max_epochs=2)
@@ -62,6 +84,47 @@ def test_dcn_layers_and_the_averaged_folds_export_exactly(tmp_path: Path) -> Non
     assert max_export_error(averaged, path, x) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    ("ids", "cross_layers"),
+    [(IDS, 0), (IDS, 2), ([], 0), ([], 1)],
+    ids=["mlp", "dcn", "dense", "dense-dcn"],
+)
+def test_averaged_members_are_exported_as_one_batched_network_with_the_same_scores(
+    tmp_path: Path, ids: list[IdColumn], cross_layers: int
+) -> None:
+    x, y = _data(seed=4)
+    mask = MASK if ids else np.array([1, 1, 1, 1], dtype=np.float32)
+    members = []
+    for seed in (1, 2, 3):
+        member = mlp(4, x.mean(0), x.std(0), TrainConfig(seed=seed), mask, ids, cross_layers)
+        fit(member, x, y, np.ones(len(x)), None, None, None, TrainConfig(max_epochs=1, seed=seed))
+        members.append(member)
+    averaged = AveragedClassifier(members).eval()
+    fused = fuse(averaged)
+    assert isinstance(fused, FusedAverage)
+    wild = x.copy()
+    wild[:4, 2] = [-3, 64, 1e9, 63.0]  # ids outside the tables are clamped in both forms
+    np.testing.assert_allclose(predict(fused, wild), predict(averaged, wild), atol=1e-6)
+    path = export_onnx(averaged, 4, tmp_path / "model.onnx")
+    assert max_export_error(averaged, path, wild) <= 1e-5
+
+
+def test_members_that_cannot_be_stacked_stay_averaged_one_by_one() -> None:
+    x, _ = _data(seed=5)
+    config = TrainConfig()
+    other_statistics = mlp(4, x.mean(0) + 1.0, x.std(0), config, MASK, IDS)
+    assert isinstance(
+        fuse(
+            AveragedClassifier([mlp(4, x.mean(0), x.std(0), config, MASK, IDS), other_statistics])
+        ),
+        AveragedClassifier,
+    )
+    with_cross = mlp(4, x.mean(0), x.std(0), config, MASK, IDS, cross_layers=1)
+    plain = mlp(4, x.mean(0), x.std(0), config, MASK, IDS)
+    assert isinstance(fuse(AveragedClassifier([plain, with_cross])), AveragedClassifier)
+    assert fuse(plain) is plain
+
+
 def test_each_fit_day_is_held_out_once_and_the_test_day_never() -> None:
     ts = np.sort(np.random.default_rng(3).uniform(0, 4 * DAY, 2_000))
     split = split_by_day(ts)
@@ -77,8 +140,8 @@ def test_each_fit_day_is_held_out_once_and_the_test_day_never() -> None:
 
 def test_a_retrain_keeps_the_active_architecture_unless_another_is_clearly_better() -> None:
     rows = [
-        {"model": "mlp_hashed", "oof_ivr_at_budget": 0.200},
-        {"model": "dcn_embeddings", "oof_ivr_at_budget": 0.195},
+        {"model": "mlp_hashed", "oof_weak_auc": 0.700},
+        {"model": "dcn_embeddings", "oof_weak_auc": 0.695},
     ]
     assert choose_architecture(rows, None) == "mlp_hashed"
     assert choose_architecture(rows, "dcn_embeddings") == "dcn_embeddings"  # within 0.01

@@ -321,6 +321,18 @@ def test_train_option_errors_are_one_line(capsys, tmp_path: Path) -> None:
     for flag, value, fragment in (
         ("--architectures", "mlp_hashed,resnet", "unknown ['resnet']"),
         ("--propensity-features", "logged_in,shoe_size", "not feature names: ['shoe_size']"),
+        ("--members-per-fold", "0", "members_per_fold must be at least 1, got 0"),
     ):
         result = run(capsys, "train", "--data", tmp_path, "--registry", tmp_path / "r", flag, value)
         assert_one_line_error(result, "train", fragment)
+    result = run(
+        capsys,
+        "retrain",
+        "--data",
+        tmp_path,
+        "--registry",
+        tmp_path / "r",
+        "--members-per-fold",
+        "0",
+    )
+    assert_one_line_error(result, "retrain", "members_per_fold must be at least 1, got 0")
