@@ -123,8 +123,11 @@ class TrainOptions:
 # "hashed": the signed 16-slot hashing of the whole context (ctx_*), SLIDR-style;
 # "embeddings": one hashed embedding table per field (features.definitions.EMBEDDINGS).
 # Out-of-fold weighted AUC of the weak label by which another architecture must beat the
-# active version's to replace it.
-ARCHITECTURE_MARGIN = 0.01
+# active version's to replace it: about what the figure moves between two daily retrains
+# (`make demo`'s second retrain, the days shifted by one: dcn_embeddings 0.632 -> 0.611,
+# mlp_hashed 0.627 -> 0.627; with 0.01 the retrain switched to mlp_hashed and the
+# slice_ivr_jump guardrail refused it).
+ARCHITECTURE_MARGIN = 0.02
 ARCHITECTURES: dict[str, tuple[str, int]] = {
     "mlp_embeddings": ("embeddings", 0),
     "mlp_hashed": ("hashed", 0),

@@ -141,9 +141,9 @@ def test_each_fit_day_is_held_out_once_and_the_test_day_never() -> None:
 def test_a_retrain_keeps_the_active_architecture_unless_another_is_clearly_better() -> None:
     rows = [
         {"model": "mlp_hashed", "oof_weak_auc": 0.700},
-        {"model": "dcn_embeddings", "oof_weak_auc": 0.695},
+        {"model": "dcn_embeddings", "oof_weak_auc": 0.685},
     ]
     assert choose_architecture(rows, None) == "mlp_hashed"
-    assert choose_architecture(rows, "dcn_embeddings") == "dcn_embeddings"  # within 0.01
-    assert choose_architecture(rows, "dcn_embeddings", margin=0.001) == "mlp_hashed"
+    assert choose_architecture(rows, "dcn_embeddings") == "dcn_embeddings"  # within 0.02
+    assert choose_architecture(rows, "dcn_embeddings", margin=0.01) == "mlp_hashed"
     assert choose_architecture(rows, "retired_variant") == "mlp_hashed"
