@@ -614,7 +614,6 @@ def run_training(
                 "oof_weak_auc": metrics.weighted_auc(
                     f.oof[fit_idx], y[fit_idx] > 0.5, weights[fit_idx]
                 ),
-                "seconds": round(f.seconds, 1),
             }
         )
     chosen = choose_architecture(representations, (previous or {}).get("architecture"))

@@ -152,6 +152,32 @@ def summary(values: list[float]) -> dict:
     }
 
 
+def _time_restart(
+    clock: DecisionClock,
+    restarted: Callable[[], bool],
+    killed_at: float,
+    since: Callable[[float], float],
+    label: str,
+    seconds: list[float],
+    progress: Callable[[str], None],
+) -> bool:
+    """Wait up to 90 s for ``restarted``; record ``since(killed_at)`` then, in ``seconds``.
+    False: no decision came."""
+    if not clock.wait(restarted, 90):
+        progress(f"{label}: no decision within 90 s")
+        return False
+    seconds.append(since(killed_at))
+    progress(f"{label}: {seconds[-1]:.2f} s")
+    return True
+
+
+def _drain(clicks: ClickStream, clock: DecisionClock) -> None:
+    """Stop producing; lossless: wait until every click produced is decided."""
+    clicks.stop.set()
+    clicks.join(60)
+    clock.wait(lambda: len(clock.decided) >= clicks.sent, 120)
+
+
 def bench_restart(
     settings: Settings,
     registry: Path,
@@ -197,16 +223,18 @@ def bench_restart(
             def decided_since(at: float = killed_at) -> bool:
                 return clock.latest_decided_at > at
 
-            if clock.wait(decided_since, 90):
-                seconds.append(clock.latest_decided_at - killed_at)
-                progress(f"restart ({membership}) {run + 1}/{runs}: {seconds[-1]:.2f} s")
-            else:
+            label = f"restart ({membership}) {run + 1}/{runs}"
+            if not _time_restart(
+                clock,
+                decided_since,
+                killed_at,
+                lambda at: clock.latest_decided_at - at,
+                label,
+                seconds,
+                progress,
+            ):
                 failed += 1
-                progress(f"restart ({membership}) {run + 1}/{runs}: no decision within 90 s")
-        clicks.stop.set()
-        clicks.join(60)
-        # Lossless: every click produced is decided in the end.
-        clock.wait(lambda: len(clock.decided) >= clicks.sent, 120)
+        _drain(clicks, clock)
     finally:
         clicks.stop.set()
         stop_worker(proc)
@@ -296,15 +324,18 @@ def bench_supervised_restart(
                     found.append(match)
                 return _decisions_served(base + int(found[0].group(1))) > 0
 
-            if clock.wait(restarted, 90):
-                seconds.append(time.monotonic() - killed_at)
-                progress(f"supervised restart {run + 1}/{runs}: {seconds[-1]:.2f} s")
-            else:
+            label = f"supervised restart {run + 1}/{runs}"
+            if not _time_restart(
+                clock,
+                restarted,
+                killed_at,
+                lambda at: time.monotonic() - at,
+                label,
+                seconds,
+                progress,
+            ):
                 failed += 1
-                progress(f"supervised restart {run + 1}/{runs}: no decision within 90 s")
-        clicks.stop.set()
-        clicks.join(60)
-        clock.wait(lambda: len(clock.decided) >= clicks.sent, 120)
+        _drain(clicks, clock)
     finally:
         clicks.stop.set()
         stop_worker(proc)

@@ -408,7 +408,15 @@ def redis_client(url: str, password: str = "", timeout_s: float = 1.0) -> redis.
     )
 
 
-class RedisStore(StateStore):
+class _RoundTripStore(StateStore):
+    """A store behind a network round trip: ``submit_plans`` sends, and ``execute_rows``
+    is a submission read at once."""
+
+    def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
+        return self.submit_rows(plan, rows, now)()
+
+
+class RedisStore(_RoundTripStore):
     """Shared state (IPs, combinations) in Redis, for every worker; keys expire by TTL.
 
     ``submit_plans`` writes the batch's script call and returns at once; the answer is
@@ -421,9 +429,6 @@ class RedisStore(StateStore):
         self.client = client
         self.prefix = prefix
         self._script = client.register_script(_ROWS_LUA)
-
-    def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
-        return self.submit_rows(plan, rows, now)()
 
     def submit_plans(
         self, jobs: Sequence[tuple[RowPlan, Sequence[Row]]], now: float = 0.0
@@ -505,7 +510,7 @@ def redis_cluster_client(url: str, password: str = "", timeout_s: float = 1.0) -
     )
 
 
-class ClusterRedisStore(StateStore):
+class ClusterRedisStore(_RoundTripStore):
     """Shared state (IPs, combinations) on a Redis Cluster, through redis-py's
     ``RedisCluster`` (which follows MOVED and ASK and refreshes its slot map after a
     failover); the same script and keys as ``RedisStore`` but for the slot group's hash
@@ -539,9 +544,6 @@ class ClusterRedisStore(StateStore):
         self.client: RedisCluster | None = None
         self._sha = hashlib.sha1(_ROWS_LUA.encode()).hexdigest()
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="slidr-redis-cluster")
-
-    def execute_rows(self, plan: RowPlan, rows: Sequence[Row], now: float = 0.0) -> list[Any]:
-        return self.submit_rows(plan, rows, now)()
 
     def submit_plans(
         self, jobs: Sequence[tuple[RowPlan, Sequence[Row]]], now: float = 0.0
