@@ -169,6 +169,13 @@ def slice_of(device: str, logged_in: bool) -> str:
     return f"{device}/{'logged_in' if logged_in else 'logged_out'}"
 
 
+def signed_in_counterpart(slice_name: str) -> str | None:
+    """The signed-in slice of a signed-out slice's device (``mobile/logged_out`` ->
+    ``mobile/logged_in``); None for any other name."""
+    device, _, status = slice_name.rpartition("/")
+    return slice_of(device, True) if device and status == "logged_out" else None
+
+
 def time_features(ts: np.ndarray, logged_in: np.ndarray) -> np.ndarray:
     """Hour of day and day of week on the unit circle (UTC), and logged-in status
     (booleans or 0/1).

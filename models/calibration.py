@@ -30,8 +30,10 @@ Two models of IVR_s(f):
 
 The f_min_s come from the empirical curve: the least slice FPR at which the share of robotic
 clicks invalidated reaches C_s. Slices with too few purchasing clicks have no usable FPR
-curve; they get the global threshold (the one reaching FPR B on all clicks), their FPR spend
-is charged to the budget first, and the rest is shared by the calibrated slices.
+curve; they get the global threshold (the one reaching FPR B on all clicks), or a stricter
+one where their own few purchasing clicks, or those of a stand-in slice, ask for it (see
+``calibrate_slices``); their FPR spend is charged to the budget first, and the rest is
+shared by the calibrated slices.
 
 Only numpy is imported at module level: scoring needs :func:`apply_thresholds` and must not
 pull in the solver. cvxpy is imported when a QP is solved.
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -528,6 +531,7 @@ def calibrate_slices(
     min_purchases: int = 20,
     fit_span: float | None = DEFAULT_FIT_SPAN,
     max_slice_fpr: float = 1.0,
+    stand_ins: Mapping[str, str] | None = None,
 ) -> CalibrationResult:
     """Per-slice thresholds maximising overall IVR within an overall FPR budget (SPEC §5).
 
@@ -540,7 +544,8 @@ def calibrate_slices(
         min_coverage: C_s per slice name (missing slices: 0), or one value for all.
         method: ``"quadratic"`` (fitted concave quadratics, QP) or ``"empirical"`` (exact
             on the empirical curves' concave hulls).
-        min_purchases: slices with fewer purchasing clicks get the global threshold.
+        min_purchases: slices with fewer purchasing clicks get the global threshold, or a
+            stricter one (see ``stand_ins``).
         max_slice_fpr: the most FPR any one slice may get (f_s <= it). The optimum likes
             to spend the budget where robots are dense, which can take one slice's
             humans far past the overall budget; a cap keeps every slice's humans within
@@ -552,6 +557,13 @@ def calibrate_slices(
             quadratic over a wide range misses that bend, so a narrow span fits better where
             the optimum lies; the empirical method is never capped and reports what the cap
             and the fit cost (``objective["approximation_loss"]``).
+        stand_ins: per slice name, a slice whose purchasing clicks stand in for its humans
+            when it has too few of its own (e.g. ``mobile/logged_out`` ->
+            ``mobile/logged_in``: the model cannot see signed-in status, so a device's
+            signed-in buyers are the nearest labelled humans of its signed-out traffic). A
+            label-poor slice never gets a threshold below the one at FPR ``budget`` on its
+            calibrated stand-in's purchasing clicks. Stand-ins that are label-poor
+            themselves, or absent, are ignored.
 
     Raises:
         CalibrationError: the coverage minima (plus the spend of the slices on the global
@@ -583,23 +595,34 @@ def calibrate_slices(
     p_s = np.array([int(pur[m].sum()) for m in members])
     calibrated = p_s >= max(min_purchases, 1)
 
-    # Label-poor slices fall back conservatively: the global threshold, or the slice's
-    # own threshold at the budget where its few purchasing clicks already show the global
-    # one invalidating more of them than the budget allows (a handful of labels cannot
-    # calibrate a slice, but can refuse a threshold that is plainly too low for it).
-    # They spend their share of the budget first.
+    # Label-poor slices fall back conservatively, to the strictest of: the global
+    # threshold; the slice's own threshold at the budget (a handful of labels cannot
+    # calibrate a slice, but can refuse a threshold that is plainly too low for it); and
+    # its stand-in's threshold at the budget (its few buyers may not look like its other
+    # humans at all: on `slidr simulate --world proxy_lies` seed 5 the global threshold
+    # invalidated 5.3% of mobile/logged_out humans, whose 31 buyers all scored below it;
+    # mobile/logged_in's buyers took that to 1.9%). They spend their budget share first.
+    index = {str(name): k for k, name in enumerate(names.tolist())}
     fallback: dict[int, tuple[float, str]] = {}
     for i in np.flatnonzero(~calibrated).tolist():
         m = members[i]
-        own = threshold_for_fpr(s[m], pur[m], budget) if p_s[i] else -np.inf
-        if own > global_t:
-            why = (
-                f"{p_s[i]} purchasing clicks (< {min_purchases}): the slice's own threshold at "
-                f"FPR {budget}, stricter than the global one"
+        candidates = [(global_t, "global threshold")]
+        if p_s[i]:
+            own = threshold_for_fpr(s[m], pur[m], budget)
+            candidates.append((own, f"the slice's own threshold at FPR {budget}"))
+        other = index.get((stand_ins or {}).get(str(names[i]), ""))
+        if other is not None and calibrated[other]:
+            sm = members[other]
+            candidates.append(
+                (
+                    threshold_for_fpr(s[sm], pur[sm], budget),
+                    f"the threshold at FPR {budget} on {names[other]}'s purchasing clicks",
+                )
             )
-        else:
-            why = f"{p_s[i]} purchasing clicks (< {min_purchases}): global threshold"
-        fallback[int(i)] = (max(own, global_t), why)
+        threshold, source = max(candidates, key=lambda c: c[0])
+        stricter = ", stricter than the global one" if threshold > global_t else ""
+        why = f"{p_s[i]} purchasing clicks (< {min_purchases}): {source}{stricter}"
+        fallback[int(i)] = (threshold, why)
         warnings.append(f"slice {str(names[i])!r}: {why}")
     fixed_spend = (
         sum(int((pur[members[i]] & (s[members[i]] >= t)).sum()) for i, (t, _) in fallback.items())

@@ -34,7 +34,14 @@ import pyarrow.parquet as pq
 from data.dataset import Dataset, load_dataset
 from events.errors import SlidrError
 from features.batch import compute_features
-from features.definitions import EMBEDDINGS, FEATURE_NAMES, FEATURE_SPEC_VERSION, INDEX, N_FEATURES
+from features.definitions import (
+    EMBEDDINGS,
+    FEATURE_NAMES,
+    FEATURE_SPEC_VERSION,
+    INDEX,
+    N_FEATURES,
+    signed_in_counterpart,
+)
 from features.windows import DAY_S
 from models import calibration, metrics
 from models.guardrails import GuardrailReport, HeldOut, check_training_data, label_share_by_slice
@@ -645,6 +652,13 @@ def run_training(
     calibration_inputs = (oof[fit_idx], p.slices[fit_idx], purchasing[fit_idx], p.robotic[fit_idx])
     min_coverage = options.min_coverage
     slice_cap = min(1.0, options.max_slice_fpr_factor * budget)
+    # A label-poor signed-out slice borrows its device's signed-in buyers as stand-ins
+    # for its humans (see calibration.calibrate_slices).
+    stand_ins = {
+        name: sibling
+        for name in set(p.slices[fit_idx].tolist())
+        if (sibling := signed_in_counterpart(name)) is not None
+    }
     try:
         cal = calibration.calibrate_slices(
             *calibration_inputs,
@@ -653,6 +667,7 @@ def run_training(
             method=options.calibration_method,
             min_purchases=options.min_slice_purchases,
             max_slice_fpr=slice_cap,
+            stand_ins=stand_ins,
         )
     except calibration.CalibrationError as exc:
         # Coverage minima are a wish per deployment; a budget that cannot pay for them
@@ -666,6 +681,7 @@ def run_training(
             method=options.calibration_method,
             min_purchases=options.min_slice_purchases,
             max_slice_fpr=slice_cap,
+            stand_ins=stand_ins,
         )
         cal.warnings.insert(0, f"coverage minima dropped: {exc}")
     other_method: calibration.Method = (
@@ -679,6 +695,7 @@ def run_training(
             method=other_method,
             min_purchases=options.min_slice_purchases,
             max_slice_fpr=slice_cap,
+            stand_ins=stand_ins,
         )
     except calibration.CalibrationError:
         alt = None

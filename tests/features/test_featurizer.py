@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from features.definitions import ClickFeaturizer, combo_entity
+from features.definitions import ClickFeaturizer, combo_entity, signed_in_counterpart, slice_of
 from features.store import MemoryStore
 from features.windows import COMBOS
 
@@ -64,3 +64,10 @@ def test_ip_and_combination_state_go_in_one_shared_call() -> None:
     assert [len(rows) for _, rows in jobs] == [2] * (1 + len(COMBOS))  # IP, then each combination
     assert jobs[1][1][1][0] == combo_entity(COMBOS[0], ["10.0.0.1", "7"])
     assert all(plan.counts and not plan.distincts and not plan.last_seen for plan, _ in jobs[1:])
+
+
+def test_a_signed_out_slice_has_its_devices_signed_in_counterpart():
+    assert signed_in_counterpart(slice_of("mobile", False)) == slice_of("mobile", True)
+    assert signed_in_counterpart("mobile/logged_in") is None
+    assert signed_in_counterpart("logged_out") is None
+    assert signed_in_counterpart("unknown") is None

@@ -205,6 +205,62 @@ def test_with_every_slice_too_small_each_falls_back_to_the_stricter_threshold(tr
     assert result.fpr <= BUDGET
 
 
+def _with_signed_out_slice(rng, traffic: Traffic, human_beta, buyers: int) -> Traffic:
+    """``traffic`` plus a label-poor slice "hard/logged_out" with ``buyers`` purchasing
+    clicks that score low (unlike the slice's other humans), and "hard" renamed
+    "hard/logged_in", its stand-in."""
+    n = 4000
+    bot = rng.random(n) < 0.3
+    scores = np.where(bot, rng.beta(8, 1.5, n), rng.beta(*human_beta, n))
+    purchasing = np.zeros(n, dtype=bool)
+    buyer = np.flatnonzero(~bot)[:buyers]
+    purchasing[buyer] = True
+    scores[buyer] = rng.uniform(0.0, 0.2, buyers)
+    slices = np.where(traffic.slices == "hard", "hard/logged_in", traffic.slices)
+    return Traffic(
+        np.concatenate([traffic.scores, scores]),
+        np.concatenate([slices, np.full(n, "hard/logged_out", dtype=object)]),
+        np.concatenate([traffic.purchasing, purchasing]),
+        np.concatenate([traffic.robotic, bot]),
+    )
+
+
+def test_a_label_poor_slice_borrows_its_stand_ins_buyers_when_they_are_stricter(traffic):
+    """Its own few buyers score low and say nothing of its other humans, who score like
+    the stand-in's: the global threshold would invalidate far more of them than the
+    budget. The stand-in's purchasing clicks set a stricter threshold."""
+    t = _with_signed_out_slice(np.random.default_rng(5), traffic, (4, 3), buyers=8)
+    stand_ins = {"hard/logged_out": "hard/logged_in"}
+    without = _calibrate(t, budget=BUDGET, min_purchases=20)
+    result = _calibrate(t, budget=BUDGET, min_purchases=20, stand_ins=stand_ins)
+    poor = result.slices["hard/logged_out"]
+    assert not poor.calibrated and poor.p == 8
+    rich = t.slices == "hard/logged_in"
+    borrowed = threshold_for_fpr(t.scores[rich], t.purchasing[rich], BUDGET)
+    assert without.thresholds["hard/logged_out"] == without.default_threshold < borrowed
+    assert result.thresholds["hard/logged_out"] == borrowed
+    assert "hard/logged_in's purchasing clicks" in poor.note and "stricter" in poor.note
+    # The humans it protects: far fewer invalidated than under the global threshold.
+    humans = (t.slices == "hard/logged_out") & ~t.robotic
+    before = (t.scores[humans] >= without.default_threshold).mean()
+    after = (t.scores[humans] >= borrowed).mean()
+    assert before > 2 * BUDGET and after < before / 2
+    assert result.fpr <= BUDGET + 1e-12
+
+
+def test_a_laxer_or_label_poor_stand_in_changes_nothing(traffic):
+    t = _with_signed_out_slice(np.random.default_rng(6), traffic, (4, 3), buyers=8)
+    easy = t.slices == "easy"  # its humans score low: its threshold at the budget is low
+    laxer = threshold_for_fpr(t.scores[easy], t.purchasing[easy], BUDGET)
+    result = _calibrate(t, budget=BUDGET, min_purchases=20, stand_ins={"hard/logged_out": "easy"})
+    assert laxer < result.default_threshold == result.thresholds["hard/logged_out"]
+    assert result.slices["hard/logged_out"].note.endswith("global threshold")
+    # A stand-in without enough labels of its own is no stand-in.
+    result = _calibrate(t, budget=BUDGET, min_purchases=20, stand_ins={"hard/logged_out": "tiny"})
+    assert result.thresholds["hard/logged_out"] == result.default_threshold
+    assert "tiny" not in result.slices["hard/logged_out"].note
+
+
 def test_a_slice_cap_bounds_every_slice_fpr_target(traffic):
     capped = _calibrate(traffic, budget=BUDGET, min_purchases=20, max_slice_fpr=1.2 * BUDGET)
     free = _calibrate(traffic, budget=BUDGET, min_purchases=20)
