@@ -21,6 +21,7 @@ so the training job, the report and the tests drive it directly.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -406,3 +407,51 @@ def weighted_auc(
         return None
     below = np.cumsum(w_neg) - w_neg
     return float((w_pos * (below + 0.5 * w_neg)).sum() / (total_pos * total_neg))
+
+
+def bootstrap_aucs(
+    scores: Mapping[str, npt.ArrayLike],
+    positive: npt.ArrayLike,
+    rounds: int = 2_000,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """The AUC of each model's ``scores`` for ``positive`` on ``rounds`` bootstrap
+    resamples of the clicks: positives and negatives are each drawn with replacement to
+    their own count (so every resample has both classes), and every model is scored on
+    the same resamples, so that differences between models are paired.
+
+    Why: with a few dozen positives an AUC moves by about 0.01 from the draw of clicks
+    alone (83 downloads on the TalkingData sample's test day); an interval on a
+    difference says whether two models can be told apart at all.
+    """
+    pos = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("bootstrap_aucs needs both classes")
+    rng = np.random.default_rng(seed)
+    pos_rows, neg_rows = np.flatnonzero(pos), np.flatnonzero(~pos)
+    groups = {}
+    for name, s in scores.items():
+        values = np.asarray(s, dtype=float)
+        if values.shape != pos.shape:
+            raise ValueError(f"{name}: {values.shape[0]} scores for {pos.shape[0]} clicks")
+        _, group = np.unique(values, return_inverse=True)  # equal scores, ascending
+        groups[name] = (group[pos_rows], group[neg_rows], int(group.max()) + 1)
+    out = {name: np.empty(rounds) for name in scores}
+    for r in range(rounds):
+        # How often each click is drawn: one multinomial per class.
+        w_pos = np.bincount(rng.integers(0, n_pos, n_pos), minlength=n_pos).astype(float)
+        w_neg = np.bincount(rng.integers(0, n_neg, n_neg), minlength=n_neg).astype(float)
+        for name, (g_pos, g_neg, size) in groups.items():
+            at_pos = np.bincount(g_pos, weights=w_pos, minlength=size)
+            at_neg = np.bincount(g_neg, weights=w_neg, minlength=size)
+            below = np.cumsum(at_neg) - at_neg
+            out[name][r] = (at_pos * (below + 0.5 * at_neg)).sum() / (n_pos * n_neg)
+    return out
+
+
+def percentile_interval(values: npt.ArrayLike, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap ``values`` (percentile method)."""
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(np.asarray(values, dtype=float), [tail, 100.0 - tail])
+    return float(lo), float(hi)

@@ -98,8 +98,48 @@ def test_peers_beat_chance_on_planted_signal(tmp_path: Path, synthetic: Path) ->
             assert rows[peer]["auc"] > 0.85
         else:
             assert "skipped" in rows[peer]
+    for row in rows.values():
+        assert "p_human" not in row  # the scores became intervals
+        if row["auc"] is not None:
+            lo, hi = row["auc_interval"]
+            assert lo <= row["auc"] <= hi and hi - lo < 0.2
+        assert "slidr_minus" not in row  # no slidr row to compare with
     text = bench_real.to_text(result)
     assert "one-hot logistic regression" in text and "AUC" in text and "downloads" in text
+    assert "95% interval" in text and "bootstrap" in text
+
+
+def test_intervals_pair_each_peer_with_slidr() -> None:
+    rng = np.random.default_rng(4)
+    downloaded = rng.random(5_000) < 0.02
+    good = rng.normal(size=5_000) + 2.0 * downloaded
+    rows = [
+        {"model": "slidr (v0001)", "auc": None, "p_human": good, "seconds": 1.0},
+        {"model": "same", "auc": None, "p_human": good.copy(), "seconds": 1.0},
+        {"model": "chance", "auc": None, "p_human": rng.normal(size=5_000), "seconds": 1.0},
+        {"model": "skipped", "auc": None, "seconds": 0.0, "skipped": "not installed"},
+    ]
+    for row in rows[:3]:
+        row["auc"] = bench_real.auc(row["p_human"], downloaded)
+    bench_real.add_intervals(rows, downloaded)
+    assert all("p_human" not in row for row in rows)
+    assert "slidr_minus" not in rows[0] and "auc_interval" not in rows[3]
+    assert rows[1]["slidr_minus"] == {"difference": 0.0, "interval": [0.0, 0.0]}
+    lo, hi = rows[2]["slidr_minus"]["interval"]
+    assert 0.2 < lo < rows[2]["slidr_minus"]["difference"] < hi
+    text = bench_real.to_text(
+        {
+            "data": "x.csv",
+            "import": {"clicks": 5_000, "purchases": 100, "seconds": 0.1, "rejected": {}},
+            "split": {
+                name: {"days": ["2017-11-08"], "clicks": 1, "downloads": 1}
+                for name in ("train", "test")
+            },
+            "models": rows,
+            "metric": "AUC",
+        }
+    )
+    assert f"{rows[2]['slidr_minus']['difference']:+.4f} ({lo:+.3f} .. {hi:+.3f})" in text
 
 
 def test_guardrail_refusal_is_one_line_and_peers_still_run(
@@ -133,6 +173,7 @@ def test_cli_peers_only_writes_json(tmp_path: Path, synthetic: Path, capsys) -> 
     code = bench_real.main(["--data", str(synthetic), "--peers-only", "--out", str(out)])
     assert code == 0
     figures = orjson.loads(out.read_bytes())
+    assert all("auc_interval" in row for row in figures["models"] if row["auc"] is not None)
     assert [row["model"] for row in figures["models"]] == [
         "one-hot logistic regression",
         "LightGBM + counts",

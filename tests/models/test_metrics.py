@@ -9,9 +9,12 @@ import pytest
 
 from models.metrics import (
     HOUR_S,
+    auc,
+    bootstrap_aucs,
     compute_metrics,
     curve,
     ivr_at_fpr,
+    percentile_interval,
     recall_at_human_fpr,
     robotic_sessions,
     split_slices,
@@ -237,3 +240,47 @@ def test_weighted_auc_counts_each_click_its_weight_and_ties_one_half() -> None:
     # One heavy negative above the positive, three light ones below it.
     assert weighted_auc([0.9, 0.1, 0.2, 0.3, 0.5], [0, 0, 0, 0, 1], [3, 1, 1, 1, 1]) == 0.5
     assert weighted_auc([0.1, 0.2], [True, True], [1.0, 1.0]) is None
+
+
+# --------------------------------------------------------------------------------------
+# Bootstrap intervals of AUCs
+# --------------------------------------------------------------------------------------
+
+
+def _ranked(seed: int, n: int = 4_000, positives: int = 60, signal: float = 2.0):
+    rng = np.random.default_rng(seed)
+    positive = np.zeros(n, dtype=bool)
+    positive[rng.choice(n, positives, replace=False)] = True
+    return rng.normal(size=n) + signal * positive, positive
+
+
+def test_bootstrap_aucs_bracket_the_auc_and_pair_the_models() -> None:
+    strong, positive = _ranked(1)
+    noise = np.random.default_rng(2).normal(size=positive.size)
+    drawn = bootstrap_aucs({"strong": strong, "same": strong.copy(), "noise": noise}, positive)
+    whole = auc(strong, positive)
+    lo, hi = percentile_interval(drawn["strong"])
+    assert lo < whole < hi and hi - lo < 0.1
+    assert abs(float(np.mean(drawn["strong"])) - whole) < 0.01
+    # The same resamples for every model: a model against its copy differs by nothing.
+    assert np.array_equal(drawn["strong"], drawn["same"])
+    # A model with signal against noise: the paired difference stays well above 0.
+    assert percentile_interval(drawn["strong"] - drawn["noise"])[0] > 0.2
+    noise_lo, noise_hi = percentile_interval(drawn["noise"])
+    assert noise_lo < 0.5 < noise_hi
+
+
+def test_bootstrap_intervals_narrow_with_more_positives() -> None:
+    widths = []
+    for positives in (30, 600):
+        scores, positive = _ranked(3, n=20_000, positives=positives, signal=1.0)
+        lo, hi = percentile_interval(bootstrap_aucs({"m": scores}, positive, rounds=500)["m"])
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2.5  # about sqrt(20) narrower
+
+
+def test_bootstrap_aucs_refuse_one_class_and_misshapen_scores() -> None:
+    with pytest.raises(ValueError, match="both classes"):
+        bootstrap_aucs({"m": np.arange(4.0)}, np.zeros(4, dtype=bool))
+    with pytest.raises(ValueError, match="m: 3 scores for 4 clicks"):
+        bootstrap_aucs({"m": np.arange(3.0)}, np.array([True, False, False, True]))
