@@ -171,7 +171,8 @@ def slice_of(device: str, logged_in: bool) -> str:
 
 def signed_in_counterpart(slice_name: str) -> str | None:
     """The signed-in slice of a signed-out slice's device (``mobile/logged_out`` ->
-    ``mobile/logged_in``); None for any other name."""
+    ``mobile/logged_in``); None for any other name, and for a signed-out slice without a
+    device name."""
     device, _, status = slice_name.rpartition("/")
     return slice_of(device, True) if device and status == "logged_out" else None
 

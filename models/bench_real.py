@@ -48,8 +48,8 @@ CATEGORICAL = ("app", "os", "device", "channel")
 # Kaggle-style count features: clicks per combination of these context keys (ip apart).
 COUNT_GROUPS = (("ip",), ("ip", "app"), ("ip", "app", "os"), ("ip", "device", "os", "app"))
 EXIT_GUARDRAIL = 3
-BOOTSTRAP_ROUNDS = 2_000
 EXIT_FAILED = 1
+BOOTSTRAP_ROUNDS = 2_000  # resamples behind each interval (about 2 s for four models)
 
 
 def _stderr(message: str) -> None:
@@ -301,6 +301,9 @@ def add_intervals(rows: list[dict[str, Any]], downloaded: np.ndarray, seed: int 
     on the same resamples (``slidr_minus``): with 83 test downloads an AUC moves by about
     0.01 from the draw of clicks alone, and only an interval that excludes 0 says one
     model ranks better than another."""
+    names = [row["model"] for row in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique: {names}")
     scores = {row["model"]: row.pop("p_human") for row in rows if "p_human" in row}
     if not scores or downloaded.all() or not downloaded.any():
         return
@@ -308,8 +311,9 @@ def add_intervals(rows: list[dict[str, Any]], downloaded: np.ndarray, seed: int 
     by_name = {row["model"]: row for row in rows}
     for name, values in drawn.items():
         by_name[name]["auc_interval"] = list(percentile_interval(values))
-    ours = next((name for name in drawn if name.startswith("slidr")), None)
-    if ours is None:
+    # slidr's row is the one carrying a registered version.
+    ours = next((row["model"] for row in rows if "version" in row), None)
+    if ours is None or ours not in drawn:
         return
     for name, values in drawn.items():
         if name != ours:
@@ -335,7 +339,7 @@ def to_text(result: Mapping[str, Any]) -> str:
         )
     lines.append(f"  {result['metric']}:")
     lines.append(
-        f"  {'model':30} {'AUC':>7} {'95% interval':>16} {'slidr minus it':>24} {'seconds':>8}"
+        f"  {'model':30} {'AUC':>7} {'95% interval':>16} {'slidr minus it':>26} {'seconds':>8}"
     )
     for row in result["models"]:
         shown = "-" if row["auc"] is None else f"{row['auc']:.4f}"
@@ -349,7 +353,7 @@ def to_text(result: Mapping[str, Any]) -> str:
             f"{minus['interval'][1]:+.3f})"
         )
         lines.append(
-            f"  {row['model']:30} {shown:>7} {span:>16} {versus:>24} {row['seconds']:8.1f}"
+            f"  {row['model']:30} {shown:>7} {span:>16} {versus:>26} {row['seconds']:8.1f}"
         )
         note = row.get("error") or row.get("skipped")
         if note:

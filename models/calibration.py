@@ -532,6 +532,7 @@ def calibrate_slices(
     fit_span: float | None = DEFAULT_FIT_SPAN,
     max_slice_fpr: float = 1.0,
     stand_ins: Mapping[str, str] | None = None,
+    lone_fpr: float | None = None,
 ) -> CalibrationResult:
     """Per-slice thresholds maximising overall IVR within an overall FPR budget (SPEC §5).
 
@@ -564,6 +565,10 @@ def calibrate_slices(
             label-poor slice never gets a threshold below the one at FPR ``budget`` on its
             calibrated stand-in's purchasing clicks. Stand-ins that are label-poor
             themselves, or absent, are ignored.
+        lone_fpr: a label-poor slice without a calibrated stand-in ("lone": no labelled
+            humans like its own anywhere, e.g. unknown devices, signed out) never gets a
+            threshold below the one at this FPR on all purchasing clicks: it invalidates
+            only what scores above nearly every labelled human. ``None``: no such floor.
 
     Raises:
         CalibrationError: the coverage minima (plus the spend of the slices on the global
@@ -601,7 +606,9 @@ def calibrate_slices(
     # its stand-in's threshold at the budget (its few buyers may not look like its other
     # humans at all: on `slidr simulate --world proxy_lies` seed 5 the global threshold
     # invalidated 5.3% of mobile/logged_out humans, whose 31 buyers all scored below it;
-    # mobile/logged_in's buyers took that to 1.9%). They spend their budget share first.
+    # mobile/logged_in's buyers took that to 1.9%). A slice without a stand-in has no
+    # labelled humans like its own anywhere, so it gets a floor read off all buyers far
+    # out in their tail (``lone_fpr``). They spend their budget share first.
     index = {str(name): k for k, name in enumerate(names.tolist())}
     fallback: dict[int, tuple[float, str]] = {}
     for i in np.flatnonzero(~calibrated).tolist():
@@ -610,13 +617,21 @@ def calibrate_slices(
         if p_s[i]:
             own = threshold_for_fpr(s[m], pur[m], budget)
             candidates.append((own, f"the slice's own threshold at FPR {budget}"))
-        other = index.get((stand_ins or {}).get(str(names[i]), ""))
+        stand_in = (stand_ins or {}).get(str(names[i]))
+        other = None if stand_in is None else index.get(stand_in)
         if other is not None and calibrated[other]:
             sm = members[other]
             candidates.append(
                 (
                     threshold_for_fpr(s[sm], pur[sm], budget),
                     f"the threshold at FPR {budget} on {names[other]}'s purchasing clicks",
+                )
+            )
+        elif lone_fpr is not None:
+            candidates.append(
+                (
+                    threshold_for_fpr(s, pur, lone_fpr),
+                    f"no stand-in: the threshold at FPR {lone_fpr:g} on all purchasing clicks",
                 )
             )
         threshold, source = max(candidates, key=lambda c: c[0])

@@ -435,6 +435,8 @@ def bootstrap_aucs(
         values = np.asarray(s, dtype=float)
         if values.shape != pos.shape:
             raise ValueError(f"{name}: {values.shape[0]} scores for {pos.shape[0]} clicks")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name}: scores must be finite")
         _, group = np.unique(values, return_inverse=True)  # equal scores, ascending
         groups[name] = (group[pos_rows], group[neg_rows], int(group.max()) + 1)
     out = {name: np.empty(rounds) for name in scores}
@@ -452,6 +454,8 @@ def bootstrap_aucs(
 
 def percentile_interval(values: npt.ArrayLike, level: float = 0.95) -> tuple[float, float]:
     """The central ``level`` interval of bootstrap ``values`` (percentile method)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
     tail = (1.0 - level) / 2.0 * 100.0
     lo, hi = np.percentile(np.asarray(values, dtype=float), [tail, 100.0 - tail])
     return float(lo), float(hi)

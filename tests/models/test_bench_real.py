@@ -114,7 +114,13 @@ def test_intervals_pair_each_peer_with_slidr() -> None:
     downloaded = rng.random(5_000) < 0.02
     good = rng.normal(size=5_000) + 2.0 * downloaded
     rows = [
-        {"model": "slidr (v0001)", "auc": None, "p_human": good, "seconds": 1.0},
+        {
+            "model": "slidr (v0001)",
+            "auc": None,
+            "p_human": good,
+            "seconds": 1.0,
+            "version": "v0001",
+        },
         {"model": "same", "auc": None, "p_human": good.copy(), "seconds": 1.0},
         {"model": "chance", "auc": None, "p_human": rng.normal(size=5_000), "seconds": 1.0},
         {"model": "skipped", "auc": None, "seconds": 0.0, "skipped": "not installed"},
@@ -140,6 +146,9 @@ def test_intervals_pair_each_peer_with_slidr() -> None:
         }
     )
     assert f"{rows[2]['slidr_minus']['difference']:+.4f} ({lo:+.3f} .. {hi:+.3f})" in text
+    twins = [{"model": "m", "auc": 0.5, "seconds": 0.0}, {"model": "m", "auc": 0.6, "seconds": 0.0}]
+    with pytest.raises(ValueError, match="unique"):
+        bench_real.add_intervals(twins, downloaded)
 
 
 def test_guardrail_refusal_is_one_line_and_peers_still_run(

@@ -255,10 +255,48 @@ def test_a_laxer_or_label_poor_stand_in_changes_nothing(traffic):
     result = _calibrate(t, budget=BUDGET, min_purchases=20, stand_ins={"hard/logged_out": "easy"})
     assert laxer < result.default_threshold == result.thresholds["hard/logged_out"]
     assert result.slices["hard/logged_out"].note.endswith("global threshold")
-    # A stand-in without enough labels of its own is no stand-in.
-    result = _calibrate(t, budget=BUDGET, min_purchases=20, stand_ins={"hard/logged_out": "tiny"})
-    assert result.thresholds["hard/logged_out"] == result.default_threshold
-    assert "tiny" not in result.slices["hard/logged_out"].note
+    # A stand-in without enough labels of its own is no stand-in, however strict it is.
+    stand_in = {"hard/logged_out": "hard/logged_in"}
+    few = _calibrate(t, budget=BUDGET, min_purchases=10**6, stand_ins=stand_in)
+    rich = t.slices == "hard/logged_in"
+    assert threshold_for_fpr(t.scores[rich], t.purchasing[rich], BUDGET) > few.default_threshold
+    assert few.thresholds["hard/logged_out"] == few.default_threshold
+    assert "hard/logged_in" not in few.slices["hard/logged_out"].note
+
+
+def test_a_slice_named_empty_is_nobody_s_stand_in(traffic):
+    t = _with_signed_out_slice(np.random.default_rng(6), traffic, (4, 3), buyers=8)
+    renamed = np.where(t.slices == "hard/logged_in", "", t.slices)
+    unnamed = Traffic(t.scores, renamed, t.purchasing, t.robotic)
+    for stand_ins in (None, {}):
+        result = _calibrate(unnamed, budget=BUDGET, min_purchases=20, stand_ins=stand_ins)
+        assert result.thresholds["hard/logged_out"] == result.default_threshold
+
+
+def test_a_lone_label_poor_slice_takes_the_far_tail_of_all_buyers(traffic):
+    """No stand-in: its humans look like nobody's labelled ones, so it invalidates only
+    what scores above nearly every purchasing click anywhere. With a calibrated stand-in
+    the stand-in rules instead."""
+    t = _with_signed_out_slice(np.random.default_rng(5), traffic, (4, 3), buyers=8)
+    lone_fpr = BUDGET / 10
+    tail = threshold_for_fpr(t.scores, t.purchasing, lone_fpr)
+    alone = _calibrate(t, budget=BUDGET, min_purchases=20, lone_fpr=lone_fpr)
+    assert alone.thresholds["hard/logged_out"] == tail > alone.default_threshold
+    assert alone.slices["hard/logged_out"].note.startswith(
+        "8 purchasing clicks (< 20): no stand-in"
+    )
+    assert alone.thresholds["tiny"] == tail  # every label-poor slice without a stand-in
+    paired = _calibrate(
+        t,
+        budget=BUDGET,
+        min_purchases=20,
+        stand_ins={"hard/logged_out": "hard/logged_in"},
+        lone_fpr=lone_fpr,
+    )
+    rich = t.slices == "hard/logged_in"
+    borrowed = threshold_for_fpr(t.scores[rich], t.purchasing[rich], BUDGET)
+    assert paired.thresholds["hard/logged_out"] == borrowed != tail
+    assert alone.fpr <= BUDGET + 1e-12 and paired.fpr <= BUDGET + 1e-12
 
 
 def test_a_slice_cap_bounds_every_slice_fpr_target(traffic):

@@ -284,3 +284,7 @@ def test_bootstrap_aucs_refuse_one_class_and_misshapen_scores() -> None:
         bootstrap_aucs({"m": np.arange(4.0)}, np.zeros(4, dtype=bool))
     with pytest.raises(ValueError, match="m: 3 scores for 4 clicks"):
         bootstrap_aucs({"m": np.arange(3.0)}, np.array([True, False, False, True]))
+    with pytest.raises(ValueError, match="m: scores must be finite"):
+        bootstrap_aucs({"m": np.array([0.1, np.nan, 0.3])}, np.array([True, False, True]))
+    with pytest.raises(ValueError, match="level"):
+        percentile_interval([0.5, 0.6], level=95)

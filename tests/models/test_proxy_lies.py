@@ -42,17 +42,19 @@ def test_label_poor_slices_are_trained_on_and_said(trained: SimpleNamespace) -> 
 
 
 def test_true_human_fpr_within_twice_the_budget(trained: SimpleNamespace) -> None:
-    """Overall, and in every slice with at least 500 human clicks on the held-out day."""
+    """Overall, and in every slice with humans on the held-out day (at least 10, so that
+    one click is not a rate): the nearly-all-robot other/logged_out slice, with about 20
+    humans and no purchasing click, included."""
     overall = trained.rows["overall"]
     assert overall["true_human_fpr"] <= 2 * BUDGET, overall
     tested = trained.result["metrics"]["test"]["slices"]
-    judged = 0
+    judged = set()
     for name, figures in tested.items():
         humans = figures["clicks"] - figures["bot_clicks"]
-        if humans >= 500:
-            judged += 1
+        if humans >= 10:
+            judged.add(name)
             assert figures["human_fpr"] <= 2 * BUDGET, (name, figures)
-    assert judged >= 4
+    assert "other/logged_out" in judged and len(judged) >= 6, judged
 
 
 def test_the_model_does_not_learn_who_gets_labelled(trained: SimpleNamespace) -> None:
