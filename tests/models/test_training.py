@@ -138,6 +138,31 @@ def test_each_fit_day_is_held_out_once_and_the_test_day_never() -> None:
         assert not trained_on & set(held_out.tolist()) and not trained_on & test
 
 
+def test_with_two_fit_days_the_folds_split_users_across_both_days() -> None:
+    rng = np.random.default_rng(4)
+    ts = np.sort(rng.uniform(0, 3 * DAY, 3_000))
+    users = np.array([f"u{i}" for i in rng.integers(0, 300, ts.size)], dtype=object)
+    split = split_by_day(ts, users)
+    assert split.by_user and split.fold_unit == "user folds"
+    folds = split.folds()
+    assert len(folds) == 4
+    held = np.concatenate([h for _, h in folds])
+    assert np.array_equal(np.sort(held), split.fit)  # every fit click held out once
+    for train, held_out in folds:
+        assert not set(users[train]) & set(users[held_out])  # a user is in one fold
+        assert not set(train.tolist()) & set(split.test.tolist())
+        assert len(np.unique(split.day[held_out])) == 2  # each fold holds both fit days
+        assert 0.15 < len(held_out) / len(split.fit) < 0.35
+    # Stable across processes: the user's hash, not its position.
+    again = split_by_day(ts[::-1].copy(), users[::-1].copy())
+    assert np.array_equal(again.group[::-1], split.group)
+    # Three or more fit days: day folds, users or not.
+    four_days = np.sort(rng.uniform(0, 4 * DAY, 3_000))
+    assert not split_by_day(four_days, users).by_user
+    assert split_by_day(four_days, users).fold_unit == "fit days"
+    assert not split_by_day(ts).by_user  # no users given: day folds
+
+
 def test_a_retrain_keeps_the_active_architecture_unless_another_is_clearly_better() -> None:
     rows = [
         {"model": "mlp_hashed", "oof_weak_auc": 0.700},
