@@ -3,7 +3,8 @@ calibration -> guardrails -> export -> report -> registry.
 
 The data set is split by event-time day: the last day is held out for evaluation and
 never trains. Every earlier day ("fit days") trains, cross-fitted: for each fit day a
-model trained on the other fit days scores it (out-of-fold) and stops early on it; the
+model trained on the other fit days scores it (out-of-fold) and stops early on it (with
+fewer than three fit days, folds of users across them instead: ``MIN_DAY_FOLDS``); the
 out-of-fold scores choose the architecture and calibrate the thresholds, and the model
 that ships averages the fold models (see ``cross_fit``). So three
 days of data train on three days, and every score that tunes something came from a
@@ -378,9 +379,10 @@ def cross_fit(
     progress: Progress,
     member_seeds: Sequence[int] = (0,),
 ) -> CrossFit:
-    """One model per fit day held out and member seed: trained on the other fit days,
-    stopped early on the held-out day, which the fold's members score (out of fold, their
-    mean). The model that ships averages them all, so every fit day trains it.
+    """One model per fold (``split.folds()``: a fit day held out, or a group of users) and
+    member seed: trained on the other folds, stopped early on the held-out one, which the
+    fold's members score (out of fold, their mean). The model that ships averages them
+    all, so every fit day trains it.
 
     Why several members per fold: on weak labels one network's ranking of the clicks it
     scores highest varies a lot with its initial weights. On ``slidr simulate --world
@@ -469,7 +471,7 @@ def _peer_scores(
         cats = [c for c in categorical if c in names]
         started = time.perf_counter()
         xs = x[:, keep]
-        # The same days as slidr's cross-fit: one model per fit day held out (stopping
+        # The same folds as slidr's cross-fit: one model per fold held out (stopping
         # early on it), averaged; so the peer also learns from every fit day.
         folds = [
             peers.fit_lightgbm(xs[tr], y[tr], w[tr], xs[ho], y[ho], w[ho], names, cats, seed=seed)
