@@ -167,10 +167,11 @@ def run_peers(
         return rows
     held = _stratified_holdout(y[train], 0.25, seed)
     fit_rows, stop_rows = train[~held], train[held]
+    categorical = np.column_stack([_codes(ids[c]) for c in CATEGORICAL])
     for label, so_far in (("LightGBM + counts", False), ("LightGBM + counts so far", True)):
         started = time.perf_counter()
         counts, count_names = count_features(clicks, so_far)
-        x = np.column_stack([np.column_stack([_codes(ids[c]) for c in CATEGORICAL]), counts])
+        x = np.column_stack([categorical, counts])
         names = [*CATEGORICAL, *count_names]
         booster = fit_lightgbm(
             x[fit_rows],

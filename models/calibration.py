@@ -610,6 +610,7 @@ def calibrate_slices(
     # labelled humans like its own anywhere, so it gets a floor read off all buyers far
     # out in their tail (``lone_fpr``). They spend their budget share first.
     index = {str(name): k for k, name in enumerate(names.tolist())}
+    lone_t = None if lone_fpr is None else threshold_for_fpr(s, pur, lone_fpr)
     fallback: dict[int, tuple[float, str]] = {}
     for i in np.flatnonzero(~calibrated).tolist():
         m = members[i]
@@ -627,12 +628,9 @@ def calibrate_slices(
                     f"the threshold at FPR {budget} on {names[other]}'s purchasing clicks",
                 )
             )
-        elif lone_fpr is not None:
+        elif lone_t is not None:
             candidates.append(
-                (
-                    threshold_for_fpr(s, pur, lone_fpr),
-                    f"no stand-in: the threshold at FPR {lone_fpr:g} on all purchasing clicks",
-                )
+                (lone_t, f"no stand-in: the threshold at FPR {lone_fpr:g} on all purchasing clicks")
             )
         threshold, source = max(candidates, key=lambda c: c[0])
         stricter = ", stricter than the global one" if threshold > global_t else ""

@@ -405,6 +405,12 @@ def weighted_auc(
     total_pos, total_neg = w_pos.sum(), w_neg.sum()
     if total_pos <= 0 or total_neg <= 0:
         return None
+    return _grouped_auc(w_pos, w_neg, total_pos, total_neg)
+
+
+def _grouped_auc(w_pos: np.ndarray, w_neg: np.ndarray, total_pos: float, total_neg: float) -> float:
+    """AUC from the positive and negative weight at each score, scores ascending (ties
+    count one half)."""
     below = np.cumsum(w_neg) - w_neg
     return float((w_pos * (below + 0.5 * w_neg)).sum() / (total_pos * total_neg))
 
@@ -447,8 +453,7 @@ def bootstrap_aucs(
         for name, (g_pos, g_neg, size) in groups.items():
             at_pos = np.bincount(g_pos, weights=w_pos, minlength=size)
             at_neg = np.bincount(g_neg, weights=w_neg, minlength=size)
-            below = np.cumsum(at_neg) - at_neg
-            out[name][r] = (at_pos * (below + 0.5 * at_neg)).sum() / (n_pos * n_neg)
+            out[name][r] = _grouped_auc(at_pos, at_neg, n_pos, n_neg)
     return out
 
 

@@ -19,6 +19,7 @@ propensity diagnostics measure what is left.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import time
@@ -703,9 +704,7 @@ def run_training(
     scores = {"mlp": scores[chosen], **scores}
 
     progress("calibrating slice thresholds on out-of-fold scores")
-    calibration_inputs = (oof[fit_idx], p.slices[fit_idx], purchasing[fit_idx], p.robotic[fit_idx])
     min_coverage = options.min_coverage
-    slice_cap = min(1.0, options.max_slice_fpr_factor * budget)
     # A label-poor signed-out slice borrows its device's signed-in buyers as stand-ins
     # for its humans (see calibration.calibrate_slices).
     stand_ins = {
@@ -713,47 +712,33 @@ def run_training(
         for name in set(p.slices[fit_idx].tolist())
         if (sibling := signed_in_counterpart(name)) is not None
     }
+    # The out-of-fold scores and every setting but the coverage minima and the method.
+    calibrate = functools.partial(
+        calibration.calibrate_slices,
+        oof[fit_idx],
+        p.slices[fit_idx],
+        purchasing[fit_idx],
+        p.robotic[fit_idx],
+        budget=budget,
+        min_purchases=options.min_slice_purchases,
+        max_slice_fpr=min(1.0, options.max_slice_fpr_factor * budget),
+        stand_ins=stand_ins,
+        lone_fpr=options.lone_slice_fpr_factor * budget,
+    )
     try:
-        cal = calibration.calibrate_slices(
-            *calibration_inputs,
-            budget=budget,
-            min_coverage=min_coverage,
-            method=options.calibration_method,
-            min_purchases=options.min_slice_purchases,
-            max_slice_fpr=slice_cap,
-            stand_ins=stand_ins,
-            lone_fpr=options.lone_slice_fpr_factor * budget,
-        )
+        cal = calibrate(min_coverage=min_coverage, method=options.calibration_method)
     except calibration.CalibrationError as exc:
         # Coverage minima are a wish per deployment; a budget that cannot pay for them
         # must not stop a version from shipping: drop them, and say so.
         progress(f"WARNING coverage minima dropped: {exc}")
         min_coverage = 0.0
-        cal = calibration.calibrate_slices(
-            *calibration_inputs,
-            budget=budget,
-            min_coverage=min_coverage,
-            method=options.calibration_method,
-            min_purchases=options.min_slice_purchases,
-            max_slice_fpr=slice_cap,
-            stand_ins=stand_ins,
-            lone_fpr=options.lone_slice_fpr_factor * budget,
-        )
+        cal = calibrate(min_coverage=min_coverage, method=options.calibration_method)
         cal.warnings.insert(0, f"coverage minima dropped: {exc}")
     other_method: calibration.Method = (
         "empirical" if options.calibration_method == "quadratic" else "quadratic"
     )
     try:
-        alt = calibration.calibrate_slices(
-            *calibration_inputs,
-            budget=budget,
-            min_coverage=min_coverage,
-            method=other_method,
-            min_purchases=options.min_slice_purchases,
-            max_slice_fpr=slice_cap,
-            stand_ins=stand_ins,
-            lone_fpr=options.lone_slice_fpr_factor * budget,
-        )
+        alt = calibrate(min_coverage=min_coverage, method=other_method)
     except calibration.CalibrationError:
         alt = None
     label_poor: list[dict[str, Any]] = [

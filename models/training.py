@@ -213,7 +213,7 @@ class FusedAverage(nn.Module):
                     dim=1,
                 )
                 self.register_buffer(f"table_{i}", side_by_side)
-                self.register_buffer(f"cols_{i}", getattr(first.embeddings, f"cols_{i}"))
+                self.register_buffer(f"cols_{i}", _table_columns(first.embeddings)[i])
         # Positions of the members' input vector (standardised columns, then embeddings)
         # that the batched network keeps.
         keep = torch.cat([torch.nonzero(on).reshape(-1), torch.arange(len(on), width)])

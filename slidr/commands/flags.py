@@ -104,14 +104,15 @@ def archive_kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
-def members_flag(parser: argparse.ArgumentParser) -> None:
-    """``--members-per-fold N`` of ``train`` and ``retrain``."""
+def model_flags(parser: argparse.ArgumentParser) -> None:
+    """``--epochs`` and ``--members-per-fold`` of ``train`` and ``retrain``."""
+    parser.add_argument("--epochs", type=int, default=12, help="most training epochs (default 12)")
     parser.add_argument(
         "--members-per-fold",
         type=int,
         default=3,
         metavar="N",
-        help="networks of the shipped variant per fit day, all averaged (default 3)",
+        help="networks of the shipped variant per fold, all averaged (default 3)",
     )
 
 

@@ -17,7 +17,7 @@ from events.settings import Settings
 from slidr.commands.checks import require_broker
 from slidr.commands.console import prefixed_printer
 from slidr.commands.flags import (
-    members_flag,
+    model_flags,
     parse_limit,
     parse_when,
     registry_flag,
@@ -385,9 +385,8 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
         help="minimum robotic coverage per slice (default: as `slidr train`)",
     )
     p.add_argument("--calibration", choices=["quadratic", "empirical"], default="empirical")
-    p.add_argument("--epochs", type=int, default=12, help="most training epochs (default 12)")
     p.add_argument("--seed", type=int, default=7, help="training seed (default 7)")
-    members_flag(p)
+    model_flags(p)
     p.add_argument(
         "--limit",
         type=parse_limit,

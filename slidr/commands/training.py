@@ -13,7 +13,7 @@ from events.errors import EXIT_GUARDRAIL, SlidrError, UsageError
 from slidr.commands.console import stage_printer
 from slidr.commands.flags import (
     comma_separated,
-    members_flag,
+    model_flags,
     registry_flag,
     registry_path,
     train_options,
@@ -187,7 +187,6 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         default="empirical",
         help="slice calibration: SLIDR's concave quadratic fit, or exact on the empirical curves",
     )
-    p.add_argument("--epochs", type=int, default=12, help="most training epochs (default 12)")
     p.add_argument("--seed", type=int, default=7, help="training seed (default 7)")
     p.add_argument(
         "--architectures",
@@ -196,7 +195,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="model variants compared out of fold, the best ships "
         "(default mlp_embeddings,mlp_hashed,dcn_embeddings)",
     )
-    members_flag(p)
+    model_flags(p)
     p.add_argument(
         "--propensity-features",
         default=None,
