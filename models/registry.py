@@ -85,7 +85,8 @@ class StaleActiveError(RegistryError):
 
 
 class InputWidthError(RegistryError):
-    """The model takes another number of features than this build computes."""
+    """The model takes other features than this build computes (another number, or
+    another feature spec)."""
 
 
 def _shown(value: object, limit: int = 40) -> str:
@@ -175,14 +176,22 @@ class ModelVersion:
 
 
 def check_input_width(model: ModelVersion, width: int = N_FEATURES) -> None:
-    """Raise ``InputWidthError`` unless ``model`` scores rows of ``width`` features (this
+    """Raise ``InputWidthError`` unless ``model`` was trained on this build's feature
+    spec (when its manifest names one) and scores rows of ``width`` features (this
     build's feature vector by default) into one score each.
 
     The graph's declared input shape is compared first; a trial row of zeros then
     catches a graph whose width is symbolic or whose output does not fit.
     """
-    declared = model.scorer.n_features
     spec = model.manifest.get("feature_spec_version", "unknown")
+    if "feature_spec_version" in model.manifest and spec != FEATURE_SPEC_VERSION:
+        # The width may match while the values differ (a change of hash buckets keeps
+        # every column): such a version would score every click, wrongly.
+        raise InputWidthError(
+            f"{model.version} was trained on feature spec {spec}; this build computes "
+            f"{FEATURE_SPEC_VERSION}: train a version with this build"
+        )
+    declared = model.scorer.n_features
     if isinstance(declared, int) and declared != width:
         raise InputWidthError(
             f"{model.version} takes {declared} features per click; this build computes "

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
-from features.definitions import N_FEATURES
+from features.definitions import FEATURE_SPEC_VERSION, N_FEATURES
 from models.registry import (
     GuardrailsNotPassed,
     InputWidthError,
@@ -61,7 +61,11 @@ def register(registry: ModelRegistry, onnx_model: bytes, threshold: float = 0.5,
     (staging / "thresholds.json").write_bytes(orjson.dumps(thresholds))
     (staging / "plots").mkdir()
     (staging / "plots" / "curve.png").write_bytes(b"png")
-    manifest = {"feature_spec_version": "f1", "guardrails": guardrail_results(), **manifest}
+    manifest = {
+        "feature_spec_version": FEATURE_SPEC_VERSION,
+        "guardrails": guardrail_results(),
+        **manifest,
+    }
     return registry.register(staging, manifest)
 
 
@@ -103,7 +107,7 @@ def test_versions_are_immutable_and_names_increase(
     manifest = registry.manifest("v0002")
     assert manifest["version"] == "v0002"
     assert manifest["note"] == "1"
-    assert manifest["feature_spec_version"] == "f1"
+    assert manifest["feature_spec_version"] == FEATURE_SPEC_VERSION
     assert isinstance(manifest["registered_at"], float)
 
 
@@ -457,3 +461,14 @@ def test_a_model_of_another_input_width_is_refused(
     ):
         check_input_width(registry.load(narrow))
     assert isinstance(InputWidthError("x"), RegistryError)
+
+
+def test_a_model_of_another_feature_spec_is_refused_at_the_same_width(
+    registry: ModelRegistry, onnx_model: bytes
+) -> None:
+    # Same width, other values (a spec change may keep every column and change its ids).
+    older = register(registry, onnx_model, feature_spec_version="f1")
+    with pytest.raises(InputWidthError, match=rf"{older} was trained on feature spec f1"):
+        check_input_width(registry.load(older))
+    current = register(registry, onnx_model)
+    check_input_width(registry.load(current))
