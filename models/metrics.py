@@ -402,17 +402,16 @@ def weighted_auc(
     _, group = np.unique(s, return_inverse=True)  # groups of equal scores, ascending
     w_pos = np.bincount(group, weights=w * pos)
     w_neg = np.bincount(group, weights=w * ~pos)
-    total_pos, total_neg = w_pos.sum(), w_neg.sum()
-    if total_pos <= 0 or total_neg <= 0:
+    if w_pos.sum() <= 0 or w_neg.sum() <= 0:
         return None
-    return _grouped_auc(w_pos, w_neg, total_pos, total_neg)
+    return _grouped_auc(w_pos, w_neg)
 
 
-def _grouped_auc(w_pos: np.ndarray, w_neg: np.ndarray, total_pos: float, total_neg: float) -> float:
+def _grouped_auc(w_pos: np.ndarray, w_neg: np.ndarray) -> float:
     """AUC from the positive and negative weight at each score, scores ascending (ties
-    count one half)."""
+    count one half); both classes must have weight."""
     below = np.cumsum(w_neg) - w_neg
-    return float((w_pos * (below + 0.5 * w_neg)).sum() / (total_pos * total_neg))
+    return float((w_pos * (below + 0.5 * w_neg)).sum() / (w_pos.sum() * w_neg.sum()))
 
 
 def bootstrap_aucs(
@@ -453,7 +452,7 @@ def bootstrap_aucs(
         for name, (g_pos, g_neg, size) in groups.items():
             at_pos = np.bincount(g_pos, weights=w_pos, minlength=size)
             at_neg = np.bincount(g_neg, weights=w_neg, minlength=size)
-            out[name][r] = _grouped_auc(at_pos, at_neg, n_pos, n_neg)
+            out[name][r] = _grouped_auc(at_pos, at_neg)
     return out
 
 

@@ -183,8 +183,8 @@ def check_input_width(model: ModelVersion, width: int = N_FEATURES) -> None:
     The graph's declared input shape is compared first; a trial row of zeros then
     catches a graph whose width is symbolic or whose output does not fit.
     """
-    spec = model.manifest.get("feature_spec_version", "unknown")
-    if "feature_spec_version" in model.manifest and spec != FEATURE_SPEC_VERSION:
+    spec = model.manifest.get("feature_spec_version")
+    if spec is not None and spec != FEATURE_SPEC_VERSION:
         # The width may match while the values differ (a change of hash buckets keeps
         # every column): such a version would score every click, wrongly.
         raise InputWidthError(
@@ -195,7 +195,7 @@ def check_input_width(model: ModelVersion, width: int = N_FEATURES) -> None:
     if isinstance(declared, int) and declared != width:
         raise InputWidthError(
             f"{model.version} takes {declared} features per click; this build computes "
-            f"{width} (feature spec {FEATURE_SPEC_VERSION}; the version's: {spec})"
+            f"{width} (feature spec {FEATURE_SPEC_VERSION}; the version's: {spec or 'unknown'})"
         )
     try:
         scores = model.scorer.score(np.zeros((1, width), dtype=np.float32))
