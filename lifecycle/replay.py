@@ -53,7 +53,7 @@ from events.schemas import InvalidEvent, check_not_ahead, parse_click, parse_ts
 from features.batch import compute_features
 from features.definitions import N_FEATURES
 from features.windows import COMBOS, COUNTS, DISTINCTS
-from models.registry import ModelRegistry, ModelVersion
+from models.registry import ModelRegistry, ModelVersion, check_input_width
 from stream.engine import decision_record
 from stream.kafka import CLICKS, DECISIONS, FEATURES_SERVED
 from stream.topics import (
@@ -545,6 +545,9 @@ def run_replay(
     started = time.monotonic()
     registry = registry or ModelRegistry(settings.registry)
     model = registry.load(options.model_version or None)
+    # The worker's gate: a version of another width or feature spec would score every
+    # replayed click wrongly and publish those verdicts as corrections.
+    check_input_width(model, N_FEATURES)
     source = (
         f"archive {options.archive}"
         if options.archive is not None

@@ -102,8 +102,9 @@ class Trained:
     day0: float  # UTC midnight of the first day
 
 
-def _derived_version(registry, version: str, scale: float) -> str:
-    """Register a copy of ``version`` whose thresholds are scaled by ``scale``."""
+def _derived_version(registry, version: str, scale: float, **manifest_changes) -> str:
+    """Register a copy of ``version`` whose thresholds are scaled by ``scale`` (and whose
+    manifest has ``manifest_changes``)."""
     source = registry.path_of(version)
     staging = registry.staging_dir()
     for name in ("model.onnx", "rfm_snapshot.parquet"):
@@ -116,7 +117,7 @@ def _derived_version(registry, version: str, scale: float) -> str:
     manifest = {
         k: v for k, v in registry.manifest(version).items() if k not in ("version", "registered_at")
     }
-    return registry.register(staging, manifest)
+    return registry.register(staging, {**manifest, **manifest_changes})
 
 
 @pytest.fixture(scope="module")
@@ -575,3 +576,22 @@ def test_replay_command_line(settings: Settings, trained: Trained, monkeypatch, 
     args = parser.parse_args(["replay", "--model", trained.earlier])
     with pytest.raises(ReplayError, match="give a range"):
         args.func(args)
+
+
+def test_a_version_of_another_feature_spec_is_refused_before_anything_is_replayed(
+    settings: Settings, trained: Trained, tmp_path: Path
+) -> None:
+    """The same width, other feature values: its verdicts would all be wrong, so the
+    replay refuses it as the worker does, before reading or publishing anything."""
+    from models.registry import InputWidthError, ModelRegistry
+
+    shutil.copytree(trained.registry, tmp_path / "registry")
+    registry = ModelRegistry(tmp_path / "registry")
+    older = _derived_version(registry, trained.earlier, 1.0, feature_spec_version="f1")
+    since = trained.day0 + 2 * DAY
+    with pytest.raises(InputWidthError, match=rf"{older} was trained on feature spec f1"):
+        run_replay(
+            settings,
+            ReplayOptions(model_version=older, since=since, until=since + 3600),
+            registry=registry,
+        )
