@@ -267,6 +267,21 @@ def test_the_follower_refuses_a_model_of_another_input_width(
     assert world.decide() == "v0001", "the current model stays"
 
 
+def test_the_follower_refuses_a_model_of_another_feature_spec(
+    world: Follower, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The same width as this build's vector, other values: refused like another width.
+    older = register_logistic_model(world.registry, {}, bias=5.0)
+    manifest_path = world.registry.path_of(older) / "manifest.json"
+    manifest = orjson.loads(manifest_path.read_bytes())
+    manifest_path.chmod(0o600)
+    manifest_path.write_bytes(orjson.dumps({**manifest, "feature_spec_version": "f1"}))
+    assert world.follower.apply(control(older)) is False
+    assert world.refused("input_width") == 1
+    assert f"{older} was trained on feature spec f1" in caplog.text
+    assert world.decide() == "v0001", "the current model stays"
+
+
 def test_a_pinned_follower_ignores_control_messages(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
