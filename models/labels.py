@@ -230,18 +230,22 @@ def balancing_weights(ts: np.ndarray, logged_in: np.ndarray, label: np.ndarray) 
 
 
 def propensity_weights(
-    cells: Sequence[np.ndarray], label: np.ndarray, min_labels: int = 30
+    cells: Sequence[np.ndarray],
+    label: np.ndarray,
+    min_labels: int = 30,
+    human_share: float = 0.5,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Sample weights under which the human label is independent of the propensity cell.
 
     Weak labels are selected by who can be labelled: a logged-out visitor or a guest in
     the app rarely buys, so "has a human label" depends on attributes that say nothing
     of being a robot. Within each cell (the combination of the arrays in ``cells``, e.g.
-    device, logged-in status and hour of day) the clicks labelled human and the others
-    get equal total weight, and every cell keeps its share of the clicks: the weighted
-    label rate is then 1/2 in every cell, so a model gains nothing by learning which cell
-    a click is in. SLIDR's balancing (every cell the same total) does this too but also
-    blows a cell of 3 labels up to the weight of a cell of 30,000.
+    device, logged-in status and hour of day) the clicks labelled human get
+    ``human_share`` of the cell's total weight and the others the rest (1/2: equal
+    totals), and every cell keeps its share of the clicks: the weighted label rate is
+    then the same in every cell, so a model gains nothing by learning which cell a click
+    is in. SLIDR's balancing (every cell the same total) does this too but also blows a
+    cell of 3 labels up to the weight of a cell of 30,000.
 
     The clicks of cells with fewer than ``min_labels`` human labels (or non-human ones)
     are pooled with the other such clicks of their coarser cell (the leading arrays of
@@ -277,9 +281,10 @@ def propensity_weights(
         if not take.any():
             continue
         c = code[take]
-        half = size[c] / 2.0
         weights[take] = np.where(
-            human[take], half / np.maximum(humans[c], 1), half / np.maximum(others[c], 1)
+            human[take],
+            size[c] * human_share / np.maximum(humans[c], 1),
+            size[c] * (1.0 - human_share) / np.maximum(others[c], 1),
         )
         assigned |= take
         levels[f"cells: {depth}"] = int(take.sum())

@@ -146,6 +146,15 @@ def write_report(folder: Path, result: dict, curves: dict[str, Curve]) -> Path:
         else "<p>none</p>"
     )
     architecture = html.escape(str(result.get("architecture", "mlp")))
+    embeddings = result.get("embeddings")
+    embedding_line = (
+        ""
+        if embeddings is None
+        else f"<p>Id embeddings: width {int(embeddings['width'])} per table; "
+        f"{len(embeddings['tables_carrying_ids'])} tables carry ids on the fit days "
+        f"({html.escape(', '.join(embeddings['tables_carrying_ids']) or 'none')}), sharing "
+        f"a budget of {int(embeddings['budget'])} inputs.</p>"
+    )
     spec_version = html.escape(result["feature_spec_version"])
     calibration_method = html.escape(str(result["calibration"].get("method")))
     page = f"""<!doctype html>
@@ -178,6 +187,7 @@ representative sample of a slice's humans.</p>
 scores rank the weak labels best (AUC under the training weights) ships, with more networks
 per fold (its held-out figures are the shipped model's). Held-out figures are shown for every
 one, and were not used to choose.</p>
+{embedding_line}
 {_table(representations, rep_cols)}
 <h2>Label propensity</h2>
 <p>{html.escape(str(propensity.get("note", "")))}. Inputs switched off:

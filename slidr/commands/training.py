@@ -192,8 +192,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "--architectures",
         default=None,
         metavar="NAME,...",
-        help="model variants compared out of fold, the best ships "
-        "(default mlp_embeddings,mlp_hashed,dcn_embeddings)",
+        help="model variants compared out of fold; the best ships, the first unless another "
+        "is clearly better (default dcn_embeddings,mlp_embeddings,mlp_hashed)",
     )
     model_flags(p)
     p.add_argument(

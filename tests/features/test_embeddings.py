@@ -16,6 +16,7 @@ from features.definitions import (
     EMBEDDINGS,
     FEATURE_NAMES,
     ID_COLUMN,
+    ID_CONTEXT_KEYS,
     N_FEATURES,
     ClickFeaturizer,
     EmbeddingColumn,
@@ -106,7 +107,7 @@ def test_query_tokens_are_lower_cased_and_only_the_first_three_count() -> None:
 
 def test_context_keys_with_tables_and_the_others_in_key_order() -> None:
     ids = _ids(_click(context={"zone": "z1", "app": "3", "campaign": "k", "site": "s", "os": ""}))
-    assert ids["id_context_app"] == id_bucket("context.app", "3", 1024)
+    assert ids["id_context_app"] == id_bucket("context.app", "3", dict(ID_CONTEXT_KEYS)["app"])
     assert ids["id_context_os"] == 0 and ids["id_context_publisher"] == 0
     # campaign, site (zone has no column left); an unknown key still gets a bucket
     assert ids["id_context_other_0"] == id_bucket("context.campaign", "k", 4096)

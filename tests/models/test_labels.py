@@ -245,3 +245,14 @@ def test_propensity_weights_pool_label_poor_cells_with_coarser_ones() -> None:
     }
     assert weights[pooled & human].sum() == pytest.approx(weights[pooled].sum() / 2)
     assert np.isfinite(weights).all() and (weights > 0).all()
+
+
+def test_propensity_weights_give_humans_the_asked_share_of_every_cell() -> None:
+    rng = np.random.default_rng(6)
+    n = 30_000
+    logged_in = rng.random(n) < 0.4
+    human = rng.random(n) < np.where(logged_in, 0.2, 0.02)
+    weights, _ = propensity_weights([logged_in], (~human).astype(np.float32), human_share=0.1)
+    for li in (False, True):
+        cell = logged_in == li
+        assert weights[cell & human].sum() == pytest.approx(0.1 * weights[cell].sum())

@@ -24,7 +24,7 @@ from data.simulator import simulate
 from features.definitions import FEATURE_NAMES, FEATURE_SPEC_VERSION, N_FEATURES
 from models import calibration, pipeline
 from models.guardrails import GuardrailFailure
-from models.pipeline import TrainOptions, fingerprint, run_training, split_by_day
+from models.pipeline import TrainOptions, fingerprint, run_training
 from models.registry import ModelRegistry
 
 CLICKS_PER_DAY = 60_000
@@ -44,17 +44,28 @@ def trained(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleN
     registry = ModelRegistry(tmp_path_factory.mktemp("registry"))
     messages: list[str] = []
     prepared = []
+    calibrated_on = []
     original = pipeline.prepare
+    calibrate = calibration.calibrate_slices
 
     def keep(*args, **kwargs):  # what training saw: features, slices, labels
         prepared.append(original(*args, **kwargs))
         return prepared[-1]
 
+    def keep_calibration_data(scores, slices, purchasing, robotic, **kwargs):
+        calibrated_on.append((scores, slices, purchasing, robotic))
+        return calibrate(scores, slices, purchasing, robotic, **kwargs)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "prepare", keep)
+        patch.setattr(calibration, "calibrate_slices", keep_calibration_data)
         result = run_training(data_dir, registry, TrainOptions(), progress=messages.append)
     return SimpleNamespace(
-        registry=registry, result=result, messages=messages, prepared=prepared[0]
+        registry=registry,
+        result=result,
+        messages=messages,
+        prepared=prepared[0],
+        calibrated_on=calibrated_on[0],  # the shipped method's: it runs first
     )
 
 
@@ -94,6 +105,50 @@ def test_manifest_records_features_data_and_metrics(
     assert {"model.onnx", "thresholds.json", "metrics.json", "manifest.json"} <= {
         p.name for p in version_dir.iterdir()
     }
+
+
+def test_embedding_width_shrinks_as_more_tables_carry_ids() -> None:
+    width = pipeline.embedding_width
+    assert [width(64, n) for n in (1, 2, 3, 4, 5, 8, 9, 14)] == [32, 32, 32, 16, 16, 8, 8, 8]
+    assert width(64, 0) == 8  # no id carries anything: the narrowest tables
+    assert width(200, 4) == 32  # never wider than 32
+    with pytest.raises(ValueError, match="embedding_budget"):
+        TrainOptions(embedding_budget=0)
+
+
+def test_humans_are_balanced_unless_that_would_weigh_each_too_much() -> None:
+    share = pipeline.human_weight_share
+    options = TrainOptions()  # balance to 1/2, at most 10x the data's share
+    seven_percent = np.r_[np.zeros(7), np.ones(93)]  # 0 = labelled human
+    assert share(seven_percent, options) == 0.5
+    rare = np.r_[np.zeros(2), np.ones(998)]  # 0.2% labelled: 10x is 2%
+    assert share(rare, options) == pytest.approx(0.02)
+    assert share(np.ones(10), options) == 0.5  # no human label: nothing to scale
+    with pytest.raises(ValueError, match="max_human_upweight"):
+        TrainOptions(max_human_upweight=0.5)
+    with pytest.raises(ValueError, match="human_weight_share"):
+        TrainOptions(human_weight_share=1.0)
+
+
+def test_only_tables_whose_ids_vary_carry_ids() -> None:
+    from features.definitions import EMBEDDINGS, INDEX
+
+    x = np.zeros((3, N_FEATURES))
+    x[:, INDEX["id_context_app"]] = [5, 9, 5]  # varies
+    x[:, INDEX["id_context_os"]] = 7  # always the same value: nothing to learn
+    x[:, INDEX["id_query_2"]] = [0, 0, 3]  # one of the query table's columns varies
+    assert pipeline.tables_carrying_ids(x) == ["context.app", "query"]
+    assert {e.table for e in EMBEDDINGS} >= {"context.app", "context.os", "query"}
+
+
+def test_the_simulated_world_keeps_narrow_embeddings(trained: SimpleNamespace) -> None:
+    """Many fields carry ids there; the manifest and the report say how wide and which."""
+    embeddings = trained.registry.manifest("v0001")["embeddings"]
+    assert len(embeddings["tables_carrying_ids"]) >= 8
+    assert embeddings["width"] == 8
+    assert trained.registry.manifest("v0001")["train_config"]["embedding_dim"] == 8
+    report = (trained.registry.path_of("v0001") / "report.html").read_text(encoding="utf-8")
+    assert "Id embeddings: width 8 per table" in report
 
 
 def test_report_and_plots_are_written(trained: SimpleNamespace) -> None:
@@ -143,11 +198,10 @@ def test_mlp_beats_both_baselines(trained: SimpleNamespace) -> None:
 def test_slice_thresholds_beat_one_global_threshold_on_the_calibration_day(
     trained: SimpleNamespace,
 ) -> None:
-    """On the day the thresholds were fitted, the slice allocation is at least as good as
-    one global threshold spending the same FPR, and meets every coverage minimum."""
+    """On the scores the thresholds were fitted on (the fit days' out-of-fold scores),
+    the slice allocation is at least as good as one global threshold spending the same
+    FPR, and meets every coverage minimum."""
     options = TrainOptions()
-    prepared = trained.prepared
-    va = split_by_day(prepared.data.clicks.ts).validation
     model = trained.registry.load("v0001", prefer_gpu=False)
     chosen = trained.result["calibration"]
     minima = {
@@ -159,13 +213,7 @@ def test_slice_thresholds_beat_one_global_threshold_on_the_calibration_day(
         slices=minima,
         threshold_for=lambda name: model.thresholds.get(name, model.default_threshold),
     )
-    comparison = calibration.compare_with_global(
-        result,
-        model.scorer.score(prepared.features[va]),
-        prepared.slices[va],
-        prepared.labels.purchasing[va],
-        prepared.robotic[va],
-    )
+    comparison = calibration.compare_with_global(result, *trained.calibrated_on)
     assert comparison["overall_fpr"] <= options.fpr_budget + 1e-9
     assert comparison["ivr_gain"] >= 0
     assert comparison["min_coverage_met"]["slice_thresholds"]

@@ -172,3 +172,11 @@ def test_a_retrain_keeps_the_active_architecture_unless_another_is_clearly_bette
     assert choose_architecture(rows, "dcn_embeddings") == "dcn_embeddings"  # within 0.02
     assert choose_architecture(rows, "dcn_embeddings", margin=0.01) == "mlp_hashed"
     assert choose_architecture(rows, "retired_variant") == "mlp_hashed"
+    # A first training (or a retired incumbent): the preferred variant holds its place.
+    assert choose_architecture(rows, None, preferred="dcn_embeddings") == "dcn_embeddings"
+    assert choose_architecture(rows, "retired_variant", preferred="dcn_embeddings") == (
+        "dcn_embeddings"
+    )
+    assert choose_architecture(rows, None, margin=0.01, preferred="dcn_embeddings") == (
+        "mlp_hashed"
+    )
