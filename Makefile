@@ -37,7 +37,7 @@ lint: install ## ruff (check and format), the layer contract (import-linter), my
 bench: install ## benchmarks: featurization and training on 1M clicks, the scoring path, the pipeline
 	$(BIN)/slidr bench --clicks $(BENCH_CLICKS)
 
-bench-real: install ## AUC of slidr and its peers (one-hot logistic, LightGBM with two kinds of counts) on the TalkingData sample
+bench-real: install ## AUC of slidr and its peers (one-hot logistic, LightGBM with two kinds of counts) on the TalkingData sample, training seeds 1-7 (~10 min)
 	$(BIN)/python -m models.bench_real
 
 clean: ## remove local state (var/), keeps .venv

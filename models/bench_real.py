@@ -1,8 +1,10 @@
 """Real-data benchmark: slidr against two strong peers on the TalkingData AdTracking sample.
 
-``python -m models.bench_real [--data CSV] [--out JSON]`` (``make bench-real``) imports the
-CSV with the ``talkingdata`` preset into a temporary data set, then measures, on the last
-UTC day only, the AUC of P(human) against downloads (purchasing clicks) for:
+``python -m models.bench_real [--data CSV] [--seeds 1-7 | --seed N] [--out JSON]``
+(``make bench-real``) imports the CSV with the ``talkingdata`` preset into a temporary
+data set, then measures, on the last UTC day only, the AUC of P(human) against downloads
+(purchasing clicks) once per training seed (default 1-7, compared as means: one seed
+moves each model's AUC as much as the gaps between them) for:
 
 - slidr: ``run_training`` on the data set (it never trains on the last day), every click
   scored with the registered version through the batch scoring path; P(human) = 1 - score;
@@ -50,6 +52,9 @@ COUNT_GROUPS = (("ip",), ("ip", "app"), ("ip", "app", "os"), ("ip", "device", "o
 EXIT_GUARDRAIL = 3
 EXIT_FAILED = 1
 BOOTSTRAP_ROUNDS = 2_000  # resamples behind each interval (about 2 s for four models)
+# Training seeds of the default run: the AUCs are compared as means over them (see
+# run_bench_real_seeds).
+DEFAULT_SEEDS = [1, 2, 3, 4, 5, 6, 7]
 
 
 def _stderr(message: str) -> None:
@@ -296,6 +301,84 @@ def run_bench_real(
     }
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"1-7"``, ``"3"`` or ``"1,4,9"`` as a list of distinct seeds, in order."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            span = range(int(first), int(last or first) + 1)
+            if not span:
+                raise ValueError(part)
+            seeds.extend(s for s in span if s not in seeds)
+    except ValueError:
+        raise ValueError(f"--seeds: expected e.g. 1-7 or 1,3,5; got {text!r}") from None
+    return seeds
+
+
+def run_bench_real_seeds(
+    data: Path | str = DEFAULT_DATA,
+    seeds: list[int] = DEFAULT_SEEDS,
+    workdir: Path | str | None = None,
+    with_slidr: bool = True,
+    progress: Progress = _stderr,
+) -> dict[str, Any]:
+    """``run_bench_real`` once per training seed, and each model's AUC over the seeds.
+
+    Why several seeds: on this sample one seed moves slidr's AUC by up to 0.01 and
+    LightGBM's by 0.008 (initial weights, early-stopping draw), as much as the gaps
+    between the models, so one seed cannot rank them. ``summary``: per model, its AUC per
+    seed (None where it failed), their mean, and for each peer slidr's mean minus its mean
+    and the seeds on which slidr is at or above it.
+    """
+    runs: list[dict[str, Any]] = []
+    for seed in seeds:
+        progress(f"training seed {seed} ({len(runs) + 1} of {len(seeds)})")
+        where = None if workdir is None else Path(workdir) / f"seed-{seed}"
+        runs.append(run_bench_real(data, where, seed, with_slidr, progress))
+    return {
+        "data": str(data),
+        "seeds": list(seeds),
+        "import": runs[0]["import"],
+        "split": runs[0]["split"],
+        "metric": runs[0]["metric"],
+        "summary": summarize_seeds(runs, list(seeds)),
+        "runs": runs,
+    }
+
+
+def summarize_seeds(runs: list[dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
+    """One row per model (slidr's named "slidr", whatever its version): AUC per seed, the
+    mean over the seeds where it has one, and, for peers, slidr's mean minus its own and
+    the seeds on which slidr is at or above it."""
+    by_model: dict[str, list[float | None]] = {}
+    for run in runs:
+        for model_row in run["models"]:
+            model = model_row["model"]
+            name = "slidr" if model.startswith("slidr") else model
+            by_model.setdefault(name, []).append(model_row["auc"])
+    summary = []
+    ours = by_model.get("slidr")
+    for name, aucs in by_model.items():
+        known = [a for a in aucs if a is not None]
+        row: dict[str, Any] = {
+            "model": name,
+            "auc_by_seed": dict(zip(seeds, aucs, strict=True)),
+            "mean_auc": float(np.mean(known)) if known else None,
+        }
+        if ours is not None and name != "slidr":
+            both = [
+                (s, a, b)
+                for s, a, b in zip(seeds, ours, aucs, strict=True)
+                if a is not None and b is not None
+            ]
+            if both:
+                row["slidr_minus_mean"] = float(np.mean([a - b for _, a, b in both]))
+                row["slidr_at_or_above_on_seeds"] = [s for s, a, b in both if a >= b]
+        summary.append(row)
+    return summary
+
+
 def add_intervals(rows: list[dict[str, Any]], downloaded: np.ndarray, seed: int = 7) -> None:
     """Replace each row's test scores (``p_human``) by a 95% bootstrap interval of its AUC
     (``auc_interval``) and, for the peers, slidr's AUC minus theirs with its interval,
@@ -370,6 +453,38 @@ def to_text(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def seeds_to_text(result: Mapping[str, Any]) -> str:
+    """The header of one run, then each model's AUC per seed and mean, and slidr against
+    each peer over the seeds."""
+    head = to_text({**result["runs"][0]}).splitlines()[:4]
+    seeds = result["seeds"]
+    lines = [*head, f"  {result['metric']}, training seeds {', '.join(map(str, seeds))}:"]
+    lines.append(f"  {'model':30} " + " ".join(f"{f'seed {s}':>7}" for s in seeds) + "    mean")
+    for row in result["summary"]:
+        cells = [
+            "-" if row["auc_by_seed"][s] is None else f"{row['auc_by_seed'][s]:.4f}" for s in seeds
+        ]
+        mean = "-" if row["mean_auc"] is None else f"{row['mean_auc']:.4f}"
+        lines.append(f"  {row['model']:30} " + " ".join(f"{c:>7}" for c in cells) + f" {mean:>7}")
+    for row in result["summary"]:
+        if "slidr_minus_mean" in row:
+            above = row["slidr_at_or_above_on_seeds"]
+            lines.append(
+                f"  slidr minus {row['model']}: {row['slidr_minus_mean']:+.4f} on the mean; "
+                f"at or above it on {len(above)} of {len(seeds)} seeds"
+            )
+    for run, seed in zip(result["runs"], seeds, strict=True):
+        for row in run["models"]:
+            note = row.get("error") or row.get("skipped")
+            if note:
+                lines.append(f"  seed {seed}, {row['model']}: {note.splitlines()[0]}")
+    lines.append("  (each seed is one `--seed N` run; their 95% bootstrap intervals are in --out;")
+    lines.append(
+        "   'counts' are over the whole file, later clicks included; 'so far' up to each click)"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m models.bench_real",
@@ -391,19 +506,40 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="keep the imported data and the registry here (default: a temporary directory)",
     )
-    parser.add_argument("--seed", type=int, default=7, help="training seed (default 7)")
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument(
+        "--seeds",
+        default=None,
+        help="training seeds, compared as means, e.g. 1-7 or 1,3,5 (default "
+        f"{DEFAULT_SEEDS[0]}-{DEFAULT_SEEDS[-1]}; about 1.5 min a seed on 2 cores)",
+    )
+    runs.add_argument(
+        "--seed", type=int, default=None, help="one training seed, with bootstrap intervals"
+    )
     parser.add_argument("--peers-only", action="store_true", help="skip slidr's training")
     args = parser.parse_args(argv)
     if not args.data.is_file():
         print(f"bench-real skipped: {args.data} not found (see ../shared/data/README.md)")
         return 0
-    result = run_bench_real(args.data, args.workdir, args.seed, not args.peers_only)
-    print(to_text(result))
+    if args.seed is not None:
+        result = run_bench_real(args.data, args.workdir, args.seed, not args.peers_only)
+        print(to_text(result))
+        rows = result["models"]
+    else:
+        try:
+            seeds = parse_seeds(args.seeds) if args.seeds is not None else DEFAULT_SEEDS
+        except ValueError as exc:
+            parser.error(str(exc))
+        result = run_bench_real_seeds(args.data, seeds, args.workdir, not args.peers_only)
+        print(seeds_to_text(result))
+        rows = [row for run in result["runs"] for row in run["models"]]
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+        args.out.write_bytes(
+            orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+        )
         print(f"figures: {args.out}")
-    return max((row.get("exit", 0) for row in result["models"]), default=0)
+    return max((row.get("exit", 0) for row in rows), default=0)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,9 @@ def fit_lightgbm(
 def predict_lightgbm(model: Any, x: npt.ArrayLike) -> np.ndarray:
     """P(y = 1) per row of ``x``, with the trees up to the best validation round."""
     best = getattr(model, "best_iteration", 0) or None
-    return np.asarray(model.predict(np.asarray(x, dtype=np.float64), num_iteration=best))
+    # verbose=-1: else every call warns of sparse categorical codes (slidr's hashed ids).
+    x = np.asarray(x, dtype=np.float64)
+    return np.asarray(model.predict(x, num_iteration=best, verbose=-1))
 
 
 # --- one-hot logistic regression ----------------------------------------------------------

@@ -179,7 +179,9 @@ def test_guardrail_refusal_is_one_line_and_peers_still_run(
 
 def test_cli_peers_only_writes_json(tmp_path: Path, synthetic: Path, capsys) -> None:
     out = tmp_path / "figures.json"
-    code = bench_real.main(["--data", str(synthetic), "--peers-only", "--out", str(out)])
+    code = bench_real.main(
+        ["--data", str(synthetic), "--peers-only", "--seed", "7", "--out", str(out)]
+    )
     assert code == 0
     figures = orjson.loads(out.read_bytes())
     assert all("auc_interval" in row for row in figures["models"] if row["auc"] is not None)
@@ -189,6 +191,54 @@ def test_cli_peers_only_writes_json(tmp_path: Path, synthetic: Path, capsys) -> 
         "LightGBM + counts so far",
     ]
     assert "figures:" in capsys.readouterr().out
+
+
+def test_seeds_are_parsed_as_ranges_and_lists() -> None:
+    assert bench_real.parse_seeds("1-3") == [1, 2, 3]
+    assert bench_real.parse_seeds("4, 1-2,4") == [4, 1, 2]
+    for bad in ("", "a", "5-3", "1,,2"):
+        with pytest.raises(ValueError, match="--seeds"):
+            bench_real.parse_seeds(bad)
+
+
+def test_seed_summary_compares_slidr_with_each_peer_seed_for_seed() -> None:
+    def run(slidr: float | None, peer: float) -> dict:
+        return {
+            "models": [
+                {"model": "slidr (v0001)" if slidr is not None else "slidr", "auc": slidr},
+                {"model": "LightGBM + counts", "auc": peer},
+            ]
+        }
+
+    summary = bench_real.summarize_seeds(
+        [run(0.95, 0.94), run(0.93, 0.96), run(None, 0.5)], [1, 2, 3]
+    )
+    ours, peer = summary
+    assert ours["model"] == "slidr" and ours["auc_by_seed"] == {1: 0.95, 2: 0.93, 3: None}
+    assert ours["mean_auc"] == pytest.approx(0.94)  # the seed where training failed left out
+    assert peer["mean_auc"] == pytest.approx((0.94 + 0.96 + 0.5) / 3)
+    # Paired on the seeds both have: (0.01 - 0.03) / 2.
+    assert peer["slidr_minus_mean"] == pytest.approx(-0.01)
+    assert peer["slidr_at_or_above_on_seeds"] == [1]
+
+
+def test_cli_runs_several_seeds_and_prints_their_means(
+    tmp_path: Path, synthetic: Path, capsys
+) -> None:
+    out = tmp_path / "seeds.json"
+    code = bench_real.main(
+        ["--data", str(synthetic), "--peers-only", "--seeds", "1-2", "--out", str(out)]
+    )
+    assert code == 0
+    figures = orjson.loads(out.read_bytes())
+    assert figures["seeds"] == [1, 2] and len(figures["runs"]) == 2
+    logistic = next(r for r in figures["summary"] if r["model"] == "one-hot logistic regression")
+    assert set(logistic["auc_by_seed"]) == {"1", "2"}  # JSON keys
+    assert logistic["mean_auc"] > 0.6  # the planted app signal
+    printed = capsys.readouterr().out
+    assert "training seeds 1, 2" in printed and "seed 1  seed 2    mean" in printed
+    with pytest.raises(SystemExit):
+        bench_real.main(["--data", str(synthetic), "--seeds", "x"])
 
 
 def test_missing_data_skips_cleanly(tmp_path: Path, capsys) -> None:
