@@ -388,8 +388,8 @@ def human_weight_share(robot: np.ndarray, options: TrainOptions) -> float:
     Why a cap: balancing pays when labelled humans are a few times rarer than the rest; on
     ``slidr simulate --world proxy_lies`` (7% labelled) it stays at 1/2, and lowering it to
     the data's own share cost bot recall (seed 2: 0.61 -> 0.47). Where they are hundreds of
-    times rarer (the TalkingData sample: 85 downloads in 48k clicks), balancing makes each
-    weigh ~280 clicks, a network's fit turns on the batches that happen to hold one, and
+    times rarer (the TalkingData sample: 85 downloads in 37k fit-day clicks), balancing makes each
+    weigh ~220 clicks, a network's fit turns on the batches that happen to hold one, and
     the AUC of P(human) on `make bench-real` (seeds 1-7) averaged 0.952 balanced, against
     0.958 weighted at the data's own share.
     """
