@@ -407,7 +407,14 @@ def add_intervals(rows: list[dict[str, Any]], downloaded: np.ndarray, seed: int 
             }
 
 
-def to_text(result: Mapping[str, Any]) -> str:
+# How the two kinds of LightGBM counts differ: the closing note of both texts.
+COUNTS_NOTE = (
+    "   'counts' are over the whole file, later clicks included; 'so far' up to each click"
+)
+
+
+def _header(result: Mapping[str, Any]) -> list[str]:
+    """The data, the import and the split, a line each."""
     imp, split = result["import"], result["split"]
     lines = [
         f"bench-real: {result['data']}",
@@ -421,6 +428,11 @@ def to_text(result: Mapping[str, Any]) -> str:
         lines.append(
             f"  {name:5} {days:24} {s['clicks']:>9,} clicks {s['downloads']:>6,} downloads"
         )
+    return lines
+
+
+def to_text(result: Mapping[str, Any]) -> str:
+    lines = _header(result)
     lines.append(f"  {result['metric']}:")
     lines.append(
         f"  {'model':30} {'AUC':>7} {'95% interval':>16} {'slidr minus it':>26} {'seconds':>8}"
@@ -443,9 +455,7 @@ def to_text(result: Mapping[str, Any]) -> str:
         if note:
             lines.append(f"    {note.splitlines()[0]}")
     lines.append("  (slidr splits the earlier days by its own rules; no model sees the last day;")
-    lines.append(
-        "   'counts' are over the whole file, later clicks included; 'so far' up to each click;"
-    )
+    lines.append(COUNTS_NOTE + ";")
     lines.append(
         f"   intervals: {BOOTSTRAP_ROUNDS} stratified bootstrap resamples of the test day, the "
         "same for every model)"
@@ -456,9 +466,9 @@ def to_text(result: Mapping[str, Any]) -> str:
 def seeds_to_text(result: Mapping[str, Any]) -> str:
     """The header of one run, then each model's AUC per seed and mean, and slidr against
     each peer over the seeds."""
-    head = to_text({**result["runs"][0]}).splitlines()[:4]
     seeds = result["seeds"]
-    lines = [*head, f"  {result['metric']}, training seeds {', '.join(map(str, seeds))}:"]
+    lines = _header(result)
+    lines.append(f"  {result['metric']}, training seeds {', '.join(map(str, seeds))}:")
     lines.append(f"  {'model':30} " + " ".join(f"{f'seed {s}':>7}" for s in seeds) + "    mean")
     for row in result["summary"]:
         cells = [
@@ -479,9 +489,7 @@ def seeds_to_text(result: Mapping[str, Any]) -> str:
             if note:
                 lines.append(f"  seed {seed}, {row['model']}: {note.splitlines()[0]}")
     lines.append("  (each seed is one `--seed N` run; their 95% bootstrap intervals are in --out;")
-    lines.append(
-        "   'counts' are over the whole file, later clicks included; 'so far' up to each click)"
-    )
+    lines.append(COUNTS_NOTE + ")")
     return "\n".join(lines)
 
 

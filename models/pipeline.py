@@ -372,9 +372,8 @@ def choose_architecture(
         return row["oof_weak_auc"] or 0.0
 
     best = max(rows, key=auc)
-    same = next((r for r in rows if r["model"] == incumbent), None) or next(
-        (r for r in rows if r["model"] == preferred), None
-    )
+    by_name = {r["model"]: r for r in rows}
+    same = by_name.get(incumbent or "") or by_name.get(preferred or "")
     if same is not None and auc(same) >= auc(best) - margin:
         return same["model"]
     return best["model"]
@@ -423,15 +422,17 @@ def embedding_width(budget: int, carrying: int) -> int:
     return max(MIN_EMBEDDING_WIDTH, min(MAX_EMBEDDING_WIDTH, width))
 
 
+# Each id table and its columns in the feature vector, tables by name.
+_ID_TABLES: dict[str, list[int]] = {
+    table: [INDEX[e.name] for e in EMBEDDINGS if e.table == table]
+    for table in sorted({e.table for e in EMBEDDINGS})
+}
+
+
 def tables_carrying_ids(x: np.ndarray) -> list[str]:
     """The id tables whose columns hold more than one value in ``x`` (a table whose
     field is absent, or always the same, carries nothing a model can learn)."""
-    carrying = []
-    for table in sorted({e.table for e in EMBEDDINGS}):
-        columns = [INDEX[e.name] for e in EMBEDDINGS if e.table == table]
-        if len(np.unique(x[:, columns])) > 1:
-            carrying.append(table)
-    return carrying
+    return [t for t, columns in _ID_TABLES.items() if len(np.unique(x[:, columns])) > 1]
 
 
 def _input_mask(names: tuple[str, ...], off: set[str]) -> np.ndarray:
@@ -717,7 +718,7 @@ def run_training(
     width = embedding_width(options.embedding_budget, len(carrying))
     config = TrainConfig(seed=options.seed, max_epochs=options.max_epochs, embedding_dim=width)
     progress(
-        f"id embeddings: width {width}, {len(carrying)} of {len({e.table for e in EMBEDDINGS})} "
+        f"id embeddings: width {width}, {len(carrying)} of {len(_ID_TABLES)} "
         f"tables carry ids on the fit days ({', '.join(carrying) or 'none'})"
     )
 
