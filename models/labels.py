@@ -289,3 +289,28 @@ def propensity_weights(
         assigned |= take
         levels[f"cells: {depth}"] = int(take.sum())
     return weights * (n / max(weights.sum(), 1e-12)), levels
+
+
+def human_weight_concentration(weights: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    """How few clicks the labelled humans' weight rests on: their number, their effective
+    number under the weights (Kish: (sum w)^2 / sum w^2), the largest weight (mean weight
+    1) and the share of the human weight on the heaviest 1% of them.
+
+    Why: balancing within propensity cells gives each human label of a label-poor cell the
+    weight of hundreds of clicks. On ``slidr simulate --world proxy_lies --seed 2`` (5 days
+    of 40k clicks) 116 signed-out buyers, each worth 560-790 clicks, held 81% of the human
+    weight; the 11,118 labelled humans of the four fit days counted as 144. A fit turns on
+    those few clicks, which is one reason the tail of the scores varies with a network's
+    initial weights.
+    """
+    human = np.asarray(label) < 0.5
+    w = np.asarray(weights, dtype=np.float64)[human]
+    if not len(w) or w.sum() <= 0:
+        return {"labelled": len(w), "effective": 0.0, "max_weight": 0.0, "top_1pct_share": 0.0}
+    heaviest = np.sort(w)[::-1][: max(1, int(np.ceil(0.01 * len(w))))]
+    return {
+        "labelled": int(len(w)),
+        "effective": float(w.sum() ** 2 / np.square(w).sum()),
+        "max_weight": float(w.max()),
+        "top_1pct_share": float(heaviest.sum() / w.sum()),
+    }

@@ -376,6 +376,30 @@ def recall_at_human_fpr(
     return float(np.mean(s[bot] >= t))
 
 
+def recall_by_kind(
+    scores: npt.ArrayLike, is_bot: npt.ArrayLike, kind: npt.ArrayLike, target: float = 0.01
+) -> dict[str, dict[str, Any]]:
+    """Per robot kind: its clicks and the share of them at or above the threshold that
+    invalidates ``target`` of the true humans (the one threshold of ``recall_at_human_fpr``
+    for every kind). Ground truth only; ``{}`` without bots.
+
+    Why: one recall hides which robots a model misses. On ``slidr simulate --world
+    proxy_lies`` two models with the same overall recall can miss different kinds: the
+    velocity robots, or the ones recognised only by the ads and publishers they target.
+    """
+    s = np.asarray(scores, dtype=float)
+    bot = np.asarray(is_bot, dtype=bool)
+    kinds = np.asarray(kind, dtype=object)
+    if not bot.any():
+        return {}
+    t = threshold_for_fpr(s, ~bot, target)
+    out: dict[str, dict[str, Any]] = {}
+    for k in sorted({str(v) for v in kinds[bot]}):
+        rows = bot & (kinds.astype(str) == k)
+        out[k] = {"bots": int(rows.sum()), "recall": float(np.mean(s[rows] >= t))}
+    return out
+
+
 def auc(scores: npt.ArrayLike, positive: npt.ArrayLike) -> float | None:
     """Area under the ROC curve of ``scores`` for ``positive`` (ties count one half);
     ``None`` when either class is empty."""

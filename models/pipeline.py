@@ -49,7 +49,14 @@ from features.definitions import (
 from features.windows import DAY_S
 from models import calibration, metrics
 from models.guardrails import GuardrailReport, HeldOut, check_training_data, label_share_by_slice
-from models.labels import Labels, balancing_weights, make_labels, propensity_weights, rfm_snapshot
+from models.labels import (
+    Labels,
+    balancing_weights,
+    human_weight_concentration,
+    make_labels,
+    propensity_weights,
+    rfm_snapshot,
+)
 from models.registry import ModelRegistry
 
 if TYPE_CHECKING:  # torch loads only where a model is trained
@@ -624,6 +631,28 @@ def _propensity_diagnostics(
     }
 
 
+def _recall_by_kind(scores: dict[str, np.ndarray], p: Prepared, te: np.ndarray) -> list[dict]:
+    """One row per robot kind of the held-out day: its clicks and every model's bot recall
+    at 1% true human FPR (``metrics.recall_by_kind``); empty unless the data carries the
+    simulator's ``bot_kind``."""
+    kind = p.data.clicks.extra.get("bot_kind")
+    if kind is None or p.is_bot is None:
+        return []
+    per_model = {
+        name: metrics.recall_by_kind(s[te], p.is_bot[te], kind[te], 0.01)
+        for name, s in scores.items()
+    }
+    kinds = sorted({k for figures in per_model.values() for k in figures})
+    return [
+        {
+            "kind": k,
+            "bots": next(iter(per_model.values()))[k]["bots"],
+            **{name: figures[k]["recall"] for name, figures in per_model.items()},
+        }
+        for k in kinds
+    ]
+
+
 def _proxy_vs_truth(
     test_metrics: dict, p: Prepared, te: np.ndarray
 ) -> tuple[list[dict], list[str]]:
@@ -711,6 +740,13 @@ def run_training(
     else:
         weights, weight_levels = balancing_weights(clicks.ts, clicks.logged_in, y), {}
     te, fit_idx = split.test, split.fit
+    concentration = human_weight_concentration(weights[fit_idx], y[fit_idx])
+    progress(
+        f"weights: the fit days' {concentration['labelled']:,} labelled humans count as "
+        f"{concentration['effective']:,.0f} under the weights (the heaviest weighs "
+        f"{concentration['max_weight']:,.0f} clicks; the heaviest 1% hold "
+        f"{concentration['top_1pct_share']:.0%} of the human weight)"
+    )
     x = p.features
     mean = x[fit_idx].mean(axis=0)
     std = x[fit_idx].std(axis=0)
@@ -907,6 +943,7 @@ def run_training(
         {"logged_in": clicks.logged_in.astype(np.int8), "device": devices, "hour": hour},
     )
     propensity["weight_levels"] = weight_levels
+    propensity["human_weight"] = concentration
     propensity["weighting"] = options.weighting
 
     staging = registry.staging_dir()
@@ -971,6 +1008,7 @@ def run_training(
         "global_comparison": comparison,
         "baselines": baselines,
         "proxy_vs_truth": {"rows": proxy_rows, "warnings": proxy_warnings},
+        "recall_by_kind": _recall_by_kind(scores, p, te),
         "propensity": propensity,
         "metrics": {"test": test_metrics, "validation": fit_metrics},
         "guardrails": guardrails.to_dict(),
@@ -1003,6 +1041,7 @@ def run_training(
             "labels",
             "representations",
             "proxy_vs_truth",
+            "recall_by_kind",
             "propensity",
             "label_poor_slices",
         )

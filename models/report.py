@@ -139,6 +139,25 @@ def write_report(folder: Path, result: dict, curves: dict[str, Curve]) -> Path:
         {k: v for k, v in r.items() if k != "label_rate_by_value"} for r in propensity["rows"]
     ]
     prop_cols = list(prop_rows[0].keys()) if prop_rows else []
+    by_kind = result.get("recall_by_kind", [])
+    by_kind_html = (
+        "<h2>Bot recall by robot kind at 1% true human FPR (held-out day)</h2>\n"
+        "<p>Simulated data only: the share of each kind's clicks at or above the threshold "
+        "that invalidates 1% of the true humans, for every model. Models that tie overall "
+        "can miss different robots.</p>\n" + _table(by_kind, list(by_kind[0].keys()))
+        if by_kind
+        else ""
+    )
+    weight = propensity.get("human_weight")
+    weight_line = (
+        ""
+        if weight is None
+        else f"<p>Human labels under the weights (fit days): {int(weight['labelled']):,} "
+        f"labelled clicks count as {weight['effective']:,.0f}; the heaviest weighs "
+        f"{weight['max_weight']:,.0f} clicks and the heaviest 1% hold "
+        f"{weight['top_1pct_share']:.0%} of the human weight. Few effective labels make the "
+        "highest scores vary with a network's initial weights.</p>"
+    )
     poor = result.get("label_poor_slices", [])
     poor_table = (
         _table(poor, ["slice", "clicks", "purchasing_clicks", "threshold", "why"])
@@ -176,6 +195,7 @@ data fingerprint <code>{result["data"]["fingerprint"][:16]}</code>.</p>
 <p>Every model gets one global threshold giving the same overall FPR as the MLP's slice
 thresholds; bot recall at 1% human FPR uses the ground truth of simulated data.</p>
 {_table(result["baselines"], baseline_cols)}
+{by_kind_html}
 <h2>Proxy against truth per slice (held-out day, slice thresholds)</h2>
 <p>The proxy FPR counts invalidated purchasing clicks; the true human FPR (simulated data
 only) counts invalidated human clicks. They disagree where purchasers are not a
@@ -193,6 +213,7 @@ one, and were not used to choose.</p>
 <p>{html.escape(str(propensity.get("note", "")))}. Inputs switched off:
 {html.escape(", ".join(result.get("masked_features", [])))}; weighting
 {html.escape(str(propensity.get("weighting", "")))}.</p>
+{weight_line}
 {_table(prop_rows, prop_cols)}
 <h2>Label-poor slices</h2>
 {poor_table}

@@ -12,6 +12,7 @@ from models.labels import (
     RfmPolicy,
     attribute_purchases,
     balancing_weights,
+    human_weight_concentration,
     make_labels,
     propensity_weights,
     rfm_scores,
@@ -256,3 +257,18 @@ def test_propensity_weights_give_humans_the_asked_share_of_every_cell() -> None:
     for li in (False, True):
         cell = logged_in == li
         assert weights[cell & human].sum() == pytest.approx(0.1 * weights[cell].sum())
+
+
+def test_human_weight_concentration_counts_how_few_labels_carry_the_weight() -> None:
+    robot = np.array([0.0] * 100 + [1.0] * 900)
+    even = human_weight_concentration(np.ones(1000), robot)
+    assert even["labelled"] == 100
+    assert even["effective"] == pytest.approx(100)
+    assert even["top_1pct_share"] == pytest.approx(0.01)
+    weights = np.ones(1000)
+    weights[0] = 99.0  # one label weighs as much as the other 99 together
+    heavy = human_weight_concentration(weights, robot)
+    assert heavy["effective"] == pytest.approx(198**2 / (99**2 + 99))
+    assert heavy["max_weight"] == 99.0
+    assert heavy["top_1pct_share"] == pytest.approx(0.5)
+    assert human_weight_concentration(np.ones(3), np.ones(3))["labelled"] == 0

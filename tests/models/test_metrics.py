@@ -16,6 +16,7 @@ from models.metrics import (
     ivr_at_fpr,
     percentile_interval,
     recall_at_human_fpr,
+    recall_by_kind,
     robotic_sessions,
     split_slices,
     threshold_for_fpr,
@@ -223,6 +224,24 @@ def test_recall_at_human_fpr():
     scores = np.array([0.1, 0.2, 0.75, 0.6, 0.7, 0.8])
     assert recall_at_human_fpr(scores, is_bot, 0.0) == pytest.approx(1 / 3)
     assert recall_at_human_fpr(scores, np.zeros(6, dtype=bool)) is None
+
+
+def test_recall_by_kind_uses_one_threshold_for_every_kind():
+    # Humans score 0..0.9: at 10% human FPR the threshold sits above 0.8.
+    humans = np.arange(10) / 10
+    bots = np.array([0.95, 0.99, 0.5, 0.1, 0.92])
+    kinds = np.array(["", "", "", "", "", "", "", "", "", "", "fast", "fast", "slow", "slow", "x"])
+    scores = np.concatenate([humans, bots])
+    is_bot = np.arange(15) >= 10
+    out = recall_by_kind(scores, is_bot, kinds, 0.1)
+    assert out == {
+        "fast": {"bots": 2, "recall": 1.0},
+        "slow": {"bots": 2, "recall": 0.0},
+        "x": {"bots": 1, "recall": 1.0},
+    }
+    overall = recall_at_human_fpr(scores, is_bot, 0.1)
+    assert overall == pytest.approx(3 / 5)
+    assert recall_by_kind(scores, np.zeros(15, dtype=bool), kinds) == {}
 
 
 def test_weighted_auc_counts_each_click_its_weight_and_ties_one_half() -> None:

@@ -73,13 +73,37 @@ def test_report_shows_proxy_against_truth_and_the_comparisons(trained: SimpleNam
     assert trained.rows["overall"]["proxy_fpr"] is not None
 
 
+def test_report_shows_recall_by_robot_kind_for_every_model(trained: SimpleNamespace) -> None:
+    """The world's robot kinds, each with every model's recall, in the result and report."""
+    rows = {row["kind"]: row for row in trained.result["recall_by_kind"]}
+    assert {"infected_pc", "script", "proxy_rotator", "hijacked"} <= rows.keys()
+    for row in rows.values():
+        assert row["bots"] > 0
+        for model in ("mlp", "lightgbm_same_inputs", "velocity_heuristic"):
+            assert 0.0 <= row[model] <= 1.0, (row["kind"], model)
+    # Declared crawlers and bare HTTP clients give themselves away to every learnt model.
+    assert rows["script"]["mlp"] > 0.9
+    report = (trained.registry.path_of("v0001") / "report.html").read_text(encoding="utf-8")
+    assert "Bot recall by robot kind" in report
+
+
+def test_few_signed_out_buyers_carry_the_human_weight_and_training_says_so(
+    trained: SimpleNamespace,
+) -> None:
+    """Balancing label-poor cells concentrates the human weight on their few buyers."""
+    weight = trained.result["propensity"]["human_weight"]
+    assert weight["effective"] < 0.1 * weight["labelled"], weight
+    assert weight["top_1pct_share"] > 0.5, weight
+    assert any("labelled humans count as" in m for m in trained.messages)
+
+
 def test_recall_at_one_percent_human_fpr_beats_gradient_boosted_trees(
     trained: SimpleNamespace,
 ) -> None:
-    """Issue 11's target on this test's seeded data (0.623 against 0.577 and 0.390 on this
-    machine). Not on every seed: on 5 days of 40k clicks slidr is ahead of LightGBM on
-    its own inputs on 6 of seeds 1-8 (mean 0.702 against 0.633) and behind by 0.006 and
-    0.018 on seeds 1 and 2; see the issue notes."""
+    """Issue 11's target on this test's seeded data (0.613 against 0.577 and 0.390 on the
+    development machine). Not on every seed: on 5 days of 40k clicks slidr is ahead of
+    LightGBM on its own inputs on 4 of seeds 1-8 (mean 0.686 against 0.633); see the
+    issue notes and the report's recall by robot kind."""
     rows = {row["model"]: row for row in trained.result["baselines"]}
     ours = rows["mlp"]["bot_recall_at_1pct_human_fpr"]
     for peer in ("lightgbm_all_inputs", "lightgbm_same_inputs"):
@@ -87,8 +111,9 @@ def test_recall_at_one_percent_human_fpr_beats_gradient_boosted_trees(
 
 
 def test_recall_holds_against_gradient_boosted_trees(trained: SimpleNamespace) -> None:
-    """The part of the target above that holds on every seed measured: well ahead of trees
-    that see who gets labelled, and within 0.05 of trees on slidr's own inputs."""
+    """Well ahead of trees that see who gets labelled (on seeds 1-8 of 5 days of 40k
+    clicks by 0.26 or more), and within 0.05 of trees on slidr's own inputs (there slidr
+    trailed by at most 0.051, on seed 8, and led by up to 0.35)."""
     rows = {
         row["model"]: row["bot_recall_at_1pct_human_fpr"] for row in trained.result["baselines"]
     }
