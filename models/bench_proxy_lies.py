@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from data.simulator import simulate
-from models.bench_real import parse_seeds
+from models.bench_cli import parse_seeds, progress_to_stderr, write_figures
 from models.pipeline import TrainOptions, run_training
 from models.registry import ModelRegistry
 
@@ -46,10 +45,6 @@ DEFAULT_CLICKS_PER_DAY = 40_000
 MIN_SLICE_HUMANS = 10
 PEER = "lightgbm_same_inputs"
 MODELS = ("mlp", PEER, "lightgbm_all_inputs", "logistic_regression", "velocity_heuristic")
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _tagged(progress: Progress, seed: int) -> Progress:
@@ -131,7 +126,7 @@ def run(
     days: int = DEFAULT_DAYS,
     clicks_per_day: int = DEFAULT_CLICKS_PER_DAY,
     workdir: Path | None = None,
-    progress: Progress = _stderr,
+    progress: Progress = progress_to_stderr,
 ) -> dict[str, Any]:
     """Simulate, train and read the figures of every seed (see the module docstring)."""
     options = TrainOptions()
@@ -250,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(seeds, args.days, args.clicks_per_day, args.workdir)
     print(to_text(result))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-        print(f"figures: {args.out}")
+        write_figures(args.out, result)
     return 0
 
 

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from features.columns import ClickColumns
 from features.windows import DAY_S
+from models.bench_cli import parse_seeds, progress_to_stderr, write_figures
 from models.metrics import auc, bootstrap_aucs, percentile_interval
 from models.peers import fit_lightgbm, lightgbm_available, one_hot_logistic, predict_lightgbm
 
@@ -55,10 +55,6 @@ BOOTSTRAP_ROUNDS = 2_000  # resamples behind each interval (about 2 s for four m
 # Training seeds of the default run: the AUCs are compared as means over them (see
 # run_bench_real_seeds).
 DEFAULT_SEEDS = [1, 2, 3, 4, 5, 6, 7]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _column(clicks: ClickColumns, name: str) -> np.ndarray:
@@ -132,7 +128,7 @@ def run_peers(
     train: np.ndarray,
     test: np.ndarray,
     seed: int = 7,
-    progress: Progress = _stderr,
+    progress: Progress = progress_to_stderr,
 ) -> list[dict[str, Any]]:
     """Fit both peers on ``train`` (download label) and give their AUC on ``test``.
 
@@ -211,7 +207,7 @@ def run_slidr(
     downloaded: np.ndarray,
     test: np.ndarray,
     seed: int = 7,
-    progress: Progress = _stderr,
+    progress: Progress = progress_to_stderr,
 ) -> dict[str, Any]:
     """Train slidr on the data set, score every click with the registered version, give
     the AUC of 1 - score on ``test`` (indices into the loaded, time-sorted clicks)."""
@@ -250,7 +246,7 @@ def run_bench_real(
     workdir: Path | str | None = None,
     seed: int = 7,
     with_slidr: bool = True,
-    progress: Progress = _stderr,
+    progress: Progress = progress_to_stderr,
 ) -> dict[str, Any]:
     """Import ``data``, run slidr (unless ``with_slidr`` is False) and the peers; the figures.
 
@@ -301,27 +297,12 @@ def run_bench_real(
     }
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"1-7"``, ``"3"`` or ``"1,4,9"`` as a list of distinct seeds, in order."""
-    seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            first, _, last = part.strip().partition("-")
-            span = range(int(first), int(last or first) + 1)
-            if not span:
-                raise ValueError(part)
-            seeds.extend(s for s in span if s not in seeds)
-    except ValueError:
-        raise ValueError(f"--seeds: expected e.g. 1-7 or 1,3,5; got {text!r}") from None
-    return seeds
-
-
 def run_bench_real_seeds(
     data: Path | str = DEFAULT_DATA,
     seeds: list[int] = DEFAULT_SEEDS,
     workdir: Path | str | None = None,
     with_slidr: bool = True,
-    progress: Progress = _stderr,
+    progress: Progress = progress_to_stderr,
 ) -> dict[str, Any]:
     """``run_bench_real`` once per training seed, and each model's AUC over the seeds.
 
@@ -542,11 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         print(seeds_to_text(result))
         rows = [row for run in result["runs"] for row in run["models"]]
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_bytes(
-            orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
-        )
-        print(f"figures: {args.out}")
+        write_figures(args.out, result)
     return max((row.get("exit", 0) for row in rows), default=0)
 
 

@@ -309,8 +309,19 @@ def human_weight_concentration(weights: np.ndarray, label: np.ndarray) -> dict[s
         return {"labelled": len(w), "effective": 0.0, "max_weight": 0.0, "top_1pct_share": 0.0}
     heaviest = np.sort(w)[::-1][: max(1, int(np.ceil(0.01 * len(w))))]
     return {
-        "labelled": int(len(w)),
+        "labelled": len(w),
         "effective": float(w.sum() ** 2 / np.square(w).sum()),
         "max_weight": float(w.max()),
         "top_1pct_share": float(heaviest.sum() / w.sum()),
     }
+
+
+def human_weight_text(concentration: dict[str, float]) -> str:
+    """One sentence on ``human_weight_concentration``'s figures (training's progress and
+    the report say the same)."""
+    return (
+        f"{int(concentration['labelled']):,} labelled humans count as "
+        f"{concentration['effective']:,.0f} under the weights; the heaviest weighs "
+        f"{concentration['max_weight']:,.0f} clicks and the heaviest 1% hold "
+        f"{concentration['top_1pct_share']:.0%} of the human weight"
+    )

@@ -389,13 +389,13 @@ def recall_by_kind(
     """
     s = np.asarray(scores, dtype=float)
     bot = np.asarray(is_bot, dtype=bool)
-    kinds = np.asarray(kind, dtype=object)
+    kinds = np.asarray(kind).astype(str)
     if not bot.any():
         return {}
     t = threshold_for_fpr(s, ~bot, target)
     out: dict[str, dict[str, Any]] = {}
-    for k in sorted({str(v) for v in kinds[bot]}):
-        rows = bot & (kinds.astype(str) == k)
+    for k in np.unique(kinds[bot]).tolist():
+        rows = bot & (kinds == k)
         out[k] = {"bots": int(rows.sum()), "recall": float(np.mean(s[rows] >= t))}
     return out
 

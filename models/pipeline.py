@@ -53,6 +53,7 @@ from models.labels import (
     Labels,
     balancing_weights,
     human_weight_concentration,
+    human_weight_text,
     make_labels,
     propensity_weights,
     rfm_snapshot,
@@ -741,12 +742,7 @@ def run_training(
         weights, weight_levels = balancing_weights(clicks.ts, clicks.logged_in, y), {}
     te, fit_idx = split.test, split.fit
     concentration = human_weight_concentration(weights[fit_idx], y[fit_idx])
-    progress(
-        f"weights: the fit days' {concentration['labelled']:,} labelled humans count as "
-        f"{concentration['effective']:,.0f} under the weights (the heaviest weighs "
-        f"{concentration['max_weight']:,.0f} clicks; the heaviest 1% hold "
-        f"{concentration['top_1pct_share']:.0%} of the human weight)"
-    )
+    progress(f"weights (fit days): {human_weight_text(concentration)}")
     x = p.features
     mean = x[fit_idx].mean(axis=0)
     std = x[fit_idx].std(axis=0)

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from models.labels import human_weight_text  # noqa: E402
 from models.metrics import Curve  # noqa: E402
 
 
@@ -152,11 +153,9 @@ def write_report(folder: Path, result: dict, curves: dict[str, Curve]) -> Path:
     weight_line = (
         ""
         if weight is None
-        else f"<p>Human labels under the weights (fit days): {int(weight['labelled']):,} "
-        f"labelled clicks count as {weight['effective']:,.0f}; the heaviest weighs "
-        f"{weight['max_weight']:,.0f} clicks and the heaviest 1% hold "
-        f"{weight['top_1pct_share']:.0%} of the human weight. Few effective labels make the "
-        "highest scores vary with a network's initial weights.</p>"
+        else f"<p>Human labels under the weights (fit days): {human_weight_text(weight)}. "
+        "Few effective labels make the highest scores vary with a network's initial "
+        "weights.</p>"
     )
     poor = result.get("label_poor_slices", [])
     poor_table = (
