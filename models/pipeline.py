@@ -48,6 +48,7 @@ from features.definitions import (
 )
 from features.windows import DAY_S
 from models import calibration, metrics
+from models.encoding import DEFAULT_SMOOTHING, EncodedField, Encodings, encode_fold
 from models.guardrails import GuardrailReport, HeldOut, check_training_data, label_share_by_slice
 from models.labels import (
     Labels,
@@ -138,6 +139,15 @@ class TrainOptions:
     # this over the number of tables that carry values on the fit days, 8 to 32 (see
     # embedding_width).
     embedding_budget: int = 64
+    # These id tables also enter the embedding variants as the smoothed log-odds of their
+    # bucket's weighted human-label rate (models.encoding): what was clicked, not where
+    # or from what device. Where and from what device decide who can buy and be labelled
+    # (the propensity inputs above): on `slidr simulate --world proxy_lies` (seeds 5-7)
+    # encoding the user-agent families, placements and publishers as well took the true
+    # human FPR of the nearly-all-robot "other/logged_out" slice from 0-5% to 5-19%.
+    target_encoded: tuple[str, ...] = ("ad_id", "advertiser_id", "context.app")
+    target_encoding: bool = True
+    target_encoding_smoothing: float = DEFAULT_SMOOTHING  # in mean training weights
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.architectures if a not in ARCHITECTURES]
@@ -160,6 +170,16 @@ class TrainOptions:
         if self.max_human_upweight < 1:
             raise ValueError(
                 f"max_human_upweight must be at least 1, got {self.max_human_upweight}"
+            )
+        tables = {e.table for e in EMBEDDINGS}
+        unknown_tables = [t for t in self.target_encoded if t not in tables]
+        if unknown_tables:
+            raise ValueError(
+                f"target_encoded: not id tables: {unknown_tables}; known: {sorted(tables)}"
+            )
+        if not self.target_encoding_smoothing > 0:
+            raise ValueError(
+                f"target_encoding_smoothing must be positive, got {self.target_encoding_smoothing}"
             )
         if self.weighting not in ("propensity", "slidr"):
             raise ValueError(f"weighting must be 'propensity' or 'slidr', got {self.weighting!r}")
@@ -235,6 +255,13 @@ class Split:
             ]
         days = np.unique(self.day[fit])
         return [(fit[self.day[fit] != d], fit[self.day[fit] == d]) for d in days]
+
+    def fold_of(self) -> np.ndarray:
+        """Per click, the index of its fold in ``folds()`` (-1: the held-out test day)."""
+        out = np.full(len(self.day), -1, dtype=np.int64)
+        for k, (_, held) in enumerate(self.folds()):
+            out[held] = k
+        return out
 
 
 def user_groups(user_id: np.ndarray) -> np.ndarray:
@@ -443,6 +470,17 @@ def tables_carrying_ids(x: np.ndarray) -> list[str]:
     return [t for t, columns in _ID_TABLES.items() if len(np.unique(x[:, columns])) > 1]
 
 
+def encoded_fields(carrying: Sequence[str], tables: Sequence[str]) -> list[EncodedField]:
+    """The id columns that get a target encoding (``models.encoding``): those of the
+    ``tables`` given that carry ids on the fit days and fill one column each (a bag, the
+    query's tokens say, has no one column naming its bucket)."""
+    return [
+        EncodedField(INDEX[e.name], e.buckets)
+        for e in EMBEDDINGS
+        if e.table in tables and e.table in carrying and len(_ID_TABLES[e.table]) == 1
+    ]
+
+
 def _input_mask(names: tuple[str, ...], off: set[str]) -> np.ndarray:
     return np.array([0.0 if n in off else 1.0 for n in names], dtype=np.float32)
 
@@ -474,7 +512,7 @@ class CrossFit:
 
 def cross_fit(
     name: str,
-    make_model: Callable[[], RobotClassifier],
+    make_model: Callable[[Encodings | None], RobotClassifier],
     x: np.ndarray,
     y: np.ndarray,
     w: np.ndarray,
@@ -482,6 +520,8 @@ def cross_fit(
     config: TrainConfig,
     progress: Progress,
     member_seeds: Sequence[int] = (0,),
+    encoded: Sequence[EncodedField] = (),
+    smoothing: float = DEFAULT_SMOOTHING,
 ) -> CrossFit:
     """One model per fold (``split.folds()``: a fit day held out, or a group of users) and
     member seed: trained on the other folds, stopped early on the held-out one, which the
@@ -502,6 +542,9 @@ def cross_fit(
     ``slidr simulate --world proxy_lies --seed 1`` (5 days of 40k clicks): with one model
     refitted on all days, desktop/logged_in humans were invalidated at 14.7% on the
     held-out day against a slice cap of 3%; with the average, at 0.2%.
+
+    ``encoded``: id columns target-encoded per fold from its training clicks
+    (``models.encoding``), handed to ``make_model``; None when empty.
     """
     import torch
 
@@ -510,14 +553,21 @@ def cross_fit(
     started = time.perf_counter()
     oof = np.full(len(x), np.nan)
     best, members = [], []
+    fold_of = split.fold_of()
+    human = y < 0.5
     for k, (train, held) in enumerate(split.folds()):
+        encodings = None
+        x_train = x[train]
+        if encoded:
+            encodings = encode_fold(x, human, w, train, fold_of[train], encoded, smoothing)
+            x_train = np.hstack([x_train, encodings.train])
         held_scores = []
         for m in member_seeds:
             # Members of a fold differ in their initial weights and batch order only.
             torch.manual_seed(config.seed + k + 100 * m)
-            model = make_model()
+            model = make_model(encodings)
             member_config = replace(config, seed=config.seed + 100 * m)
-            log = fit(model, x[train], y[train], w[train], x[held], y[held], w[held], member_config)
+            log = fit(model, x_train, y[train], w[train], x[held], y[held], w[held], member_config)
             held_scores.append(predict(model, x[held]))
             best.append(log.best_epoch)
             members.append(model)
@@ -706,6 +756,7 @@ def run_training(
     from models.export import export_onnx, max_export_error
     from models.report import write_report
     from models.training import (
+        TargetEncoding,
         TrainConfig,
         logistic,
         mlp,
@@ -764,13 +815,32 @@ def run_training(
     hashed_names = {n for n in FEATURE_NAMES if n.startswith("ctx_")}
     ids = _embedding_inputs(carrying)
 
-    def factory(architecture: str) -> Callable[[], RobotClassifier]:
+    encoded = encoded_fields(carrying, options.target_encoded) if options.target_encoding else []
+    if encoded:
+        progress(
+            f"target encoding (smoothing {options.target_encoding_smoothing:g}) of "
+            + ", ".join(FEATURE_NAMES[f.column] for f in encoded)
+        )
+
+    def factory(architecture: str) -> Callable[[Encodings | None], RobotClassifier]:
         context, cross = ARCHITECTURES[architecture]
         if context == "embeddings":
             mask = _input_mask(FEATURE_NAMES, off | id_names | hashed_names)
-            return lambda: mlp(N_FEATURES, mean, std, config, mask, ids, cross)
+            return lambda enc: mlp(
+                N_FEATURES,
+                mean,
+                std,
+                config,
+                mask,
+                ids,
+                cross,
+                None if enc is None else TargetEncoding(enc),
+            )
         mask = _input_mask(FEATURE_NAMES, off | id_names)
-        return lambda: mlp(N_FEATURES, mean, std, config, mask, (), cross)
+        return lambda _: mlp(N_FEATURES, mean, std, config, mask, (), cross)
+
+    def fields_of(architecture: str) -> list[EncodedField]:
+        return encoded if ARCHITECTURES[architecture][0] == "embeddings" else []
 
     budget = options.fpr_budget
     purchasing = p.labels.purchasing
@@ -786,12 +856,14 @@ def run_training(
             split,
             config,
             progress,
+            encoded=fields_of(architecture),
+            smoothing=options.target_encoding_smoothing,
         )
     progress("cross-fitting logistic regression")
     lr_mask = _input_mask(FEATURE_NAMES, off | id_names)
     lr_fit = cross_fit(
         "logistic_regression",
-        lambda: logistic(N_FEATURES, mean, std, lr_mask),
+        lambda _: logistic(N_FEATURES, mean, std, lr_mask),
         x,
         y,
         weights,
@@ -831,7 +903,19 @@ def run_training(
         more = options.members_per_fold - 1
         progress(f"cross-fitting {more} more {chosen} per fold")
         seeds = range(1, options.members_per_fold)
-        extra = cross_fit(chosen, factory(chosen), x, y, weights, split, config, progress, seeds)
+        extra = cross_fit(
+            chosen,
+            factory(chosen),
+            x,
+            y,
+            weights,
+            split,
+            config,
+            progress,
+            seeds,
+            encoded=fields_of(chosen),
+            smoothing=options.target_encoding_smoothing,
+        )
         fits[chosen] = merge_fits(fits[chosen], extra)
     model = fits[chosen].model
     oof = fits[chosen].oof
@@ -985,6 +1069,8 @@ def run_training(
             "width": width,
             "budget": options.embedding_budget,
             "tables_carrying_ids": carrying,
+            "target_encoded": [FEATURE_NAMES[f.column] for f in encoded],
+            "target_encoding_smoothing": options.target_encoding_smoothing,
         },
         "masked_features": masked,
         "options": {**options.__dict__},

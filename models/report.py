@@ -171,7 +171,16 @@ def write_report(folder: Path, result: dict, curves: dict[str, Curve]) -> Path:
         else f"<p>Id embeddings: width {int(embeddings['width'])} per table; "
         f"{len(embeddings['tables_carrying_ids'])} tables carry ids on the fit days "
         f"({html.escape(', '.join(embeddings['tables_carrying_ids']) or 'none')}), sharing "
-        f"a budget of {int(embeddings['budget'])} inputs.</p>"
+        f"a budget of {int(embeddings['budget'])} inputs."
+        + (
+            " Target-encoded (smoothed log-odds of the bucket's weighted human-label rate, "
+            "out of fold; smoothing "
+            f"{float(embeddings['target_encoding_smoothing']):g}): "
+            f"{html.escape(', '.join(embeddings['target_encoded']))}."
+            if embeddings.get("target_encoded")
+            else ""
+        )
+        + "</p>"
     )
     spec_version = html.escape(result["feature_spec_version"])
     calibration_method = html.escape(str(result["calibration"].get("method")))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from features.definitions import INDEX
+from models.encoding import Encodings
 from models.metrics import weighted_auc
 
 
@@ -112,6 +113,41 @@ class FieldEmbeddings(nn.Module):
         return torch.cat(parts, dim=1)
 
 
+class TargetEncoding(nn.Module):
+    """Fixed inputs per id bucket (``models.encoding``: how often a bucket's clicks carry
+    a human label), looked up inside the exported graph like the embeddings: no table
+    travels beside the model. All fields' tables lie end to end in one buffer."""
+
+    # Buffers, registered in __init__ (declared here for the type checker).
+    cols: torch.Tensor
+    offsets: torch.Tensor
+    limits: torch.Tensor
+    values: torch.Tensor
+
+    def __init__(self, encodings: Encodings) -> None:
+        super().__init__()
+        sizes = [f.buckets for f in encodings.fields]
+        self.register_buffer(
+            "cols", torch.tensor([f.column for f in encodings.fields], dtype=torch.long)
+        )
+        self.register_buffer("offsets", torch.tensor(np.cumsum([0, *sizes[:-1]]), dtype=torch.long))
+        self.register_buffer("limits", torch.tensor(sizes, dtype=torch.float32) - 1)
+        self.register_buffer("values", torch.from_numpy(np.concatenate(encodings.tables)))
+        self.width = len(sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.values[_encoded_rows(x, self.cols, self.limits, self.offsets)]
+
+
+def _encoded_rows(
+    x: torch.Tensor, cols: torch.Tensor, limits: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Each click's row per field in a ``TargetEncoding``'s end-to-end tables; any input
+    lands inside its field's table."""
+    ids = torch.minimum(x.index_select(1, cols).clamp(min=0), limits)
+    return ids.long() + offsets
+
+
 class CrossNetwork(nn.Module):
     """DCN-v2 cross layers: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l, explicit feature crosses
     of bounded degree (one per layer) before the deep part."""
@@ -132,18 +168,32 @@ class RobotClassifier(nn.Module):
     logit; ``forward`` returns P(robot)."""
 
     def __init__(
-        self, standardize: Standardize, body: nn.Module, embeddings: FieldEmbeddings | None = None
+        self,
+        standardize: Standardize,
+        body: nn.Module,
+        embeddings: FieldEmbeddings | None = None,
+        encoding: TargetEncoding | None = None,
     ) -> None:
         super().__init__()
         self.standardize = standardize
         self.embeddings = embeddings
+        self.encoding = encoding
         self.body = body
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        dense = self.standardize(x)
-        if self.embeddings is None:
-            return dense
-        return torch.cat([dense, self.embeddings(x)], dim=1)
+        n = self.standardize.mean.shape[0]
+        extra = x.shape[1] > n
+        if extra:
+            # Training clicks bring their out-of-fold encodings as extra columns (a
+            # click's own label must not reach its input; see models.encoding); every
+            # other click, and the exported graph, looks its buckets up.
+            x, encoded = x[:, :n], x[:, n:]
+        parts = [self.standardize(x)]
+        if self.embeddings is not None:
+            parts.append(self.embeddings(x))
+        if self.encoding is not None:
+            parts.append(encoded if extra else self.encoding(x))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.inputs(x)).squeeze(-1)
@@ -191,6 +241,10 @@ class FusedAverage(nn.Module):
     active: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    encoded_cols: torch.Tensor
+    encoded_limits: torch.Tensor
+    encoded_offsets: torch.Tensor
+    encoded_values: torch.Tensor
 
     def __init__(self, members: Sequence[RobotClassifier]) -> None:
         super().__init__()
@@ -214,8 +268,20 @@ class FusedAverage(nn.Module):
                 )
                 self.register_buffer(f"table_{i}", side_by_side)
                 self.register_buffer(f"cols_{i}", _table_columns(first.embeddings)[i])
-        # Positions of the members' input vector (standardised columns, then embeddings)
-        # that the batched network keeps.
+        self.n_encoded = 0
+        if first.encoding is not None:
+            # Each member's encoding came from its own fold's training clicks: the
+            # members' values side by side, one column per member.
+            self.n_encoded = first.encoding.width
+            width += self.n_encoded
+            for b in ("cols", "limits", "offsets"):  # the same in every member
+                self.register_buffer(f"encoded_{b}", getattr(first.encoding, b).clone())
+            self.register_buffer(
+                "encoded_values",
+                torch.stack([_encoding(m).values for m in members], dim=1).contiguous(),
+            )
+        # Positions of the members' input vector (standardised columns, then embeddings,
+        # then encodings) that the batched network keeps.
         keep = torch.cat([torch.nonzero(on).reshape(-1), torch.arange(len(on), width)])
         cross, deep = _split_body(first.body)
         self.n_cross = 0 if cross is None else len(cross.layers)
@@ -258,6 +324,10 @@ class FusedAverage(nn.Module):
             ids = ids.clamp(0, table.shape[0] - 1).long()
             summed = table[ids].sum(dim=1)  # (clicks, members * dim)
             parts.append(summed.reshape(n, m, self.embedding_dim).transpose(0, 1))
+        if self.n_encoded:
+            rows = _encoded_rows(x, self.encoded_cols, self.encoded_limits, self.encoded_offsets)
+            encoded = self.encoded_values[rows]  # (clicks, fields, members)
+            parts.append(encoded.permute(2, 0, 1))
         x0 = torch.cat(parts, dim=2)  # (members, clicks, kept width)
         h = x0
         for layer in range(self.n_cross):
@@ -278,6 +348,11 @@ def _cross_layer(model: RobotClassifier, layer: int) -> nn.Linear:
 def _embeddings(model: RobotClassifier) -> FieldEmbeddings:
     assert model.embeddings is not None  # fuse() checked that every member has them
     return model.embeddings
+
+
+def _encoding(model: RobotClassifier) -> TargetEncoding:
+    assert model.encoding is not None  # fuse() checked that every member has one
+    return model.encoding
 
 
 def _split_body(body: nn.Module) -> tuple[CrossNetwork | None, nn.Sequential]:
@@ -304,7 +379,12 @@ def _layout(model: RobotClassifier) -> tuple | None:
     layers = tuple(
         tuple(layer.weight.shape) if isinstance(layer, nn.Linear) else "relu" for layer in deep
     )
-    return tables, None if cross is None else len(cross.layers), layers
+    encoded: tuple = ()
+    if model.encoding is not None:
+        encoded = tuple(
+            tuple(getattr(model.encoding, b).tolist()) for b in ("cols", "offsets", "limits")
+        )
+    return tables, encoded, None if cross is None else len(cross.layers), layers
 
 
 def _table_columns(embeddings: FieldEmbeddings) -> list[torch.Tensor]:
@@ -337,21 +417,24 @@ def mlp(
     mask: np.ndarray | None = None,
     ids: Sequence[IdColumn] = (),
     cross_layers: int = 0,
+    encoding: TargetEncoding | None = None,
 ) -> RobotClassifier:
     """SLIDR's model: three fully connected layers with ReLU between them.
 
     ``ids``: categorical columns looked up in per-field embedding tables whose vectors join
     the standardised inputs (switch those columns off in ``mask``: their raw values mean
     nothing as numbers). ``cross_layers`` > 0 puts DCN-v2 cross layers before the MLP.
+    ``encoding``: target-encoded id buckets joining the inputs (models.encoding).
     """
     embeddings = FieldEmbeddings(ids, config.embedding_dim) if ids else None
     width = n_features + (embeddings.out_dim if embeddings is not None else 0)
+    width += encoding.width if encoding is not None else 0
     h1, h2 = config.hidden
     deep = nn.Sequential(
         nn.Linear(width, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 1)
     )
     body = deep if cross_layers == 0 else nn.Sequential(CrossNetwork(width, cross_layers), deep)
-    return RobotClassifier(Standardize(mean, std, mask), body, embeddings)
+    return RobotClassifier(Standardize(mean, std, mask), body, embeddings, encoding)
 
 
 def logistic(

@@ -105,7 +105,8 @@ def archive_kinds(text: str) -> tuple[str, ...]:
 
 
 def model_flags(parser: argparse.ArgumentParser) -> None:
-    """``--epochs`` and ``--members-per-fold`` of ``train`` and ``retrain``."""
+    """``--epochs``, ``--members-per-fold`` and ``--no-target-encoding`` of ``train`` and
+    ``retrain``."""
     parser.add_argument("--epochs", type=int, default=12, help="most training epochs (default 12)")
     parser.add_argument(
         "--members-per-fold",
@@ -113,6 +114,12 @@ def model_flags(parser: argparse.ArgumentParser) -> None:
         default=3,
         metavar="N",
         help="networks of the shipped variant per fold, all averaged (default 3)",
+    )
+    parser.add_argument(
+        "--no-target-encoding",
+        dest="target_encoding",
+        action="store_false",
+        help="leave out the target-encoded id buckets (see models/encoding.py)",
     )
 
 
@@ -130,6 +137,7 @@ def train_options(args: argparse.Namespace, **changes: object) -> TrainOptions:
             max_epochs=args.epochs,
             calibration_method=args.calibration,
             members_per_fold=args.members_per_fold,
+            target_encoding=args.target_encoding,
             **changes,  # type: ignore[arg-type]
         )
     except ValueError as exc:  # TrainOptions checks its fields with ValueError

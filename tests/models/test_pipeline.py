@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.simulator import simulate
-from features.definitions import FEATURE_NAMES, FEATURE_SPEC_VERSION, N_FEATURES
+from features.definitions import FEATURE_NAMES, FEATURE_SPEC_VERSION, INDEX, N_FEATURES
 from models import calibration, pipeline
 from models.guardrails import GuardrailFailure
 from models.pipeline import TrainOptions, fingerprint, run_training
@@ -273,3 +273,23 @@ def test_purchase_gap_is_refused_and_nothing_registered(
     assert registry.active_version() == "v0001"
     assert registry.history() == history
     assert not (root / "staging").exists() or not any((root / "staging").iterdir())
+
+
+def test_what_was_clicked_is_target_encoded_and_the_report_says_so(
+    trained: SimpleNamespace,
+) -> None:
+    embeddings = trained.result["embeddings"]
+    assert embeddings["target_encoded"] == ["id_ad_id", "id_advertiser_id"]
+    assert any(m.startswith("target encoding (smoothing 50)") for m in trained.messages)
+    report = (trained.registry.path_of("v0001") / "report.html").read_text()
+    assert "Target-encoded" in report and "id_advertiser_id" in report
+
+
+def test_target_encoding_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"target_encoded: not id tables: \['ad'\]"):
+        TrainOptions(target_encoded=("ad",))
+    with pytest.raises(ValueError, match="target_encoding_smoothing"):
+        TrainOptions(target_encoding_smoothing=0.0)
+    fields = pipeline.encoded_fields(["ad_id", "query", "ua_os"], ("ad_id", "query", "placement"))
+    # query fills three columns (a bag); placement carries no ids: only the ad is encoded
+    assert [f.column for f in fields] == [INDEX["id_ad_id"]]

@@ -7,13 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from models.encoding import EncodedField, encode_fold
 from models.export import export_onnx, max_export_error
 from models.pipeline import choose_architecture, split_by_day
 from models.training import (
     AveragedClassifier,
     FusedAverage,
     IdColumn,
+    TargetEncoding,
     TrainConfig,
     fit,
     fuse,
@@ -180,3 +183,41 @@ def test_a_retrain_keeps_the_active_architecture_unless_another_is_clearly_bette
     assert choose_architecture(rows, None, margin=0.01, preferred="dcn_embeddings") == (
         "mlp_hashed"
     )
+
+
+def _encoded(x: np.ndarray, y: np.ndarray, fold: int) -> TargetEncoding:
+    """An encoding of the ad column as one fold of a cross-fit would build it."""
+    train = np.nonzero(np.arange(len(x)) % 4 != fold)[0]
+    inner = train % 4
+    enc = encode_fold(x, y < 0.5, np.ones(len(x)), train, inner, [EncodedField(2, 64)], 5.0)
+    return TargetEncoding(enc)
+
+
+def test_target_encoded_members_fuse_and_export_with_the_same_scores(tmp_path: Path) -> None:
+    x, y = _data(seed=6)
+    members = []
+    for fold in (0, 1, 2):  # each member its own fold's tables
+        member = mlp(
+            4, x.mean(0), x.std(0), TrainConfig(seed=fold), MASK, IDS, 1, _encoded(x, y, fold)
+        )
+        fit(member, x, y, np.ones(len(x)), None, None, None, TrainConfig(max_epochs=1, seed=fold))
+        members.append(member)
+    averaged = AveragedClassifier(members).eval()
+    fused = fuse(averaged)
+    assert isinstance(fused, FusedAverage) and fused.n_encoded == 1
+    wild = x.copy()
+    wild[:4, 2] = [-3, 64, 1e9, 63.0]  # outside the table: clamped, as the embeddings
+    np.testing.assert_allclose(predict(fused, wild), predict(averaged, wild), atol=1e-6)
+    path = export_onnx(fused, 4, tmp_path / "model.onnx")
+    assert max_export_error(fused, path, wild) <= 1e-5
+
+
+def test_training_clicks_bring_their_own_encodings_and_scored_clicks_look_them_up() -> None:
+    x, y = _data(seed=7)
+    encoding = _encoded(x, y, 0)
+    model = mlp(4, x.mean(0), x.std(0), TrainConfig(), MASK, IDS, 0, encoding).eval()
+    looked_up = predict(model, x)
+    given = np.hstack([x, encoding(torch.from_numpy(x)).numpy()])
+    np.testing.assert_allclose(predict(model, given), looked_up, atol=1e-6)
+    other = np.hstack([x, np.full((len(x), 1), 5.0, dtype=np.float32)])
+    assert np.abs(predict(model, other) - looked_up).max() > 1e-3
