@@ -1,5 +1,5 @@
 """Target encoding of id buckets: for each bucket of a single-column id field (an ad, an
-advertiser, an app), how much more or less often its clicks carry a human label than
+advertiser), how much more or less often its clicks carry a human label than
 clicks in general, under the training weights.
 
 Why: the robots that look human in every count (a fresh identity every few clicks,
