@@ -133,7 +133,11 @@ class TargetEncoding(nn.Module):
         self.register_buffer("offsets", torch.tensor(np.cumsum([0, *sizes[:-1]]), dtype=torch.long))
         self.register_buffer("limits", torch.tensor(sizes, dtype=torch.float32) - 1)
         self.register_buffer("values", torch.from_numpy(np.concatenate(encodings.tables)))
-        self.width = len(sizes)
+
+    @property
+    def width(self) -> int:
+        """Inputs it adds: one per encoded field."""
+        return len(self.cols)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.values[_encoded_rows(x, self.cols, self.limits, self.offsets)]
