@@ -50,6 +50,14 @@ class EncodedField:
     buckets: int
 
 
+@dataclass(frozen=True)
+class EncodingPlan:
+    """What a cross-fit target-encodes: the id columns and the smoothing."""
+
+    fields: Sequence[EncodedField]
+    smoothing: float = DEFAULT_SMOOTHING
+
+
 @dataclass
 class Encodings:
     """One fold's encodings, standardised by the training clicks' values.

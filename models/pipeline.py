@@ -48,7 +48,7 @@ from features.definitions import (
 )
 from features.windows import DAY_S
 from models import calibration, metrics
-from models.encoding import DEFAULT_SMOOTHING, EncodedField, Encodings, encode_fold
+from models.encoding import DEFAULT_SMOOTHING, EncodedField, EncodingPlan, Encodings, encode_fold
 from models.guardrails import GuardrailReport, HeldOut, check_training_data, label_share_by_slice
 from models.labels import (
     Labels,
@@ -145,8 +145,12 @@ class TrainOptions:
     # (the propensity inputs above): on `slidr simulate --world proxy_lies` (seeds 5-7)
     # encoding the user-agent families, placements and publishers as well took the true
     # human FPR of the nearly-all-robot "other/logged_out" slice from 0-5% to 5-19%.
-    # TalkingData's app (`context.app`) is what was clicked there too, but has not been
-    # measured encoded (`make bench-real`), so it is not encoded by default.
+    # TalkingData's app (`context.app`) is what was clicked there too, but encoding it
+    # lowered `make bench-real`'s mean AUC (seeds 1-7) from 0.9591 to 0.9568, under
+    # LightGBM's 0.9580, so it is not encoded by default. Nor did encoding every id
+    # table from only the (logged-in, device) cells that hold human labels pay: on
+    # proxy_lies seeds 1, 2, 5, 6 and 7 recall was 0.668 0.610 0.676 0.677 0.728 against
+    # 0.667 0.635 0.636 0.708 0.741, and seed 7's "other/logged_out" lost 4 of 21 humans.
     target_encoded: tuple[str, ...] = ("ad_id", "advertiser_id")
     target_encoding: bool = True
     target_encoding_smoothing: float = DEFAULT_SMOOTHING  # in mean training weights
@@ -522,8 +526,7 @@ def cross_fit(
     config: TrainConfig,
     progress: Progress,
     member_seeds: Sequence[int] = (0,),
-    encoded: Sequence[EncodedField] = (),
-    smoothing: float = DEFAULT_SMOOTHING,
+    encoding: EncodingPlan | None = None,
 ) -> CrossFit:
     """One model per fold (``split.folds()``: a fit day held out, or a group of users) and
     member seed: trained on the other folds, stopped early on the held-out one, which the
@@ -545,8 +548,8 @@ def cross_fit(
     refitted on all days, desktop/logged_in humans were invalidated at 14.7% on the
     held-out day against a slice cap of 3%; with the average, at 0.2%.
 
-    ``encoded``: id columns target-encoded per fold from its training clicks
-    (``models.encoding``), handed to ``make_model``; None when empty.
+    ``encoding``: the id columns target-encoded per fold from its training clicks
+    (``models.encoding``), handed to ``make_model``; None: no encoding.
     """
     import torch
 
@@ -560,8 +563,10 @@ def cross_fit(
     for k, (train, held) in enumerate(split.folds()):
         encodings = None
         x_train = x[train]
-        if encoded:
-            encodings = encode_fold(x, human, w, train, fold_of[train], encoded, smoothing)
+        if encoding is not None:
+            encodings = encode_fold(
+                x, human, w, train, fold_of[train], encoding.fields, encoding.smoothing
+            )
             x_train = np.hstack([x_train, encodings.train])
         held_scores = []
         for m in member_seeds:
@@ -841,8 +846,10 @@ def run_training(
         mask = _input_mask(FEATURE_NAMES, off | id_names)
         return lambda _: mlp(N_FEATURES, mean, std, config, mask, (), cross)
 
-    def fields_of(architecture: str) -> list[EncodedField]:
-        return encoded if ARCHITECTURES[architecture][0] == "embeddings" else []
+    plan = EncodingPlan(encoded, options.target_encoding_smoothing) if encoded else None
+
+    def encoding_of(architecture: str) -> EncodingPlan | None:
+        return plan if ARCHITECTURES[architecture][0] == "embeddings" else None
 
     budget = options.fpr_budget
     purchasing = p.labels.purchasing
@@ -858,8 +865,7 @@ def run_training(
             split,
             config,
             progress,
-            encoded=fields_of(architecture),
-            smoothing=options.target_encoding_smoothing,
+            encoding=encoding_of(architecture),
         )
     progress("cross-fitting logistic regression")
     lr_mask = _input_mask(FEATURE_NAMES, off | id_names)
@@ -915,8 +921,7 @@ def run_training(
             config,
             progress,
             seeds,
-            encoded=fields_of(chosen),
-            smoothing=options.target_encoding_smoothing,
+            encoding=encoding_of(chosen),
         )
         fits[chosen] = merge_fits(fits[chosen], extra)
     model = fits[chosen].model
