@@ -40,7 +40,7 @@ bench: install ## benchmarks: featurization and training on 1M clicks, the scori
 bench-real: install ## AUC of slidr and its peers (one-hot logistic, LightGBM with two kinds of counts) on the TalkingData sample, training seeds 1-7 (~10 min)
 	$(BIN)/python -m models.bench_real
 
-bench-proxy-lies: install ## bot recall of slidr and LightGBM, and slidr's true human FPR, on simulated worlds where purchasers are unrepresentative, seeds 1-8 (16-55 min)
+bench-proxy-lies: install ## bot recall of slidr and LightGBM, and slidr's true human FPR, on simulated worlds where purchasers are unrepresentative, seeds 1-8 (16-70 min)
 	$(BIN)/python -m models.bench_proxy_lies
 
 clean: ## remove local state (var/), keeps .venv

@@ -139,21 +139,33 @@ class TrainOptions:
     # this over the number of tables that carry values on the fit days, 8 to 32 (see
     # embedding_width).
     embedding_budget: int = 64
-    # These id tables also enter the embedding variants as the smoothed log-odds of their
-    # bucket's weighted human-label rate (models.encoding): what was clicked, not where
-    # or from what device. Where and from what device decide who can buy and be labelled
-    # (the propensity inputs above): on `slidr simulate --world proxy_lies` (seeds 5-7)
-    # encoding the user-agent families, placements and publishers as well took the true
-    # human FPR of the nearly-all-robot "other/logged_out" slice from 0-5% to 5-19%.
-    # TalkingData's app (`context.app`) is what was clicked there too, but encoding it
-    # lowered `make bench-real`'s mean AUC (seeds 1-7) from 0.9591 to 0.9568, under
-    # LightGBM's 0.9580, so it is not encoded by default. Nor did encoding every id
-    # table from only the (logged-in, device) cells that hold human labels pay: on
-    # proxy_lies seeds 1, 2, 5, 6 and 7, DCN alone with 3 networks a fit day, recall was
-    # 0.668 0.610 0.676 0.677 0.728 (the default, full training: 0.667 0.635 0.636 0.708
-    # 0.741), and seed 7's "other/logged_out" lost 4 of its 21 humans.
-    target_encoded: tuple[str, ...] = ("ad_id", "advertiser_id")
+    # These id tables also enter the embedding variants as a target encoding
+    # (models.encoding): how much more human-labelled weight their bucket's clicks carry
+    # than their (logged-in, device) cells predict (`target_encoding_cells`), so that a
+    # publisher is not read as robotic for drawing clicks from a device on which nobody
+    # gets labelled. What was clicked and through whom, not the user-agent tables: they
+    # name the device, which decides who can be labelled. On `slidr simulate --world
+    # proxy_lies` seed 6 (5 days of 40k clicks), encoding the user-agent family, OS and
+    # device as well invalidated 4 of the 20 humans of the nearly-all-robot
+    # "other/logged_out" slice (none without them; bot recall 0.793 against 0.788); read
+    # against the overall rate instead of the cells, the user-agent tables, placements
+    # and publishers took that slice's human FPR from 0-5% to 5-19% (seeds 5-7).
+    # On TalkingData nothing here carries ids, so `make bench-real` encodes nothing: its
+    # channel encoded against the cells lowered the mean AUC (seeds 1-7) from 0.9591 to
+    # 0.9579 (LightGBM 0.9580), its app against the overall rate to 0.9568; the
+    # simulator's channel only says web or app, which the device cell already does.
+    target_encoded: tuple[str, ...] = (
+        "ad_id",
+        "advertiser_id",
+        "placement",
+        "context.publisher",
+    )
+    # Pairs of id tables encoded as one field (their ids crossed and hashed into
+    # PAIR_BUCKETS rows): a campaign cashed out through a few publishers shows in the
+    # pair long before it shows in either id alone.
+    target_encoded_pairs: tuple[tuple[str, str], ...] = (("advertiser_id", "context.publisher"),)
     target_encoding: bool = True
+    target_encoding_cells: bool = True
     target_encoding_smoothing: float = DEFAULT_SMOOTHING  # in mean training weights
 
     def __post_init__(self) -> None:
@@ -179,11 +191,18 @@ class TrainOptions:
                 f"max_human_upweight must be at least 1, got {self.max_human_upweight}"
             )
         tables = {e.table for e in EMBEDDINGS}
-        unknown_tables = [t for t in self.target_encoded if t not in tables]
-        if unknown_tables:
-            raise ValueError(
-                f"target_encoded: not id tables: {unknown_tables}; known: {sorted(tables)}"
-            )
+        for setting, named in (
+            ("target_encoded", self.target_encoded),
+            ("target_encoded_pairs", [t for pair in self.target_encoded_pairs for t in pair]),
+        ):
+            unknown_tables = [t for t in named if t not in tables]
+            if unknown_tables:
+                raise ValueError(
+                    f"{setting}: not id tables: {unknown_tables}; known: {sorted(tables)}"
+                )
+        odd = [pair for pair in self.target_encoded_pairs if len(pair) != 2 or pair[0] == pair[1]]
+        if odd:
+            raise ValueError(f"target_encoded_pairs: not pairs of two tables: {odd}")
         if not self.target_encoding_smoothing > 0:
             raise ValueError(
                 f"target_encoding_smoothing must be positive, got {self.target_encoding_smoothing}"
@@ -477,15 +496,31 @@ def tables_carrying_ids(x: np.ndarray) -> list[str]:
     return [t for t, columns in _ID_TABLES.items() if len(np.unique(x[:, columns])) > 1]
 
 
-def encoded_fields(carrying: Sequence[str], tables: Sequence[str]) -> list[EncodedField]:
+# Rows of a crossed pair's table (see target_encoded_pairs).
+PAIR_BUCKETS = 16_384
+
+
+def encoded_fields(
+    carrying: Sequence[str], tables: Sequence[str], pairs: Sequence[tuple[str, str]] = ()
+) -> list[EncodedField]:
     """The id columns that get a target encoding (``models.encoding``): those of the
     ``tables`` given that carry ids on the fit days and fill one column each (a bag, the
-    query's tokens say, has no one column naming its bucket)."""
-    return [
-        EncodedField(INDEX[e.name], e.buckets)
-        for e in EMBEDDINGS
-        if e.table in tables and e.table in carrying and len(_ID_TABLES[e.table]) == 1
-    ]
+    query's tokens say, has no one column naming its bucket), then the ``pairs`` of such
+    tables, crossed."""
+    single = {
+        e.table: e for e in EMBEDDINGS if e.table in carrying and len(_ID_TABLES[e.table]) == 1
+    }
+    fields = [EncodedField(INDEX[e.name], e.buckets) for t, e in single.items() if t in tables]
+    for a, b in pairs:
+        if a in single and b in single:
+            fields.append(EncodedField(INDEX[single[a].name], PAIR_BUCKETS, INDEX[single[b].name]))
+    return fields
+
+
+def encoded_name(field: EncodedField) -> str:
+    """The feature an encoded field reads, or ``a x b`` for a crossed pair."""
+    name = FEATURE_NAMES[field.column]
+    return name if field.crossed is None else f"{name} x {FEATURE_NAMES[field.crossed]}"
 
 
 def _input_mask(names: tuple[str, ...], off: set[str]) -> np.ndarray:
@@ -566,7 +601,14 @@ def cross_fit(
         x_train = x[train]
         if encoding is not None:
             encodings = encode_fold(
-                x, human, w, train, fold_of[train], encoding.fields, encoding.smoothing
+                x,
+                human,
+                w,
+                train,
+                fold_of[train],
+                encoding.fields,
+                encoding.smoothing,
+                encoding.cells,
             )
             x_train = np.hstack([x_train, encodings.train])
         held_scores = []
@@ -823,14 +865,29 @@ def run_training(
     hashed_names = {n for n in FEATURE_NAMES if n.startswith("ctx_")}
     ids = _embedding_inputs(carrying)
 
-    encoded = encoded_fields(carrying, options.target_encoded) if options.target_encoding else []
+    encoded = (
+        encoded_fields(carrying, options.target_encoded, options.target_encoded_pairs)
+        if options.target_encoding
+        else []
+    )
     if encoded:
         progress(
-            f"target encoding (smoothing {options.target_encoding_smoothing:g}) of "
-            + ", ".join(FEATURE_NAMES[f.column] for f in encoded)
+            f"target encoding (smoothing {options.target_encoding_smoothing:g}"
+            + (", against the (logged-in, device) cells" if options.target_encoding_cells else "")
+            + ") of "
+            + ", ".join(encoded_name(f) for f in encoded)
         )
 
-    plan = EncodingPlan(encoded, options.target_encoding_smoothing) if encoded else None
+    plan = None
+    if encoded:
+        # Labelling cells: logged-in status x device, the coarsest cells of the weights.
+        device_code = np.unique(devices, return_inverse=True)[1].reshape(-1)
+        cells = clicks.logged_in.astype(np.int64) * (int(device_code.max()) + 1) + device_code
+        plan = EncodingPlan(
+            encoded,
+            options.target_encoding_smoothing,
+            cells if options.target_encoding_cells else None,
+        )
 
     def variant(
         architecture: str,
@@ -1063,8 +1120,9 @@ def run_training(
             "width": width,
             "budget": options.embedding_budget,
             "tables_carrying_ids": carrying,
-            "target_encoded": [FEATURE_NAMES[f.column] for f in encoded],
+            "target_encoded": [encoded_name(f) for f in encoded],
             "target_encoding_smoothing": options.target_encoding_smoothing,
+            "target_encoding_cells": options.target_encoding_cells,
         },
         "masked_features": masked,
         "options": {**options.__dict__},

@@ -173,9 +173,15 @@ def write_report(folder: Path, result: dict, curves: dict[str, Curve]) -> Path:
         f"({html.escape(', '.join(embeddings['tables_carrying_ids']) or 'none')}), sharing "
         f"a budget of {int(embeddings['budget'])} inputs."
         + (
-            " Target-encoded (smoothed log-odds of the bucket's weighted human-label rate, "
-            "out of fold; smoothing "
-            f"{float(embeddings['target_encoding_smoothing']):g}): "
+            " Target-encoded (out of fold; smoothing "
+            f"{float(embeddings['target_encoding_smoothing']):g}; the log-ratio of the "
+            "bucket's weighted human labels to "
+            + (
+                "what its clicks' (logged-in, device) cells predict"
+                if embeddings.get("target_encoding_cells")
+                else "the overall rate"
+            )
+            + "): "
             f"{html.escape(', '.join(embeddings['target_encoded']))}."
             if embeddings.get("target_encoded")
             else ""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from features.definitions import INDEX
-from models.encoding import Encodings
+from models.encoding import MAX_ID, PAIR_MULTIPLIER, Encodings
 from models.metrics import weighted_auc
 
 
@@ -120,18 +120,25 @@ class TargetEncoding(nn.Module):
 
     # Buffers, registered in __init__ (declared here for the type checker).
     cols: torch.Tensor
+    partners: torch.Tensor
+    crossed: torch.Tensor
     offsets: torch.Tensor
     limits: torch.Tensor
     values: torch.Tensor
 
     def __init__(self, encodings: Encodings) -> None:
         super().__init__()
-        sizes = [f.buckets for f in encodings.fields]
+        fields = encodings.fields
+        sizes = [f.buckets for f in fields]
+        self.register_buffer("cols", torch.tensor([f.column for f in fields], dtype=torch.long))
+        # A single column's "partner" is itself, unused: every field runs the same ops.
         self.register_buffer(
-            "cols", torch.tensor([f.column for f in encodings.fields], dtype=torch.long)
+            "partners",
+            torch.tensor([f.column if f.crossed is None else f.crossed for f in fields]).long(),
         )
+        self.register_buffer("crossed", torch.tensor([f.crossed is not None for f in fields]))
         self.register_buffer("offsets", torch.tensor(np.cumsum([0, *sizes[:-1]]), dtype=torch.long))
-        self.register_buffer("limits", torch.tensor(sizes, dtype=torch.float32) - 1)
+        self.register_buffer("limits", torch.tensor(sizes, dtype=torch.long) - 1)
         self.register_buffer("values", torch.from_numpy(np.concatenate(encodings.tables)))
 
     @property
@@ -139,17 +146,29 @@ class TargetEncoding(nn.Module):
         """Inputs it adds: one per encoded field."""
         return len(self.cols)
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Each click's row per field in ``values``."""
+        return _encoded_rows(x, self.cols, self.partners, self.crossed, self.limits, self.offsets)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.values[_encoded_rows(x, self.cols, self.limits, self.offsets)]
+        return self.values[self.rows(x)]
 
 
 def _encoded_rows(
-    x: torch.Tensor, cols: torch.Tensor, limits: torch.Tensor, offsets: torch.Tensor
+    x: torch.Tensor,
+    cols: torch.Tensor,
+    partners: torch.Tensor,
+    crossed: torch.Tensor,
+    limits: torch.Tensor,
+    offsets: torch.Tensor,
 ) -> torch.Tensor:
-    """Each click's row per field in a ``TargetEncoding``'s end-to-end tables; any input
-    lands inside its field's table."""
-    ids = torch.minimum(x.index_select(1, cols).clamp(min=0), limits)
-    return ids.long() + offsets
+    """Each click's row per field in a ``TargetEncoding``'s end-to-end tables, as
+    ``models.encoding.field_codes`` computes its bucket; any input lands inside its
+    field's table."""
+    ids = x.index_select(1, cols).clamp(0, MAX_ID).long()
+    other = x.index_select(1, partners).clamp(0, MAX_ID).long()
+    pair = torch.remainder(ids * PAIR_MULTIPLIER + other, limits + 1)
+    return torch.where(crossed, pair, torch.minimum(ids, limits)) + offsets
 
 
 class CrossNetwork(nn.Module):
@@ -246,6 +265,8 @@ class FusedAverage(nn.Module):
     mean: torch.Tensor
     std: torch.Tensor
     encoded_cols: torch.Tensor
+    encoded_partners: torch.Tensor
+    encoded_crossed: torch.Tensor
     encoded_limits: torch.Tensor
     encoded_offsets: torch.Tensor
     encoded_values: torch.Tensor
@@ -278,7 +299,7 @@ class FusedAverage(nn.Module):
             # members' values side by side, one column per member.
             self.n_encoded = first.encoding.width
             width += self.n_encoded
-            for b in ("cols", "limits", "offsets"):  # the same in every member
+            for b in _ENCODING_LAYOUT:  # the same in every member
                 self.register_buffer(f"encoded_{b}", getattr(first.encoding, b).clone())
             self.register_buffer(
                 "encoded_values",
@@ -329,7 +350,14 @@ class FusedAverage(nn.Module):
             summed = table[ids].sum(dim=1)  # (clicks, members * dim)
             parts.append(summed.reshape(n, m, self.embedding_dim).transpose(0, 1))
         if self.n_encoded:
-            rows = _encoded_rows(x, self.encoded_cols, self.encoded_limits, self.encoded_offsets)
+            rows = _encoded_rows(
+                x,
+                self.encoded_cols,
+                self.encoded_partners,
+                self.encoded_crossed,
+                self.encoded_limits,
+                self.encoded_offsets,
+            )
             encoded = self.encoded_values[rows]  # (clicks, fields, members)
             parts.append(encoded.permute(2, 0, 1))
         x0 = torch.cat(parts, dim=2)  # (members, clicks, kept width)
@@ -385,10 +413,12 @@ def _layout(model: RobotClassifier) -> tuple | None:
     )
     encoded: tuple = ()
     if model.encoding is not None:
-        encoded = tuple(
-            tuple(getattr(model.encoding, b).tolist()) for b in ("cols", "offsets", "limits")
-        )
+        encoded = tuple(tuple(getattr(model.encoding, b).tolist()) for b in _ENCODING_LAYOUT)
     return tables, encoded, None if cross is None else len(cross.layers), layers
+
+
+# A TargetEncoding's buffers that say where its values are looked up (not the values).
+_ENCODING_LAYOUT = ("cols", "partners", "crossed", "limits", "offsets")
 
 
 def _table_columns(embeddings: FieldEmbeddings) -> list[torch.Tensor]:

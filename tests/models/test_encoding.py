@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.encoding import EncodedField, bucket_log_odds, encode_fold
+from models.encoding import EncodedField, bucket_log_odds, encode_fold, field_codes
 
 
 def test_a_bucket_rich_in_human_labels_scores_above_zero_and_an_unseen_one_at_zero() -> None:
@@ -35,6 +35,36 @@ def test_the_rate_is_read_under_the_weights() -> None:
     table = bucket_log_odds(codes, human, weights, 3, smoothing=1.0)
     assert abs(table[1] - table[2]) < 0.05
     assert bucket_log_odds(codes, human, np.ones(200), 3, smoothing=1.0)[1] < table[2] - 1
+
+
+def test_clicks_of_a_cell_where_nobody_is_labelled_are_no_evidence() -> None:
+    # Bucket 2 also draws 300 clicks from a device on which nobody gets labelled (cell 1).
+    # Against the overall rate they read as robots; against their cell's rate (0), they
+    # add nothing, and the bucket reads as what its labelled cell's clicks say.
+    codes = np.array([1] * 100 + [2] * 100)
+    human = np.r_[np.ones(50), np.zeros(50), np.ones(50), np.zeros(50)]
+    more_codes, more_human = np.r_[codes, np.full(300, 2)], np.r_[human, np.zeros(300)]
+    cells = np.r_[np.zeros(200, np.int64), np.ones(300, np.int64)]
+    plain = bucket_log_odds(more_codes, more_human, np.ones(500), 3, 1.0)
+    against_cells = bucket_log_odds(more_codes, more_human, np.ones(500), 3, 1.0, cells)
+    assert plain[2] < plain[1] - 0.5
+    assert against_cells[2] == pytest.approx(against_cells[1])
+    assert against_cells[0] == 0.0  # no clicks: no evidence
+
+
+def test_against_the_cells_a_bucket_is_read_within_its_cells() -> None:
+    # Cell 0 is labelled at 60%, cell 1 at 20%. Bucket 1 (cell 0) at 60% and bucket 2
+    # (cell 1) at 20% are what their cells predict: 0. Bucket 3 sits in cell 1 at 60%:
+    # more human than its cell says, though at the overall rate it looks ordinary.
+    codes = np.repeat([1, 2, 3], 500)
+    cells = np.r_[np.zeros(500, np.int64), np.ones(1000, np.int64)]
+    human = np.r_[np.tile([1, 1, 1, 0, 0], 100), np.tile([1, 0, 0, 0, 0], 100)]
+    human = np.r_[human, np.tile([1, 1, 1, 0, 0], 100)].astype(float)
+    table = bucket_log_odds(codes, human, np.ones(1500), 4, 1.0, cells)
+    cell1_rate = (100 + 300) / 1000
+    assert table[1] == pytest.approx(0.0, abs=0.01)
+    assert table[3] > 0.3 and table[2] < -0.3
+    assert np.exp(table[3]) == pytest.approx(300 / (500 * cell1_rate), rel=0.01)
 
 
 def test_one_class_only_encodes_nothing() -> None:
@@ -69,6 +99,27 @@ def test_a_training_click_is_encoded_from_the_other_folds_only() -> None:
     assert not np.allclose(base.train[200:, 0], after.train[200:, 0])
 
 
+def test_the_cells_travel_with_the_fold_clicks() -> None:
+    # The cells are given for every row of x and a fold reads those of its own training
+    # clicks: encoding rows 300-599 within the whole matrix is encoding them alone.
+    x, human, inner = _fold_data(2)
+    fields = [EncodedField(1, 8)]
+    cells = (x[:, 1] >= 6).astype(np.int64)
+    train = np.arange(300, 600)
+    enc = encode_fold(x, human, np.ones(600), train, inner[train], fields, 5.0, cells)
+    alone = encode_fold(
+        x[train],
+        human[train],
+        np.ones(300),
+        np.arange(300),
+        inner[train],
+        fields,
+        5.0,
+        cells[train],
+    )
+    assert np.allclose(enc.train, alone.train) and np.allclose(enc.tables[0], alone.tables[0])
+
+
 def test_the_tables_come_from_every_training_click_on_the_training_scale() -> None:
     x, human, inner = _fold_data(1)
     fields = [EncodedField(1, 8)]
@@ -87,3 +138,31 @@ def test_bad_arguments_are_refused() -> None:
         encode_fold(x, human, np.ones(600), np.arange(600), inner, [EncodedField(1, 8)], 0.0)
     with pytest.raises(ValueError, match="inner_fold"):
         encode_fold(x, human, np.ones(600), np.arange(600), inner[:5], [EncodedField(1, 8)])
+
+
+def test_a_crossed_pair_reads_what_neither_id_says_alone() -> None:
+    # Robots click advertisers 0-2 through publishers 0-2 only; humans click those
+    # advertisers through other publishers and those publishers' other advertisers. Each id
+    # alone leaves half the humans looking like the robots; the pair tells them apart.
+    rng = np.random.default_rng(3)
+    n = 20_000
+    x = np.zeros((n, 2), dtype=np.float32)
+    robot = rng.random(n) < 0.2
+    targeted, other = rng.integers(0, 3, (2, n)), rng.integers(3, 12, (2, n))
+    via_publisher = rng.random(n) < 0.5
+    x[:, 0] = np.where(robot | ~via_publisher, targeted[0], other[0])
+    x[:, 1] = np.where(robot | via_publisher, targeted[1], other[1])
+    human = (~robot).astype(float)
+    fields = [EncodedField(0, 16), EncodedField(1, 16), EncodedField(0, 256, crossed=1)]
+    enc = encode_fold(x, human, np.ones(n), np.arange(n), np.arange(n) % 2, fields, 5.0)
+    robots, humans = enc.train[robot], enc.train[~robot]
+    # Per field, the share of (robot, human) pairs that it ranks the right way round.
+    separation = [
+        float(np.mean(robots[:, j][:, None] < humans[:, j][None, :2000])) for j in range(3)
+    ]
+    assert separation[2] > 0.95 and max(separation[:2]) < 0.8
+    # The codes stay inside the pair's table, and distinct pairs of one publisher do not
+    # share a row.
+    codes = field_codes(x, fields[2])
+    assert codes.min() >= 0 and codes.max() < 256
+    assert len(np.unique(field_codes(np.c_[np.arange(12), np.zeros(12)], fields[2]))) == 12

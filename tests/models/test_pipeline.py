@@ -279,10 +279,26 @@ def test_what_was_clicked_is_target_encoded_and_the_report_says_so(
     trained: SimpleNamespace,
 ) -> None:
     embeddings = trained.result["embeddings"]
-    assert embeddings["target_encoded"] == ["id_ad_id", "id_advertiser_id"]
-    assert any(m.startswith("target encoding (smoothing 50)") for m in trained.messages)
+    # Every single-column table of the default list that carries ids, and the pair, read
+    # against the labelling cells: what was clicked and through whom, not the user agent
+    # (it names the device) nor the bag of query tokens.
+    options = TrainOptions()
+    expected = pipeline.encoded_fields(
+        embeddings["tables_carrying_ids"], options.target_encoded, options.target_encoded_pairs
+    )
+    assert embeddings["target_encoded"] == [pipeline.encoded_name(f) for f in expected]
+    assert {"id_ad_id", "id_context_publisher", "id_advertiser_id x id_context_publisher"} <= set(
+        embeddings["target_encoded"]
+    )
+    assert not any(name.startswith("id_ua_") for name in embeddings["target_encoded"])
+    assert embeddings["target_encoding_cells"] is True
+    assert any(
+        m.startswith("target encoding (smoothing 50, against the (logged-in, device) cells)")
+        for m in trained.messages
+    )
     report = (trained.registry.path_of("v0001") / "report.html").read_text()
-    assert "Target-encoded" in report and "id_advertiser_id" in report
+    assert "Target-encoded" in report and "id_advertiser_id x id_context_publisher" in report
+    assert "(logged-in, device) cells predict" in report
 
 
 def test_target_encoding_options_are_checked() -> None:
@@ -293,3 +309,12 @@ def test_target_encoding_options_are_checked() -> None:
     fields = pipeline.encoded_fields(["ad_id", "query", "ua_os"], ("ad_id", "query", "placement"))
     # query fills three columns (a bag); placement carries no ids: only the ad is encoded
     assert [f.column for f in fields] == [INDEX["id_ad_id"]]
+    with pytest.raises(ValueError, match="target_encoded_pairs: not pairs"):
+        TrainOptions(target_encoded_pairs=(("ad_id", "ad_id"),))
+    with pytest.raises(ValueError, match=r"target_encoded_pairs: not id tables: \[.publisher.\]"):
+        TrainOptions(target_encoded_pairs=(("ad_id", "publisher"),))
+    pairs = (("ad_id", "ua_os"), ("ad_id", "placement"), ("ad_id", "query"))
+    fields = pipeline.encoded_fields(["ad_id", "query", "ua_os"], (), pairs)
+    # only the pair of two single-column tables that carry ids on the fit days
+    assert [pipeline.encoded_name(f) for f in fields] == ["id_ad_id x id_ua_os"]
+    assert fields[0].buckets == pipeline.PAIR_BUCKETS

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.encoding import EncodedField, encode_fold
+from models.encoding import EncodedField, encode_fold, field_codes
 from models.export import export_onnx, max_export_error
 from models.pipeline import choose_architecture, split_by_day
 from models.training import (
@@ -186,10 +186,12 @@ def test_a_retrain_keeps_the_active_architecture_unless_another_is_clearly_bette
 
 
 def _encoded(x: np.ndarray, y: np.ndarray, fold: int) -> TargetEncoding:
-    """An encoding of the ad column as one fold of a cross-fit would build it."""
+    """An encoding of the ad column and the ad x publisher pair as one fold of a
+    cross-fit would build it."""
     train = np.nonzero(np.arange(len(x)) % 4 != fold)[0]
     inner = train % 4
-    enc = encode_fold(x, y < 0.5, np.ones(len(x)), train, inner, [EncodedField(2, 64)], 5.0)
+    fields = [EncodedField(2, 64), EncodedField(2, 128, crossed=3)]
+    enc = encode_fold(x, y < 0.5, np.ones(len(x)), train, inner, fields, 5.0)
     return TargetEncoding(enc)
 
 
@@ -204,12 +206,22 @@ def test_target_encoded_members_fuse_and_export_with_the_same_scores(tmp_path: P
         members.append(member)
     averaged = AveragedClassifier(members).eval()
     fused = fuse(averaged)
-    assert isinstance(fused, FusedAverage) and fused.n_encoded == 1
+    assert isinstance(fused, FusedAverage) and fused.n_encoded == 2
     wild = x.copy()
     wild[:4, 2] = [-3, 64, 1e9, 63.0]  # outside the table: clamped, as the embeddings
+    wild[4:6, 3] = [-1, 1e12]  # a pair lands in its table whatever it is given
     np.testing.assert_allclose(predict(fused, wild), predict(averaged, wild), atol=1e-6)
     path = export_onnx(fused, 4, tmp_path / "model.onnx")
     assert max_export_error(fused, path, wild) <= 1e-5
+
+
+def test_the_graph_looks_up_the_buckets_the_encoding_was_built_for() -> None:
+    x, y = _data(seed=8)
+    encoding = _encoded(x, y, 1)
+    x[:3, 2] = [-3, 1e9, 63.5]
+    rows = encoding.rows(torch.from_numpy(x)).numpy()
+    assert np.array_equal(rows[:, 0], field_codes(x, EncodedField(2, 64)))
+    assert np.array_equal(rows[:, 1] - 64, field_codes(x, EncodedField(2, 128, crossed=3)))
 
 
 def test_training_clicks_bring_their_own_encodings_and_scored_clicks_look_them_up() -> None:
@@ -219,5 +231,5 @@ def test_training_clicks_bring_their_own_encodings_and_scored_clicks_look_them_u
     looked_up = predict(model, x)
     given = np.hstack([x, encoding(torch.from_numpy(x)).numpy()])
     np.testing.assert_allclose(predict(model, given), looked_up, atol=1e-6)
-    other = np.hstack([x, np.full((len(x), 1), 5.0, dtype=np.float32)])
+    other = np.hstack([x, np.full((len(x), 2), 5.0, dtype=np.float32)])
     assert np.abs(predict(model, other) - looked_up).max() > 1e-3
