@@ -259,15 +259,7 @@ def propensity_weights(
     assigned = np.zeros(n, dtype=bool)
     levels: dict[str, int] = {}
     for depth in range(len(cells), -1, -1):
-        if depth:
-            _, code = np.unique(
-                np.stack([np.unique(c, return_inverse=True)[1] for c in cells[:depth]]),
-                axis=1,
-                return_inverse=True,
-            )
-        else:
-            code = np.zeros(n, dtype=np.int64)
-        code = np.asarray(code).reshape(-1)
+        code = cell_codes(cells[:depth], n)
         rest = ~assigned
         size = np.bincount(code[rest], minlength=code.max() + 1).astype(np.float64)
         humans = np.bincount(
@@ -289,6 +281,19 @@ def propensity_weights(
         assigned |= take
         levels[f"cells: {depth}"] = int(take.sum())
     return weights * (n / max(weights.sum(), 1e-12)), levels
+
+
+def cell_codes(cells: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """Per click (``n`` of them), an integer 0..k-1 naming its combination of the values
+    of the arrays in ``cells`` (all zero when none is given)."""
+    if not len(cells):
+        return np.zeros(n, dtype=np.int64)
+    _, code = np.unique(
+        np.stack([np.unique(c, return_inverse=True)[1] for c in cells]),
+        axis=1,
+        return_inverse=True,
+    )
+    return np.asarray(code).reshape(-1)
 
 
 def human_weight_concentration(weights: np.ndarray, label: np.ndarray) -> dict[str, float]:

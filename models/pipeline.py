@@ -53,6 +53,7 @@ from models.guardrails import GuardrailReport, HeldOut, check_training_data, lab
 from models.labels import (
     Labels,
     balancing_weights,
+    cell_codes,
     human_weight_concentration,
     human_weight_text,
     make_labels,
@@ -881,8 +882,7 @@ def run_training(
     plan = None
     if encoded:
         # Labelling cells: logged-in status x device, the coarsest cells of the weights.
-        device_code = np.unique(devices, return_inverse=True)[1].reshape(-1)
-        cells = clicks.logged_in.astype(np.int64) * (int(device_code.max()) + 1) + device_code
+        cells = cell_codes([clicks.logged_in, devices], len(y))
         plan = EncodingPlan(
             encoded,
             options.target_encoding_smoothing,
