@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m models.bench_proxy_lies",
         description="slidr against LightGBM on simulated worlds where purchasers are not a "
-        "representative sample of humans (2-13 min a seed on 2 cores).",
+        "representative sample of humans (2-15 min a seed on 2 cores).",
     )
     parser.add_argument(
         "--seeds",
